@@ -1,0 +1,1 @@
+"""Models and tools that add information to records (boxes, embeddings, answers)."""

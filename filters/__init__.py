@@ -1,0 +1,1 @@
+"""Keep/drop decisions: each filter returns a Verdict with a reason code."""

@@ -1,0 +1,1 @@
+"""Sinks and what a person reads: shards, manifest, rejections, dataset card."""

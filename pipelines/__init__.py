@@ -1,0 +1,1 @@
+"""Beam wiring only: the graphs, the generic stage wrapper, runner options."""

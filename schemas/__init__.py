@@ -1,0 +1,1 @@
+"""The shapes that flow: the box type, its codecs, records and their Arrow schemas."""

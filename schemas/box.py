@@ -1,0 +1,133 @@
+"""The one box type: float pixel ``xyxy`` in the frame of the image it belongs to.
+
+Every other frame (0..1000, 0..1, the resized frame of a processor) is rendered and parsed at the
+edges by a codec (:mod:`groundforge.schemas.codecs`); nothing else is ever stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Box:
+    """An axis-aligned box in pixels, ``x1 <= x2`` and ``y1 <= y2``.
+
+    >>> b = Box(10, 20, 110, 70)
+    >>> b.width, b.height, b.area
+    (100.0, 50.0, 5000.0)
+    >>> round(b.iou(Box(60, 20, 160, 70)), 3)
+    0.333
+    >>> Box.from_corners(110, 70, 10, 20) == b   # swapped corners are put right
+    True
+    >>> Box(-5, 10, 700, 30).clip(640, 480)
+    Box(x1=0.0, y1=10.0, x2=640.0, y2=30.0)
+    """
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+    def __post_init__(self) -> None:
+        for name in ("x1", "y1", "x2", "y2"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    @classmethod
+    def from_corners(cls, xa: float, ya: float, xb: float, yb: float) -> Box:
+        """Build a box from two opposite corners given in any order."""
+        return cls(min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb))
+
+    @classmethod
+    def from_xywh(cls, x: float, y: float, w: float, h: float) -> Box:
+        """Build a box from its top-left corner and size (COCO order)."""
+        return cls(x, y, x + w, y + h)
+
+    @classmethod
+    def from_list(cls, values: Sequence[float]) -> Box:
+        """Build a box from a stored ``[x1, y1, x2, y2]`` list."""
+        if len(values) != 4:
+            raise ValueError(f"a box needs 4 values, got {len(values)}: {list(values)!r}")
+        return cls(*values)
+
+    @property
+    def width(self) -> float:
+        return self.x2 - self.x1
+
+    @property
+    def height(self) -> float:
+        return self.y2 - self.y1
+
+    @property
+    def area(self) -> float:
+        return max(self.width, 0.0) * max(self.height, 0.0)
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return ((self.x1 + self.x2) / 2, (self.y1 + self.y2) / 2)
+
+    @property
+    def is_degenerate(self) -> bool:
+        """True when the box has no area (zero or negative width or height)."""
+        return not (self.width > 0 and self.height > 0)
+
+    def intersection(self, other: Box) -> float:
+        w = min(self.x2, other.x2) - max(self.x1, other.x1)
+        h = min(self.y2, other.y2) - max(self.y1, other.y1)
+        return w * h if w > 0 and h > 0 else 0.0
+
+    def iou(self, other: Box) -> float:
+        """Intersection over union; 0 when either box is degenerate."""
+        inter = self.intersection(other)
+        union = self.area + other.area - inter
+        return inter / union if union > 0 else 0.0
+
+    def clip(self, width: float, height: float) -> Box:
+        """The part of the box inside an image of ``width`` x ``height``."""
+        return Box(
+            min(max(self.x1, 0.0), width),
+            min(max(self.y1, 0.0), height),
+            min(max(self.x2, 0.0), width),
+            min(max(self.y2, 0.0), height),
+        )
+
+    def scale(self, sx: float, sy: float | None = None) -> Box:
+        """Multiply x by ``sx`` and y by ``sy`` (``sx`` when omitted)."""
+        sy = sx if sy is None else sy
+        return Box(self.x1 * sx, self.y1 * sy, self.x2 * sx, self.y2 * sy)
+
+    def shift(self, dx: float, dy: float) -> Box:
+        return Box(self.x1 + dx, self.y1 + dy, self.x2 + dx, self.y2 + dy)
+
+    def to_list(self) -> list[float]:
+        return [self.x1, self.y1, self.x2, self.y2]
+
+
+def as_array(boxes: Iterable[Box]) -> np.ndarray:
+    """Boxes as an ``(n, 4)`` float64 array (``(0, 4)`` when empty)."""
+    arr = np.array([b.to_list() for b in boxes], dtype=np.float64)
+    return arr.reshape(-1, 4)
+
+
+def iou_matrix(a: Sequence[Box], b: Sequence[Box]) -> np.ndarray:
+    """Pairwise IoU, shape ``(len(a), len(b))``.
+
+    >>> iou_matrix([Box(0, 0, 10, 10)], [Box(0, 0, 10, 10), Box(5, 0, 15, 10)]).round(3).tolist()
+    [[1.0, 0.333]]
+    """
+    pa, pb = as_array(a), as_array(b)
+    if not len(pa) or not len(pb):
+        return np.zeros((len(pa), len(pb)))
+    x1 = np.maximum(pa[:, None, 0], pb[None, :, 0])
+    y1 = np.maximum(pa[:, None, 1], pb[None, :, 1])
+    x2 = np.minimum(pa[:, None, 2], pb[None, :, 2])
+    y2 = np.minimum(pa[:, None, 3], pb[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area_a = np.clip(pa[:, 2] - pa[:, 0], 0, None) * np.clip(pa[:, 3] - pa[:, 1], 0, None)
+    area_b = np.clip(pb[:, 2] - pb[:, 0], 0, None) * np.clip(pb[:, 3] - pb[:, 1], 0, None)
+    union = area_a[:, None] + area_b[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, inter / union, 0.0)

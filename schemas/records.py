@@ -1,0 +1,133 @@
+"""The records that flow between stages. Arrow conversion lives in :mod:`.arrow`, nowhere else."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from groundforge.schemas.box import Box
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def stable_id(*parts: Any) -> str:
+    """A short stable hash of JSON-serialisable parts (the same inputs give the same id)."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """A pointer to one image before it is read: a file path, a URL or a dataset row.
+
+    ``data`` carries the bytes when the source already holds them (a dataset row).
+    """
+
+    item_id: str
+    location: str
+    domain: str
+    entity: str = ""
+    boxes: tuple[Box, ...] = ()
+    source: str = ""
+    license: str = ""
+    author: str = ""
+    url: str = ""
+    data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Detection:
+    """A candidate box proposed by an annotator, with its score and label."""
+
+    box: Box
+    score: float = 1.0
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image and what is known about it.
+
+    ``image_id`` is the sha256 of the bytes as the source delivered them, so it identifies the
+    source image even after :mod:`groundforge.filters.image` re-encodes ``image`` to upright RGB.
+    ``candidates`` holds each annotator's proposals by annotator name; ``box`` is the box the
+    pipeline decided to trust (``box_source`` says which one).
+    """
+
+    image_id: str
+    image: bytes
+    width: int
+    height: int
+    domain: str
+    entity: str = ""
+    boxes: tuple[Box, ...] = ()
+    source: str = ""
+    location: str = ""
+    license: str = ""
+    author: str = ""
+    url: str = ""
+    candidates: dict[str, tuple[Detection, ...]] = field(default_factory=dict)
+    box: Box | None = None
+    box_source: str = ""
+    box_ious: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Entity:
+    """A named instance in a sample's image."""
+
+    name: str
+    box: Box
+
+
+@dataclass(frozen=True)
+class Provenance:
+    source_image_ids: tuple[str, ...] = ()
+    locations: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
+    licenses: tuple[str, ...] = ()
+    authors: tuple[str, ...] = ()
+    urls: tuple[str, ...] = ()
+    layout: str = "single"
+    recipe_hash: str = ""
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class KVGSample:
+    """One row of a shard."""
+
+    sample_id: str
+    image: bytes
+    width: int
+    height: int
+    domain: str
+    task: str
+    question: str
+    target: str
+    entities: tuple[Entity, ...]
+    gt_boxes: tuple[Box, ...]
+    split: str
+    provenance: Provenance
+    rationale: str | None = None
+    box_source: str = ""
+    teacher_model: str | None = None
+    teacher_iou: float | None = None
+    detector_iou: float | None = None
+    student_k: int | None = None
+    student_correct: int | None = None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An item a stage dropped, and why. ``detail`` is JSON text."""
+
+    item_id: str
+    stage: str
+    reason: str
+    detail: str = "{}"
+    source_id: str = ""
