@@ -1,0 +1,86 @@
+"""What a run folder looks like on a terminal: the funnel, the shards, a few samples."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def funnel_table(stages: list[dict[str, Any]]) -> Table:
+    table = Table(title="stage funnel", title_justify="left")
+    table.add_column("stage")
+    table.add_column("in", justify="right")
+    table.add_column("kept", justify="right")
+    table.add_column("dropped", justify="right")
+    table.add_column("reasons")
+    for s in stages:
+        dropped = sum(s["dropped"].values())
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(s["dropped"].items(), key=lambda x: -x[1]))
+        table.add_row(s["stage"], str(s["in"]), str(s["kept"]), str(dropped), reasons)
+    return table
+
+
+def print_funnel(manifest: dict[str, Any], console: Console) -> None:
+    console.print(funnel_table(manifest["stages"]))
+
+
+def _box_text(box: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.0f}" for v in box) + "]"
+
+
+def inspect_run(run_dir: str, console: Console, samples: int = 5, verify: bool = True) -> bool:
+    """Print a run folder's funnel, shards and first samples; False if a checksum mismatches."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from groundforge.outputs.files import file_sha256
+    from groundforge.outputs.manifest import read_manifest
+    from groundforge.outputs.shards import read_samples
+
+    manifest_path = FileSystems.join(run_dir, "manifest.json")
+    if not FileSystems.exists(manifest_path):
+        raise FileNotFoundError(
+            f"{manifest_path} does not exist: is {run_dir} the --out folder of a finished run?"
+        )
+    manifest = read_manifest(manifest_path)
+    console.print(
+        f"[bold]{manifest['recipe']['name']}[/] (recipe {manifest['recipe_hash']}, groundforge "
+        f"{manifest['groundforge_version']}, {manifest['created_at']})"
+    )
+    print_funnel(manifest, console)
+
+    ok = True
+    shards = Table(title="shards", title_justify="left")
+    for col in ("split", "file", "rows", "bytes", "sha256"):
+        shards.add_column(col, justify="right" if col in ("rows", "bytes") else "left")
+    for s in manifest["shards"]:
+        status = s["sha256"][:12]
+        if verify:
+            actual, _ = file_sha256(FileSystems.join(run_dir, s["path"]))
+            if actual != s["sha256"]:
+                ok = False
+                status = f"[red]MISMATCH {actual[:12]}[/]"
+            else:
+                status += " [green]ok[/]"
+        shards.add_row(s["split"], s["path"], str(s["rows"]), str(s["bytes"]), status)
+    console.print(shards)
+
+    if samples > 0:
+        table = Table(title=f"first {samples} samples", title_justify="left")
+        for col in ("split", "target", "size", "gt_boxes", "box from", "question"):
+            table.add_column(col)
+        shards_dir = FileSystems.join(run_dir, "shards")
+        for i, s in enumerate(read_samples(shards_dir, fmt=manifest["format"])):
+            if i >= samples:
+                break
+            table.add_row(
+                s.split,
+                s.target,
+                f"{s.width}x{s.height}",
+                " ".join(_box_text(b.to_list()) for b in s.gt_boxes),
+                s.box_source,
+                s.question,
+            )
+        console.print(table)
+    return ok

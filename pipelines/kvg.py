@@ -1,0 +1,225 @@
+"""The KVG graph: source -> read -> validate image -> boxes -> box checks -> samples -> shards.
+
+Wiring only: every decision is a plain function from ``filters/``, ``annotators/`` or
+``sources/``, wrapped by :func:`groundforge.pipelines.stage.apply_check`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import partial
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.base import PredictionResult, RunInference
+
+from groundforge import __version__
+from groundforge.annotators.foreground import ForegroundAnnotator
+from groundforge.annotators.questions import single_entity_sample
+from groundforge.filters.detection import check_agreement, check_box_bounds, resolve_box
+from groundforge.filters.image import ImageLimits, check_image
+from groundforge.filters.split import holdout_split
+from groundforge.filters.verdict import Verdict
+from groundforge.outputs.rejections import WriteRejections
+from groundforge.outputs.shards import WriteShards
+from groundforge.pipelines.stage import apply_check
+from groundforge.recipe import (
+    DetectorConfig,
+    HFDatasetSourceConfig,
+    ImageFolderSourceConfig,
+    Recipe,
+)
+from groundforge.schemas.records import ImageRecord
+from groundforge.sources.read import read_item
+
+SHARDS_DIR = "shards"
+REJECTIONS_FILE = "rejections.parquet"
+
+
+def make_source(recipe: Recipe):
+    """The source object a recipe names (see ``sources/``)."""
+    cfg = recipe.source
+    if isinstance(cfg, ImageFolderSourceConfig):
+        from groundforge.sources.image_folder import ImageFolderSource, NamingRule
+
+        naming = NamingRule(
+            entity_from=cfg.entity_from,
+            separators=cfg.separators,
+            case=cfg.case,
+            strip_pattern=cfg.strip_pattern,
+            rename=dict(cfg.rename),
+        )
+        return ImageFolderSource(
+            root=cfg.path,
+            domain=recipe.domain,
+            naming=naming,
+            license=cfg.license,
+            author=cfg.author,
+        )
+    if isinstance(cfg, HFDatasetSourceConfig):
+        from groundforge.sources.hf_dataset import HFDatasetSource
+
+        return HFDatasetSource(
+            path=cfg.path,
+            split=cfg.split,
+            name=cfg.name,
+            image_column=cfg.image_column,
+            entity_column=cfg.entity_column,
+            domain=recipe.domain,
+            domain_column=cfg.domain_column,
+            box_column=cfg.box_column,
+            box_format=cfg.box_format,
+            box_scale=cfg.box_scale,
+            id_column=cfg.id_column,
+            license=cfg.license,
+        )
+    raise TypeError(f"no source for {type(cfg).__name__}")
+
+
+def splits_for(recipe: Recipe) -> list[str]:
+    """The splits a recipe can produce (each exists in the output, possibly empty)."""
+    return ["sft", "val"] if recipe.split.val_fraction > 0 else ["sft"]
+
+
+def detector_handler(cfg: DetectorConfig, num_threads: int | None):
+    from groundforge.annotators.detector import GroundingDinoHandler
+
+    size = None
+    if cfg.shortest_edge or cfg.longest_edge:
+        size = {k: v for k, v in (("shortest_edge", cfg.shortest_edge),
+                                  ("longest_edge", cfg.longest_edge)) if v}
+    return GroundingDinoHandler(
+        model=cfg.model,
+        labels={k: list(v) for k, v in cfg.labels.items()},
+        box_threshold=cfg.box_threshold,
+        text_threshold=cfg.text_threshold,
+        batch_size=cfg.batch_size,
+        num_threads=cfg.num_threads or num_threads,
+        image_size=size,
+    )
+
+
+@dataclass(frozen=True)
+class DetectorFailure:
+    """A batch the detector raised on; its records are rejected, not lost."""
+
+    error: str
+
+
+def _failed_batch(failure):
+    batch, error = failure
+    for record in batch:
+        yield PredictionResult(record, DetectorFailure(f"{type(error).__name__}: {error}"))
+
+
+def attach_detections(prediction: PredictionResult) -> Verdict:
+    """Put the detector's candidates on the record. Drops ``detector_failed`` (the image could
+    not be run) and ``detector_error`` (the whole batch raised)."""
+    record, dets = prediction.example, prediction.inference
+    if isinstance(dets, DetectorFailure):
+        return Verdict.drop("detector_error", error=dets.error)
+    if dets is None:
+        return Verdict.drop("detector_failed")
+    return Verdict.ok(replace(record, candidates={**record.candidates, "detector": tuple(dets)}))
+
+
+def make_sample(record: ImageRecord, recipe: Recipe, recipe_hash: str) -> Verdict:
+    split = holdout_split(record.entity, recipe.split.val_fraction, recipe.split.seed)
+    return single_entity_sample(
+        record,
+        split,
+        template=recipe.samples.question_template,
+        recipe_hash=recipe_hash,
+        version=__version__,
+    )
+
+
+@dataclass
+class KVGGraph:
+    """Builds the graph on a pipeline and remembers its stages in order (the funnel's rows)."""
+
+    recipe: Recipe
+    out_dir: str
+    detector_threads: int | None = None
+    stages: list[str] = field(default_factory=list)
+    _rejected: list = field(default_factory=list)
+
+    def _stage(self, pcoll, name, check):
+        kept, rejected = apply_check(pcoll, name, check)
+        self.stages.append(name)
+        self._rejected.append(rejected)
+        return kept
+
+    def _detect(self, records):
+        handler = detector_handler(self.recipe.boxes.detector, self.detector_threads)
+        main, other = records | "detector" >> RunInference(handler).with_exception_handling()
+        failed = other.failed_inferences | "failed batches" >> beam.FlatMap(_failed_batch)
+        predictions = (main, failed) | "detector results" >> beam.Flatten()
+        return self._stage(predictions, "detect", attach_detections)
+
+    def build(self, p: beam.Pipeline) -> list[str]:
+        recipe, boxes = self.recipe, self.recipe.boxes
+        source = make_source(recipe)
+        items = (
+            p
+            | "partitions" >> beam.Create(source.partitions())
+            | "spread" >> beam.Reshuffle()
+            | "list items" >> beam.FlatMap(source.items)
+        )
+        records = self._stage(items, "read", read_item)
+        limits = ImageLimits(min_side=recipe.images.min_side, max_pixels=recipe.images.max_pixels)
+        records = self._stage(records, "image", partial(check_image, limits=limits))
+
+        methods = {boxes.method, boxes.agree_with} - {None}
+        if "foreground" in methods:
+            annotate = ForegroundAnnotator(tolerance=boxes.foreground_tolerance)
+            records = records | "foreground box" >> beam.Map(annotate)
+        if "detector" in methods:
+            records = self._detect(records)
+
+        records = self._stage(
+            records,
+            "box",
+            partial(
+                resolve_box,
+                method=boxes.method,
+                min_score=boxes.confident_score,
+                require_single=boxes.require_single,
+            ),
+        )
+        if boxes.agree_with:
+            records = self._stage(
+                records,
+                "agreement",
+                partial(
+                    check_agreement,
+                    other=boxes.agree_with,
+                    min_iou=boxes.agreement_iou,
+                    min_score=boxes.confident_score,
+                ),
+            )
+        records = self._stage(
+            records,
+            "box_bounds",
+            partial(
+                check_box_bounds,
+                min_area_fraction=boxes.min_area_fraction,
+                max_area_fraction=boxes.max_area_fraction,
+                max_aspect=boxes.max_aspect,
+            ),
+        )
+        samples = self._stage(
+            records, "sample", partial(make_sample, recipe=recipe, recipe_hash=recipe.digest())
+        )
+        _ = samples | "write shards" >> WriteShards(
+            FileSystems.join(self.out_dir, SHARDS_DIR),
+            recipe.output.format,
+            recipe.output.rows_per_shard,
+        )
+        _ = (
+            self._rejected
+            | "all rejections" >> beam.Flatten()
+            | "write rejections" >> WriteRejections(FileSystems.join(self.out_dir, REJECTIONS_FILE))
+        )
+        return self.stages
+

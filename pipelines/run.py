@@ -1,0 +1,114 @@
+"""Run a recipe end to end: prepare the folder, run the graph, finalise shards and manifest."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from groundforge.outputs.card import render_card
+from groundforge.outputs.files import list_files, write_text
+from groundforge.outputs.manifest import build_manifest, write_manifest
+from groundforge.outputs.rejections import ensure_rejections, read_rejections
+from groundforge.outputs.shards import finalize_shards
+from groundforge.pipelines.kvg import REJECTIONS_FILE, SHARDS_DIR, KVGGraph, splits_for
+from groundforge.pipelines.metrics import StageCount, read_funnel
+from groundforge.pipelines.options import (
+    describe_runner,
+    is_multi_process,
+    pipeline_options,
+    unknown_options,
+)
+from groundforge.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+CARD_FILE = "README.md"
+
+
+class FunnelMismatch(RuntimeError):
+    """The counters and the rejections table disagree: something was lost."""
+
+
+@dataclass
+class RunResult:
+    out_dir: str
+    manifest: dict[str, Any]
+    funnel: list[StageCount]
+
+
+def _clear_previous(out_dir: str) -> None:
+    """Remove what a previous run wrote here (and only that), so old shards never mix in."""
+    stale = list_files(FileSystems.join(out_dir, SHARDS_DIR, "**"))
+    stale += [
+        p
+        for name in (REJECTIONS_FILE, MANIFEST_FILE, CARD_FILE)
+        for p in list_files(FileSystems.join(out_dir, name))
+    ]
+    if stale:
+        FileSystems.delete(stale)
+
+
+def check_funnel(funnel: list[StageCount], rejections: Counter) -> None:
+    """Every stage balances, and the rejections table holds exactly the counted drops."""
+    for s in funnel:
+        if not s.balanced:
+            raise FunnelMismatch(
+                f"stage {s.stage}: in {s.total} != kept {s.kept} + dropped {s.dropped_total}"
+            )
+        for reason, n in s.dropped.items():
+            if rejections.get((s.stage, reason), 0) != n:
+                raise FunnelMismatch(
+                    f"stage {s.stage}: {n} counted as {reason} but "
+                    f"{rejections.get((s.stage, reason), 0)} in {REJECTIONS_FILE}"
+                )
+    counted = {(s.stage, r) for s in funnel for r in s.dropped}
+    extra = {k: v for k, v in rejections.items() if k not in counted}
+    if extra:
+        raise FunnelMismatch(f"rejections without a counter: {extra}")
+
+
+def run_recipe(recipe: Recipe, out_dir: str, beam_args: list[str] | tuple[str, ...] = ()):
+    """Run ``recipe`` into ``out_dir`` and return the manifest and funnel."""
+    options = pipeline_options(beam_args)
+    for flag in unknown_options(options):
+        log.warning("%s is not a Beam pipeline option any loaded runner knows; check the spelling",
+                    flag)
+    _clear_previous(out_dir)
+    # Several worker processes on a few cores oversubscribe torch's thread pool badly.
+    graph = KVGGraph(recipe, out_dir, detector_threads=1 if is_multi_process(options) else None)
+    pipeline = beam.Pipeline(options=options)
+    stages = graph.build(pipeline)
+    result = pipeline.run()
+    result.wait_until_finish()
+
+    funnel = read_funnel(result, stages)
+    fmt = recipe.output.format
+    shards = finalize_shards(FileSystems.join(out_dir, SHARDS_DIR), splits_for(recipe), fmt)
+    rejections_path = FileSystems.join(out_dir, REJECTIONS_FILE)
+    ensure_rejections(rejections_path)
+    by_stage = Counter((r.stage, r.reason) for r in read_rejections(rejections_path))
+    check_funnel(funnel, by_stage)
+    kept = funnel[-1].kept if funnel else 0
+    written = sum(s.rows for s in shards)
+    if kept != written:
+        raise FunnelMismatch(f"{kept} samples kept but {written} rows in the shards")
+
+    manifest = build_manifest(
+        recipe=recipe.model_dump(mode="json"),
+        recipe_hash=recipe.digest(),
+        funnel=[s.to_dict() for s in funnel],
+        shards=shards,
+        out_dir=out_dir,
+        fmt=fmt,
+        rejection_reasons=Counter(f"{stage}/{reason}" for (stage, reason) in by_stage.elements()),
+        runner=describe_runner(options, beam_args),
+    )
+    write_manifest(FileSystems.join(out_dir, MANIFEST_FILE), manifest)
+    write_text(FileSystems.join(out_dir, CARD_FILE), render_card(manifest))
+    return RunResult(out_dir, manifest, funnel)

@@ -1,0 +1,277 @@
+"""Arrow schemas of the records and the one place records become rows and back.
+
+Each table schema carries Hugging Face ``features`` metadata, so ``datasets`` decodes the
+``image`` column as a PIL image; the metadata is derived from the schema, never written by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any
+
+import pyarrow as pa
+
+from groundforge.schemas.box import Box
+from groundforge.schemas.records import (
+    Detection,
+    Entity,
+    ImageRecord,
+    KVGSample,
+    Provenance,
+    Rejection,
+)
+
+_BOX = pa.list_(pa.float64())
+_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+_STRINGS = pa.list_(pa.string())
+
+PROVENANCE_TYPE = pa.struct(
+    [
+        ("source_image_ids", _STRINGS),
+        ("locations", _STRINGS),
+        ("sources", _STRINGS),
+        ("licenses", _STRINGS),
+        ("authors", _STRINGS),
+        ("urls", _STRINGS),
+        ("layout", pa.string()),
+        ("recipe_hash", pa.string()),
+        ("version", pa.string()),
+    ]
+)
+
+_SAMPLE_FIELDS = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("image", _IMAGE),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("domain", pa.string()),
+        ("task", pa.string()),
+        ("question", pa.string()),
+        ("target", pa.string()),
+        ("entities", pa.list_(pa.struct([("name", pa.string()), ("box", _BOX)]))),
+        ("gt_boxes", pa.list_(_BOX)),
+        ("rationale", pa.string()),
+        ("split", pa.string()),
+        ("box_source", pa.string()),
+        ("teacher_model", pa.string()),
+        ("teacher_iou", pa.float64()),
+        ("detector_iou", pa.float64()),
+        ("student_k", pa.int32()),
+        ("student_correct", pa.int32()),
+        ("provenance", PROVENANCE_TYPE),
+    ]
+)
+
+_IMAGE_RECORD_FIELDS = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("image", _IMAGE),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("domain", pa.string()),
+        ("entity", pa.string()),
+        ("boxes", pa.list_(_BOX)),
+        ("source", pa.string()),
+        ("location", pa.string()),
+        ("license", pa.string()),
+        ("author", pa.string()),
+        ("url", pa.string()),
+        (
+            "candidates",
+            pa.list_(
+                pa.struct(
+                    [
+                        ("annotator", pa.string()),
+                        ("box", _BOX),
+                        ("score", pa.float64()),
+                        ("label", pa.string()),
+                    ]
+                )
+            ),
+        ),
+        ("box", _BOX),
+        ("box_source", pa.string()),
+        ("box_ious", pa.list_(pa.struct([("name", pa.string()), ("iou", pa.float64())]))),
+    ]
+)
+
+REJECTION_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("source_id", pa.string()),
+    ]
+)
+
+
+@lru_cache(maxsize=None)
+def _with_hf_features(schema: pa.Schema, image_columns: tuple[str, ...]) -> pa.Schema:
+    # datasets is imported here, not at module level: it is slow to import and only writers
+    # need the metadata.
+    from datasets import Features, Image
+
+    features = Features.from_arrow_schema(schema)
+    for name in image_columns:
+        features[name] = Image()
+    hf_schema = features.arrow_schema
+    if hf_schema.names != schema.names:
+        raise AssertionError("Hugging Face features changed the column order")
+    return hf_schema
+
+
+def sample_schema() -> pa.Schema:
+    """The shard schema, with Hugging Face features metadata (``image`` decodes to PIL)."""
+    return _with_hf_features(_SAMPLE_FIELDS, ("image",))
+
+
+def image_record_schema() -> pa.Schema:
+    return _with_hf_features(_IMAGE_RECORD_FIELDS, ("image",))
+
+
+def hf_features_dict(schema: pa.Schema) -> dict[str, Any]:
+    """The ``features`` dict stored in a schema's Hugging Face metadata."""
+    return json.loads(schema.metadata[b"huggingface"])["info"]["features"]
+
+
+def _box(values: Any) -> Box:
+    return Box.from_list(list(values))
+
+
+def sample_to_row(s: KVGSample) -> dict[str, Any]:
+    p = s.provenance
+    return {
+        "sample_id": s.sample_id,
+        "image": {"bytes": s.image, "path": None},
+        "width": s.width,
+        "height": s.height,
+        "domain": s.domain,
+        "task": s.task,
+        "question": s.question,
+        "target": s.target,
+        "entities": [{"name": e.name, "box": e.box.to_list()} for e in s.entities],
+        "gt_boxes": [b.to_list() for b in s.gt_boxes],
+        "rationale": s.rationale,
+        "split": s.split,
+        "box_source": s.box_source,
+        "teacher_model": s.teacher_model,
+        "teacher_iou": s.teacher_iou,
+        "detector_iou": s.detector_iou,
+        "student_k": s.student_k,
+        "student_correct": s.student_correct,
+        "provenance": {
+            "source_image_ids": list(p.source_image_ids),
+            "locations": list(p.locations),
+            "sources": list(p.sources),
+            "licenses": list(p.licenses),
+            "authors": list(p.authors),
+            "urls": list(p.urls),
+            "layout": p.layout,
+            "recipe_hash": p.recipe_hash,
+            "version": p.version,
+        },
+    }
+
+
+def row_to_sample(row: dict[str, Any]) -> KVGSample:
+    """Inverse of :func:`sample_to_row` for a row read back with ``to_pylist``."""
+    p = row["provenance"]
+    return KVGSample(
+        sample_id=row["sample_id"],
+        image=row["image"]["bytes"],
+        width=row["width"],
+        height=row["height"],
+        domain=row["domain"],
+        task=row["task"],
+        question=row["question"],
+        target=row["target"],
+        entities=tuple(Entity(e["name"], _box(e["box"])) for e in row["entities"]),
+        gt_boxes=tuple(_box(b) for b in row["gt_boxes"]),
+        split=row["split"],
+        provenance=Provenance(
+            source_image_ids=tuple(p["source_image_ids"]),
+            locations=tuple(p["locations"]),
+            sources=tuple(p["sources"]),
+            licenses=tuple(p["licenses"]),
+            authors=tuple(p["authors"]),
+            urls=tuple(p["urls"]),
+            layout=p["layout"],
+            recipe_hash=p["recipe_hash"],
+            version=p["version"],
+        ),
+        rationale=row["rationale"],
+        box_source=row["box_source"],
+        teacher_model=row["teacher_model"],
+        teacher_iou=row["teacher_iou"],
+        detector_iou=row["detector_iou"],
+        student_k=row["student_k"],
+        student_correct=row["student_correct"],
+    )
+
+
+def image_record_to_row(r: ImageRecord) -> dict[str, Any]:
+    return {
+        "image_id": r.image_id,
+        "image": {"bytes": r.image, "path": None},
+        "width": r.width,
+        "height": r.height,
+        "domain": r.domain,
+        "entity": r.entity,
+        "boxes": [b.to_list() for b in r.boxes],
+        "source": r.source,
+        "location": r.location,
+        "license": r.license,
+        "author": r.author,
+        "url": r.url,
+        "candidates": [
+            {"annotator": name, "box": d.box.to_list(), "score": d.score, "label": d.label}
+            for name, dets in sorted(r.candidates.items())
+            for d in dets
+        ],
+        "box": r.box.to_list() if r.box is not None else None,
+        "box_source": r.box_source,
+        "box_ious": [{"name": k, "iou": v} for k, v in sorted(r.box_ious.items())],
+    }
+
+
+def row_to_image_record(row: dict[str, Any]) -> ImageRecord:
+    candidates: dict[str, list[Detection]] = {}
+    for c in row["candidates"]:
+        candidates.setdefault(c["annotator"], []).append(
+            Detection(_box(c["box"]), c["score"], c["label"])
+        )
+    return ImageRecord(
+        image_id=row["image_id"],
+        image=row["image"]["bytes"],
+        width=row["width"],
+        height=row["height"],
+        domain=row["domain"],
+        entity=row["entity"],
+        boxes=tuple(_box(b) for b in row["boxes"]),
+        source=row["source"],
+        location=row["location"],
+        license=row["license"],
+        author=row["author"],
+        url=row["url"],
+        candidates={k: tuple(v) for k, v in candidates.items()},
+        box=_box(row["box"]) if row["box"] is not None else None,
+        box_source=row["box_source"],
+        box_ious={x["name"]: x["iou"] for x in row["box_ious"]},
+    )
+
+
+def rejection_to_row(r: Rejection) -> dict[str, Any]:
+    return {
+        "item_id": r.item_id,
+        "stage": r.stage,
+        "reason": r.reason,
+        "detail": r.detail,
+        "source_id": r.source_id,
+    }
+
+
+def row_to_rejection(row: dict[str, Any]) -> Rejection:
+    return Rejection(**{k: row[k] for k in REJECTION_SCHEMA.names})
