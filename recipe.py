@@ -35,6 +35,7 @@ class ImageFolderSourceConfig(_Strict):
     case: Literal["title", "lower", "keep"] = "title"
     strip_pattern: str | None = None
     rename: dict[str, str] = {}
+    exclude: list[str] = []
     license: str = ""
     author: str = ""
 
@@ -91,6 +92,7 @@ class BoxesConfig(_Strict):
     agreement_iou: float = Field(0.5, ge=0, le=1)
     detector: DetectorConfig | None = None
     foreground_tolerance: int = Field(12, ge=0, le=255)
+    foreground_background: Literal["border", "white"] = "border"
     confident_score: float = Field(0.35, ge=0, le=1)
     require_single: bool = True
     min_area_fraction: float = Field(0.005, ge=0, le=1)

@@ -68,7 +68,7 @@ def inspect_run(run_dir: str, console: Console, samples: int = 5, verify: bool =
 
     if samples > 0:
         table = Table(title=f"first {samples} samples", title_justify="left")
-        for col in ("split", "target", "size", "gt_boxes", "box from", "question"):
+        for col in ("split", "target", "size", "gt_boxes", "box from"):
             table.add_column(col)
         shards_dir = FileSystems.join(run_dir, "shards")
         for i, s in enumerate(read_samples(shards_dir, fmt=manifest["format"])):
@@ -80,7 +80,9 @@ def inspect_run(run_dir: str, console: Console, samples: int = 5, verify: bool =
                 f"{s.width}x{s.height}",
                 " ".join(_box_text(b.to_list()) for b in s.gt_boxes),
                 s.box_source,
-                s.question,
             )
+            question = s.question
         console.print(table)
+        if samples and "question" in locals():
+            console.print(f"question, e.g.: {question}")
     return ok

@@ -53,6 +53,7 @@ def make_source(recipe: Recipe):
             root=cfg.path,
             domain=recipe.domain,
             naming=naming,
+            exclude=tuple(cfg.exclude),
             license=cfg.license,
             author=cfg.author,
         )
@@ -84,10 +85,6 @@ def splits_for(recipe: Recipe) -> list[str]:
 def detector_handler(cfg: DetectorConfig, num_threads: int | None):
     from groundforge.annotators.detector import GroundingDinoHandler
 
-    size = None
-    if cfg.shortest_edge or cfg.longest_edge:
-        size = {k: v for k, v in (("shortest_edge", cfg.shortest_edge),
-                                  ("longest_edge", cfg.longest_edge)) if v}
     return GroundingDinoHandler(
         model=cfg.model,
         labels={k: list(v) for k, v in cfg.labels.items()},
@@ -95,7 +92,8 @@ def detector_handler(cfg: DetectorConfig, num_threads: int | None):
         text_threshold=cfg.text_threshold,
         batch_size=cfg.batch_size,
         num_threads=cfg.num_threads or num_threads,
-        image_size=size,
+        shortest_edge=cfg.shortest_edge,
+        longest_edge=cfg.longest_edge,
     )
 
 
@@ -172,7 +170,9 @@ class KVGGraph:
 
         methods = {boxes.method, boxes.agree_with} - {None}
         if "foreground" in methods:
-            annotate = ForegroundAnnotator(tolerance=boxes.foreground_tolerance)
+            annotate = ForegroundAnnotator(
+                tolerance=boxes.foreground_tolerance, background=boxes.foreground_background
+            )
             records = records | "foreground box" >> beam.Map(annotate)
         if "detector" in methods:
             records = self._detect(records)

@@ -7,7 +7,7 @@ Each table schema carries Hugging Face ``features`` metadata, so ``datasets`` de
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import pyarrow as pa
@@ -78,6 +78,7 @@ _IMAGE_RECORD_FIELDS = pa.schema(
         ("license", pa.string()),
         ("author", pa.string()),
         ("url", pa.string()),
+        ("opaque_box", _BOX),
         (
             "candidates",
             pa.list_(
@@ -108,7 +109,7 @@ REJECTION_SCHEMA = pa.schema(
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _with_hf_features(schema: pa.Schema, image_columns: tuple[str, ...]) -> pa.Schema:
     # datasets is imported here, not at module level: it is slow to import and only writers
     # need the metadata.
@@ -226,6 +227,7 @@ def image_record_to_row(r: ImageRecord) -> dict[str, Any]:
         "license": r.license,
         "author": r.author,
         "url": r.url,
+        "opaque_box": r.opaque_box.to_list() if r.opaque_box is not None else None,
         "candidates": [
             {"annotator": name, "box": d.box.to_list(), "score": d.score, "label": d.label}
             for name, dets in sorted(r.candidates.items())
@@ -256,6 +258,7 @@ def row_to_image_record(row: dict[str, Any]) -> ImageRecord:
         license=row["license"],
         author=row["author"],
         url=row["url"],
+        opaque_box=_box(row["opaque_box"]) if row["opaque_box"] is not None else None,
         candidates={k: tuple(v) for k, v in candidates.items()},
         box=_box(row["box"]) if row["box"] is not None else None,
         box_source=row["box_source"],

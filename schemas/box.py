@@ -112,6 +112,20 @@ def as_array(boxes: Iterable[Box]) -> np.ndarray:
     return arr.reshape(-1, 4)
 
 
+def mask_box(mask: np.ndarray) -> Box | None:
+    """The box of the True pixels of a 2-d mask (exclusive right/bottom edges); None if none.
+
+    >>> m = np.zeros((10, 20), dtype=bool); m[7, 5] = True
+    >>> mask_box(m)
+    Box(x1=5.0, y1=7.0, x2=6.0, y2=8.0)
+    """
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return Box(int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+
+
 def iou_matrix(a: Sequence[Box], b: Sequence[Box]) -> np.ndarray:
     """Pairwise IoU, shape ``(len(a), len(b))``.
 

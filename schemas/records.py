@@ -54,6 +54,9 @@ class ImageRecord:
 
     ``image_id`` is the sha256 of the bytes as the source delivered them, so it identifies the
     source image even after :mod:`groundforge.filters.image` re-encodes ``image`` to upright RGB.
+    ``opaque_box`` is the extent of the pixels that were not transparent in the source (None when
+    it had no transparency); the image check measures it before compositing onto white, since
+    afterwards a white object on a transparent ground can no longer be told apart.
     ``candidates`` holds each annotator's proposals by annotator name; ``box`` is the box the
     pipeline decided to trust (``box_source`` says which one).
     """
@@ -70,6 +73,7 @@ class ImageRecord:
     license: str = ""
     author: str = ""
     url: str = ""
+    opaque_box: Box | None = None
     candidates: dict[str, tuple[Detection, ...]] = field(default_factory=dict)
     box: Box | None = None
     box_source: str = ""

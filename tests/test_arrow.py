@@ -1,0 +1,53 @@
+import pyarrow as pa
+from samples import make_sample
+
+from groundforge.schemas.arrow import (
+    REJECTION_SCHEMA,
+    hf_features_dict,
+    image_record_schema,
+    image_record_to_row,
+    rejection_to_row,
+    row_to_image_record,
+    row_to_rejection,
+    row_to_sample,
+    sample_schema,
+    sample_to_row,
+)
+from groundforge.schemas.box import Box
+from groundforge.schemas.records import Detection, ImageRecord, Rejection
+
+
+def roundtrip(rows, schema):
+    return pa.Table.from_pylist(rows, schema=schema).to_pylist()
+
+
+def test_sample_roundtrip_through_arrow():
+    samples = [make_sample(i) for i in range(4)]
+    back = [row_to_sample(r) for r in roundtrip([sample_to_row(s) for s in samples],
+                                                 sample_schema())]
+    assert back == samples
+
+
+def test_image_record_roundtrip_through_arrow():
+    rec = ImageRecord(
+        image_id="abc", image=b"\x89PNG", width=4, height=3, domain="flag", entity="Chad",
+        boxes=(Box(0, 0, 2, 2),), source="image_folder", location="/a.png",
+        candidates={"detector": (Detection(Box(1, 1, 3, 3), 0.5, "flag"),),
+                    "foreground": (Detection(Box(0, 0, 4, 3)),)},
+        box=Box(0, 0, 2, 2), box_source="known", box_ious={"detector": 0.25},
+    )
+    row = roundtrip([image_record_to_row(rec)], image_record_schema())[0]
+    assert row_to_image_record(row) == rec
+
+
+def test_rejection_roundtrip():
+    r = Rejection("id", "image", "truncated", '{"a": 1}', "/p.png")
+    assert row_to_rejection(roundtrip([rejection_to_row(r)], REJECTION_SCHEMA)[0]) == r
+
+
+def test_hf_features_decode_image_and_keep_box_lists():
+    features = hf_features_dict(sample_schema())
+    assert features["image"] == {"_type": "Image"}
+    assert features["gt_boxes"]["_type"] == "List"
+    assert features["gt_boxes"]["feature"]["feature"]["dtype"] == "float64"
+    assert hf_features_dict(image_record_schema())["image"] == {"_type": "Image"}
