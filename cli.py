@@ -89,8 +89,13 @@ def run(recipe: Path, out: str, beam_args: tuple[str, ...]) -> None:
 
 
 @main.command(context_settings=_BEAM_ARGS)
-@click.option("--out", default=DEMO_OUT, show_default=True, type=click.Path(file_okay=False),
-              help="Output folder.")
+@click.option(
+    "--out",
+    default=DEMO_OUT,
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Output folder.",
+)
 @click.argument("beam_args", nargs=-1, type=click.UNPROCESSED)
 def demo(out: str, beam_args: tuple[str, ...]) -> None:
     """Run the bundled flags recipe offline (about 350 public-domain flag images).

@@ -14,7 +14,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-DEFAULT_QUESTION = "Find and give the bounding box of <|object_ref_start|>{entity}<|object_ref_end|>"
+DEFAULT_QUESTION = (
+    "Find and give the bounding box of <|object_ref_start|>{entity}<|object_ref_end|>"
+)
 
 
 class RecipeError(ValueError):
@@ -103,8 +105,9 @@ class BoxesConfig(_Strict):
     def _detector_given(self) -> BoxesConfig:
         uses = {self.method, self.agree_with}
         if "detector" in uses and self.detector is None:
-            raise ValueError("boxes.detector (at least `model:`) is required when a method is "
-                             "'detector'")
+            raise ValueError(
+                "boxes.detector (at least `model:`) is required when a method is 'detector'"
+            )
         if self.agree_with == self.method:
             raise ValueError("boxes.agree_with must name a method other than boxes.method")
         if self.min_area_fraction > self.max_area_fraction:

@@ -17,7 +17,6 @@ transformers 5 no longer has.
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,6 +25,7 @@ from typing import Any
 
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from groundforge.filters.image import open_rgb
 from groundforge.schemas.box import Box
 from groundforge.schemas.records import Detection, ImageRecord
 
@@ -134,14 +134,6 @@ def to_detections(
     return tuple(found)
 
 
-def decode_rgb(data: bytes):
-    """Decode encoded image bytes into an RGB ``PIL.Image`` (raises on corrupt data)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
-
-
 @dataclass(frozen=True)
 class LoadedDetector:
     """What :meth:`GroundingDinoHandler.load_model` returns.
@@ -232,7 +224,7 @@ class GroundingDinoHandler(ModelHandler[ImageRecord, PredictionResult, LoadedDet
         images = {}
         for i, record in enumerate(batch):
             try:
-                images[i] = decode_rgb(record.image)
+                images[i] = open_rgb(record.image)
             except Exception as err:  # one bad image must not fail its batch
                 _LOG.warning("detector: cannot decode image %s: %s", record.image_id, err)
         found: dict[int, tuple[Detection, ...]] = {}
@@ -247,8 +239,7 @@ class GroundingDinoHandler(ModelHandler[ImageRecord, PredictionResult, LoadedDet
                 else:
                     found = self._detect_one_by_one(model, batch, images, args)
         return [
-            PredictionResult(record, found.get(i), self.model_id)
-            for i, record in enumerate(batch)
+            PredictionResult(record, found.get(i), self.model_id) for i, record in enumerate(batch)
         ]
 
     def _detect_one_by_one(self, model, batch, images, args) -> dict[int, tuple[Detection, ...]]:

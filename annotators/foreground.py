@@ -35,7 +35,6 @@ from groundforge.filters.image import open_rgb
 from groundforge.schemas.box import Box, mask_box
 from groundforge.schemas.records import Detection, ImageRecord
 
-
 _WHITE = (255, 255, 255)
 
 
@@ -101,9 +100,7 @@ class ForegroundAnnotator:
 
     def __call__(self, record: ImageRecord) -> ImageRecord:
         if record.opaque_box is not None:
-            box = _big_enough(
-                record.opaque_box, record.width * record.height, self.min_fraction
-            )
+            box = _big_enough(record.opaque_box, record.width * record.height, self.min_fraction)
         else:
             box = foreground_box(
                 open_rgb(record.image),

@@ -10,7 +10,7 @@ Each arm runs ``--repeat`` times, interleaved; the medians are reported.
 
 Without ``--model`` a tiny random Grounding DINO is built into a temporary folder. Run::
 
-    python benchmarks/detector_overhead.py --images 200 --runner-mode in_process
+    python benchmarks/detector_overhead.py --images 400 --runner-mode in_process
 """
 
 from __future__ import annotations
@@ -98,15 +98,20 @@ def run_pipeline(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
         "--runner-mode", choices=["in_process", "multi_processing"], default="in_process"
     )
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="worker processes in multi_processing mode")
-    parser.add_argument("--num-threads", type=int, default=1,
-                        help="torch threads per process, in both arms")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes in multi_processing mode",
+    )
+    parser.add_argument(
+        "--num-threads", type=int, default=1, help="torch threads per process, in both arms"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs per arm; medians reported")
     parser.add_argument("--model", help="a Grounding DINO folder or hub id (default: tiny)")
     args = parser.parse_args(argv)
@@ -140,9 +145,11 @@ def main(argv: list[str] | None = None) -> None:
 
     loop_s, pipe_s = statistics.median(loop_times), statistics.median(pipe_times)
     loop_rate, pipe_rate = len(records) / loop_s, len(records) / pipe_s
-    print(f"detector overhead: {len(records)} images, batch {args.batch_size}, "
-          f"{args.runner_mode} ({workers} worker(s)), {args.num_threads} torch thread(s), "
-          f"median of {args.repeat}")
+    print(
+        f"detector overhead: {len(records)} images, batch {args.batch_size}, "
+        f"{args.runner_mode} ({workers} worker(s)), {args.num_threads} torch thread(s), "
+        f"median of {args.repeat}"
+    )
     print(f"  loop:     {loop_s:7.2f} s  {loop_rate:8.1f} images/s")
     print(f"  pipeline: {pipe_s:7.2f} s  {pipe_rate:8.1f} images/s")
     print(f"  ratio pipeline/loop: {pipe_rate / loop_rate:.2f}")

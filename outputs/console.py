@@ -17,7 +17,8 @@ def funnel_table(stages: list[dict[str, Any]]) -> Table:
     table.add_column("reasons")
     for s in stages:
         dropped = sum(s["dropped"].values())
-        reasons = ", ".join(f"{r} {n}" for r, n in sorted(s["dropped"].items(), key=lambda x: -x[1]))
+        by_count = sorted(s["dropped"].items(), key=lambda x: -x[1])
+        reasons = ", ".join(f"{r} {n}" for r, n in by_count)
         table.add_row(s["stage"], str(s["in"]), str(s["kept"]), str(dropped), reasons)
     return table
 

@@ -37,7 +37,7 @@ def package_versions() -> dict[str, str]:
 
 def _relative(path: str, root: str) -> str:
     root = root.rstrip("/") + "/"
-    return path[len(root):] if path.startswith(root) else path
+    return path[len(root) :] if path.startswith(root) else path
 
 
 def build_manifest(

@@ -94,7 +94,8 @@ class WriteShards(beam.PTransform):
         counts = keyed | "count per split" >> beam.combiners.Count.PerKey()
         return (
             keyed
-            | "assign shard" >> beam.Map(
+            | "assign shard"
+            >> beam.Map(
                 _assign, counts=beam.pvalue.AsDict(counts), rows_per_shard=self.rows_per_shard
             )
             | "group shard" >> beam.GroupByKey()
@@ -152,8 +153,13 @@ def finalize_shards(
                 "_output_all_columns": False,
                 "_split": split,
             }
-            info = {"citation": "", "description": "", "features": features, "homepage": "",
-                    "license": ""}
+            info = {
+                "citation": "",
+                "description": "",
+                "features": features,
+                "homepage": "",
+                "license": "",
+            }
             write_text(FileSystems.join(split_dir, "state.json"), json.dumps(state, indent=2))
             write_text(FileSystems.join(split_dir, "dataset_info.json"), json.dumps(info, indent=2))
     if fmt == "arrow":

@@ -222,4 +222,3 @@ class KVGGraph:
             | "write rejections" >> WriteRejections(FileSystems.join(self.out_dir, REJECTIONS_FILE))
         )
         return self.stages
-

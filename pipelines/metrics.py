@@ -48,12 +48,12 @@ def read_funnel(result, stages: list[str]) -> list[StageCount]:
         if not ns.startswith(NAMESPACE_PREFIX):
             continue
         value = counter.committed if counter.committed is not None else counter.attempted
-        values[ns[len(NAMESPACE_PREFIX):]][counter.key.metric.name] += int(value or 0)
+        values[ns[len(NAMESPACE_PREFIX) :]][counter.key.metric.name] += int(value or 0)
     funnel = []
     for stage in stages:
         v = values.get(stage, {})
         dropped = {
-            name[len("dropped_"):]: n for name, n in v.items() if name.startswith("dropped_") and n
+            name[len("dropped_") :]: n for name, n in v.items() if name.startswith("dropped_") and n
         }
         funnel.append(StageCount(stage, v.get("total", 0), v.get("kept", 0), dropped))
     return funnel

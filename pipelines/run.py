@@ -77,8 +77,9 @@ def run_recipe(recipe: Recipe, out_dir: str, beam_args: list[str] | tuple[str, .
     """Run ``recipe`` into ``out_dir`` and return the manifest and funnel."""
     options = pipeline_options(beam_args)
     for flag in unknown_options(options):
-        log.warning("%s is not a Beam pipeline option any loaded runner knows; check the spelling",
-                    flag)
+        log.warning(
+            "%s is not a Beam pipeline option any loaded runner knows; check the spelling", flag
+        )
     _clear_previous(out_dir)
     # Several worker processes on a few cores oversubscribe torch's thread pool badly.
     graph = KVGGraph(recipe, out_dir, detector_threads=1 if is_multi_process(options) else None)

@@ -162,7 +162,7 @@ def load_metadata(path: str) -> Metadata:
             elif isinstance(entry.get("sha256"), str) and entry["sha256"]:
                 meta.by_sha256.setdefault(entry["sha256"].lower(), {}).update(overrides)
             else:
-                raise ValueError(f"{where}: give the file as \"path\" or \"sha256\"")
+                raise ValueError(f'{where}: give the file as "path" or "sha256"')
     return meta
 
 

@@ -33,9 +33,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(skip)
 
 
-def _cached_model(
-    request: pytest.FixtureRequest, name: str, build: Callable[[Path], Path]
-) -> Path:
+def _cached_model(request: pytest.FixtureRequest, name: str, build: Callable[[Path], Path]) -> Path:
     """Build a tiny model once per (transformers version, builder version) into pytest's cache.
 
     The folder is built under a temporary name and renamed into place, and builders are

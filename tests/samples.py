@@ -30,8 +30,9 @@ def make_sample(i: int, split: str = "sft") -> KVGSample:
         entities=(Entity(f"entity {i}", box),),
         gt_boxes=(box,),
         split=split,
-        provenance=Provenance(source_image_ids=(f"img{i}",), locations=(f"/x/{i}.png",),
-                              licenses=("cc0",)),
+        provenance=Provenance(
+            source_image_ids=(f"img{i}",), locations=(f"/x/{i}.png",), licenses=("cc0",)
+        ),
         rationale=None if i % 2 else "<think>t</think><answer>a</answer>",
         teacher_iou=0.5 if i % 2 else None,
         student_k=4 if i % 2 else None,

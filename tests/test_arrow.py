@@ -23,18 +23,30 @@ def roundtrip(rows, schema):
 
 def test_sample_roundtrip_through_arrow():
     samples = [make_sample(i) for i in range(4)]
-    back = [row_to_sample(r) for r in roundtrip([sample_to_row(s) for s in samples],
-                                                 sample_schema())]
+    back = [
+        row_to_sample(r) for r in roundtrip([sample_to_row(s) for s in samples], sample_schema())
+    ]
     assert back == samples
 
 
 def test_image_record_roundtrip_through_arrow():
     rec = ImageRecord(
-        image_id="abc", image=b"\x89PNG", width=4, height=3, domain="flag", entity="Chad",
-        boxes=(Box(0, 0, 2, 2),), source="image_folder", location="/a.png",
-        candidates={"detector": (Detection(Box(1, 1, 3, 3), 0.5, "flag"),),
-                    "foreground": (Detection(Box(0, 0, 4, 3)),)},
-        box=Box(0, 0, 2, 2), box_source="known", box_ious={"detector": 0.25},
+        image_id="abc",
+        image=b"\x89PNG",
+        width=4,
+        height=3,
+        domain="flag",
+        entity="Chad",
+        boxes=(Box(0, 0, 2, 2),),
+        source="image_folder",
+        location="/a.png",
+        candidates={
+            "detector": (Detection(Box(1, 1, 3, 3), 0.5, "flag"),),
+            "foreground": (Detection(Box(0, 0, 4, 3)),),
+        },
+        box=Box(0, 0, 2, 2),
+        box_source="known",
+        box_ious={"detector": 0.25},
     )
     row = roundtrip([image_record_to_row(rec)], image_record_schema())[0]
     assert row_to_image_record(row) == rec

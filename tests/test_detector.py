@@ -298,12 +298,7 @@ def test_handler_in_a_beam_pipeline(handler, mixed_batch):
     expected[len(mixed_batch)] = (records[len(mixed_batch)].image_id, None, True)
     options = PipelineOptions([], runner="DirectRunner", direct_running_mode="in_memory")
     with beam.Pipeline(options=options) as p:
-        out = (
-            p
-            | beam.Create(records)
-            | RunInference(handler)
-            | beam.Map(summarize)
-        )
+        out = p | beam.Create(records) | RunInference(handler) | beam.Map(summarize)
         assert_that(out, equal_to(expected))
 
 
@@ -311,10 +306,7 @@ def test_handler_in_a_beam_pipeline(handler, mixed_batch):
 
 
 def test_vlm_processor_module_imports_without_transformers():
-    code = (
-        "import sys, groundforge.annotators.vlm_processor; "
-        "print('transformers' in sys.modules)"
-    )
+    code = "import sys, groundforge.annotators.vlm_processor; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -361,14 +353,19 @@ def test_tiny_vlm_loads_and_generates_with_the_image_only_processor(tiny_vlm_dir
         out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert out.shape[0] == 2
     assert out.shape[1] > inputs["input_ids"].shape[1]
-    assert isinstance(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:])[0], str)
+    assert isinstance(processor.batch_decode(out[:, inputs["input_ids"].shape[1] :])[0], str)
 
     # the one-call path (images inside the messages) expands the same way
     one_call = processor.apply_chat_template(
-        [{"role": "user", "content": [
-            {"type": "image", "image": images[0]},
-            {"type": "text", "text": "Where is the flag?"},
-        ]}],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": images[0]},
+                    {"type": "text", "text": "Where is the flag?"},
+                ],
+            }
+        ],
         add_generation_prompt=True,
         tokenize=True,
         return_dict=True,

@@ -10,7 +10,8 @@ def record(**kw):
 
 
 def test_known_box_wins_over_candidates():
-    r = record(boxes=(Box(1, 1, 9, 9),), candidates={"detector": (Detection(Box(0, 0, 50, 50), .9),)})
+    det = Detection(Box(0, 0, 50, 50), 0.9)
+    r = record(boxes=(Box(1, 1, 9, 9),), candidates={"detector": (det,)})
     v = resolve_box(r, "detector")
     assert v.keep and v.value.box == Box(1, 1, 9, 9) and v.value.box_source == "known"
 
@@ -37,8 +38,11 @@ def test_exactly_one_confident_detection():
 
 
 def test_agreement():
-    r = record(box=Box(0, 0, 10, 10), box_source="foreground",
-               candidates={"detector": (Detection(Box(0, 0, 10, 20), 0.9),)})
+    r = record(
+        box=Box(0, 0, 10, 10),
+        box_source="foreground",
+        candidates={"detector": (Detection(Box(0, 0, 10, 20), 0.9),)},
+    )
     v = check_agreement(r, "detector", min_iou=0.5, min_score=0.35)
     assert v.keep and v.value.box_ious == {"detector": 0.5}
     v = check_agreement(r, "detector", min_iou=0.6, min_score=0.35)

@@ -47,12 +47,14 @@ def test_load_from_disk_with_empty_split_and_checksums(tmp_path):
     assert isinstance(ds, datasets.DatasetDict)
     assert sorted(ds) == ["grpo", "sft", "val"]
     assert len(ds["grpo"]) == 0
-    assert sorted(ds["sft"]["sample_id"]) == sorted(s.sample_id for s in samples if s.split == "sft")
+    sft_ids = sorted(s.sample_id for s in samples if s.split == "sft")
+    assert sorted(ds["sft"]["sample_id"]) == sft_ids
     row = ds["val"][0]
     assert row["image"].size == (8, 6)
     assert row["gt_boxes"] == [[1.0, 1.0, float(5 + int(row["target"].split()[1]) % 3), 4.0]]
     assert json.loads((tmp_path / "dataset_dict.json").read_text()) == {
-        "splits": ["grpo", "sft", "val"]}
+        "splits": ["grpo", "sft", "val"]
+    }
 
 
 def test_shards_are_byte_identical_whatever_the_input_order(tmp_path):
@@ -71,8 +73,12 @@ def test_missing_indices_get_zero_row_shards(tmp_path):
     from groundforge.outputs.files import write_table
     from groundforge.schemas.arrow import sample_schema, sample_to_row
 
-    write_table(str(tmp_path / "sft" / "data-00001-of-00003.arrow"),
-                [sample_to_row(make_sample(1))], sample_schema(), "arrow")
+    write_table(
+        str(tmp_path / "sft" / "data-00001-of-00003.arrow"),
+        [sample_to_row(make_sample(1))],
+        sample_schema(),
+        "arrow",
+    )
     shards = finalize_shards(str(tmp_path), ["sft"])
     assert [(s.path.rsplit("/", 1)[-1], s.rows) for s in shards] == [
         ("data-00000-of-00003.arrow", 0),
@@ -87,8 +93,10 @@ def test_parquet_format_loads_with_load_dataset(tmp_path):
     write(samples, tmp_path, fmt="parquet", splits=("sft", "val"))
     ds = datasets.load_dataset(
         "parquet",
-        data_files={"sft": str(tmp_path / "sft" / "*.parquet"),
-                    "val": str(tmp_path / "val" / "*.parquet")},
+        data_files={
+            "sft": str(tmp_path / "sft" / "*.parquet"),
+            "val": str(tmp_path / "val" / "*.parquet"),
+        },
     )
     assert len(ds["sft"]) == 6 and len(ds["val"]) == 3
     assert ds["val"][0]["image"].mode == "RGB"

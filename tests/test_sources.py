@@ -57,15 +57,24 @@ def all_items(source) -> list[SourceItem]:
         (NamingRule(entity_from="parent"), "scotland.png", ""),
         (NamingRule(entity_from="none"), "x/chad.png", ""),
         (NamingRule(strip_pattern=r"_\d+$"), "x/aragon_01.png", "Aragon"),
-        (NamingRule(strip_pattern=r"_\d+$"), "x/national_flag_of_canada1.png",
-         "National Flag Of Canada1"),
+        (
+            NamingRule(strip_pattern=r"_\d+$"),
+            "x/national_flag_of_canada1.png",
+            "National Flag Of Canada1",
+        ),
         (NamingRule(rename={"capeverde": "Cape Verde"}), "africa/capeverde.png", "Cape Verde"),
         # rename values are used as written, not re-cased
-        (NamingRule(rename={"cote_divoire": "Côte d'Ivoire"}), "a/cote_divoire.png",
-         "Côte d'Ivoire"),
+        (
+            NamingRule(rename={"cote_divoire": "Côte d'Ivoire"}),
+            "a/cote_divoire.png",
+            "Côte d'Ivoire",
+        ),
         # rename keys are matched after strip_pattern
-        (NamingRule(strip_pattern=r"_\d+$", rename={"usa_missisipi": "Mississippi"}),
-         "a/usa_missisipi_02.png", "Mississippi"),
+        (
+            NamingRule(strip_pattern=r"_\d+$", rename={"usa_missisipi": "Mississippi"}),
+            "a/usa_missisipi_02.png",
+            "Mississippi",
+        ),
     ],
 )
 def test_naming_rule(rule: NamingRule, path: str, expected: str) -> None:
@@ -217,10 +226,19 @@ def test_metadata_overrides(tmp_path: Path) -> None:
     write(tmp_path / "africa" / "mali.png", mali)
     write(tmp_path / "africa" / "niger.png", niger)
     lines = [
-        {"path": "africa/chad.png", "entity": "Republic of Chad", "url": "https://x/chad",
-         "license": None, "query": "chad flag"},
-        {"sha256": hashlib.sha256(mali).hexdigest().upper(), "author": "A. Person",
-         "license": "CC-BY-4.0", "domain": "banner"},
+        {
+            "path": "africa/chad.png",
+            "entity": "Republic of Chad",
+            "url": "https://x/chad",
+            "license": None,
+            "query": "chad flag",
+        },
+        {
+            "sha256": hashlib.sha256(mali).hexdigest().upper(),
+            "author": "A. Person",
+            "license": "CC-BY-4.0",
+            "domain": "banner",
+        },
         # matched by path and by sha256: the path line wins where both set a field
         {"sha256": hashlib.sha256(chad).hexdigest(), "author": "B", "url": "https://y"},
         {"path": "./africa/niger.png", "entity": "Old"},
@@ -236,16 +254,34 @@ def test_metadata_overrides(tmp_path: Path) -> None:
 
     c, m, n = items["africa/chad.png"], items["africa/mali.png"], items["africa/niger.png"]
     assert (c.entity, c.license, c.author, c.url, c.domain) == (
-        "Republic of Chad", "public-domain", "B", "https://x/chad", "flag")
+        "Republic of Chad",
+        "public-domain",
+        "B",
+        "https://x/chad",
+        "flag",
+    )
     assert (m.entity, m.license, m.author, m.url, m.domain) == (
-        "Mali", "CC-BY-4.0", "A. Person", "", "banner")
+        "Mali",
+        "CC-BY-4.0",
+        "A. Person",
+        "",
+        "banner",
+    )
     assert (n.entity, n.license, n.author, n.url, n.domain) == (
-        "Niger Republic", "public-domain", "", "", "flag")
+        "Niger Republic",
+        "public-domain",
+        "",
+        "",
+        "flag",
+    )
     # files were hashed for the sha256 lines, so their bytes come along and are not read twice
     assert (c.data, m.data, n.data) == (chad, mali, niger)
     record = read_item(m).value
     assert (record.image_id, record.author, record.domain) == (
-        hashlib.sha256(mali).hexdigest(), "A. Person", "banner")
+        hashlib.sha256(mali).hexdigest(),
+        "A. Person",
+        "banner",
+    )
 
 
 def test_metadata_with_paths_only_does_not_read_files(tmp_path: Path) -> None:
@@ -323,9 +359,21 @@ def test_read_item_copies_fields(tmp_path: Path) -> None:
     assert verdict.keep
     r = verdict.value
     assert (r.image, r.image_id, r.width, r.height) == (
-        data, hashlib.sha256(data).hexdigest(), 0, 0)
+        data,
+        hashlib.sha256(data).hexdigest(),
+        0,
+        0,
+    )
     assert (r.domain, r.entity, r.boxes, r.source, r.location, r.license, r.author, r.url) == (
-        "flag", "Chad", (Box(0, 0, 2, 2),), "image_folder", str(path), "cc0", "me", "https://u")
+        "flag",
+        "Chad",
+        (Box(0, 0, 2, 2),),
+        "image_folder",
+        str(path),
+        "cc0",
+        "me",
+        "https://u",
+    )
     # bytes the source already holds win over the location
     held = read_item(SourceItem("y", "/does/not/exist.png", "flag", data=b"abc")).value
     assert (held.image, held.location) == (b"abc", "/does/not/exist.png")
@@ -357,8 +405,10 @@ def test_read_item_drop_reasons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     locked = read_item(SourceItem("e", "/srv/locked.png", "d"))
     assert (locked.reason, locked.metrics) == (
         "unreadable",
-        {"location": "/srv/locked.png",
-         "error": "PermissionError: [Errno 13] Permission denied: '/srv/locked.png'"},
+        {
+            "location": "/srv/locked.png",
+            "error": "PermissionError: [Errno 13] Permission denied: '/srv/locked.png'",
+        },
     )
 
     class NotFound(Exception):  # what the GCS client raises for a missing object
@@ -441,8 +491,13 @@ def test_hf_saved_to_disk(tmp_path: Path) -> None:
     path = str(tmp_path / "birds")
     bird_dataset().save_to_disk(path)
     src = HFDatasetSource(
-        path=path, entity_column="label", domain="bird", box_column="bbox", box_format="xywh",
-        license="cc0", rows_per_partition=2,
+        path=path,
+        entity_column="label",
+        domain="bird",
+        box_column="bbox",
+        box_format="xywh",
+        license="cc0",
+        rows_per_partition=2,
     )
     check_birds(src, path)
 
@@ -453,8 +508,14 @@ def test_hf_dataset_dict_split(tmp_path: Path) -> None:
     path = str(tmp_path / "dd")
     datasets.DatasetDict({"train": bird_dataset(None), "test": bird_dataset()}).save_to_disk(path)
     src = HFDatasetSource(
-        path=path, split="test", entity_column="label", domain="bird", box_column="bbox",
-        box_format="xywh", license="cc0", rows_per_partition=2,
+        path=path,
+        split="test",
+        entity_column="label",
+        domain="bird",
+        box_column="bbox",
+        box_format="xywh",
+        license="cc0",
+        rows_per_partition=2,
     )
     check_birds(src, path, split="test")
     with pytest.raises(ValueError, match=r"has no split 'val'; its splits are \['test', 'train'\]"):
@@ -467,8 +528,13 @@ def test_hf_parquet_folder(tmp_path: Path, hf_cache: Path, as_glob: bool) -> Non
     bird_dataset().to_parquet(str(folder / "part-0.parquet"))
     path = str(folder / "*.parquet") if as_glob else str(folder)
     src = HFDatasetSource(
-        path=path, entity_column="label", domain="bird", box_column="bbox", box_format="xywh",
-        license="cc0", rows_per_partition=2,
+        path=path,
+        entity_column="label",
+        domain="bird",
+        box_column="bbox",
+        box_format="xywh",
+        license="cc0",
+        rows_per_partition=2,
     )
     check_birds(src, path)
     assert hf_cache.is_dir()
@@ -529,8 +595,14 @@ def test_hf_norm01_nested_boxes_and_ids(tmp_path: Path) -> None:
     path = str(tmp_path / "raw")
     ds.save_to_disk(path)
     src = HFDatasetSource(
-        path=path, image_column="img", domain_column="kind", domain="bird", id_column="key",
-        box_column="objects.bbox", box_format="xyxy", box_scale="norm01",
+        path=path,
+        image_column="img",
+        domain_column="kind",
+        domain="bird",
+        id_column="key",
+        box_column="objects.bbox",
+        box_format="xyxy",
+        box_scale="norm01",
     )
     a, b = all_items(src)
     assert (a.item_id, a.domain, a.data) == ("img-a", "raptor", png(200, 100))
@@ -543,8 +615,11 @@ def test_hf_norm01_nested_boxes_and_ids(tmp_path: Path) -> None:
 def test_hf_bad_settings_fail_on_the_driver(tmp_path: Path) -> None:
     path = str(tmp_path / "birds")
     bird_dataset().save_to_disk(path)
-    with pytest.raises(ValueError, match=r"has no column 'species' \(from entity_column\); "
-                                         r"its columns are \['image', 'label', 'bbox', 'note'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"has no column 'species' \(from entity_column\); "
+        r"its columns are \['image', 'label', 'bbox', 'note'\]",
+    ):
         HFDatasetSource(path=path, entity_column="species").partitions()
     with pytest.raises(ValueError, match=r"row train/0: note = 'n' is neither a box"):
         HFDatasetSource(path=path, box_column="note").partitions()

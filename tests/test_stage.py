@@ -38,7 +38,8 @@ def test_stage_counts_routes_and_survives_exceptions():
         label="rejected",
     )
     assert_that(
-        rejected | "details" >> beam.Filter(lambda r: r.reason == "error")
+        rejected
+        | "details" >> beam.Filter(lambda r: r.reason == "error")
         | beam.Map(lambda r: r.detail),
         equal_to(['{"error": "RuntimeError: boom on 7"}']),
         label="error detail",

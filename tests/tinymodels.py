@@ -13,8 +13,24 @@ from pathlib import Path
 BUILDER_VERSION = "1"
 
 DETECTOR_WORDS = (
-    "flag", "airplane", "aircraft", "person", "dog", "car", "cat", "bird", "a", "an", "the",
-    "of", "and", "national", "red", "blue", "green", "white",
+    "flag",
+    "airplane",
+    "aircraft",
+    "person",
+    "dog",
+    "car",
+    "cat",
+    "bird",
+    "a",
+    "an",
+    "the",
+    "of",
+    "and",
+    "national",
+    "red",
+    "blue",
+    "green",
+    "white",
 )
 
 QWEN_SPECIAL_TOKENS = (
@@ -82,12 +98,18 @@ def build_tiny_detector(path: str | Path, seed: int = 0) -> Path:
 
     config = GroundingDinoConfig(
         backbone_config=ResNetConfig(
-            embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1],
+            embedding_size=8,
+            hidden_sizes=[8, 16, 32, 64],
+            depths=[1, 1, 1, 1],
             out_indices=[2, 3, 4],
         ),
         text_config=BertConfig(
-            vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-            intermediate_size=37, max_position_embeddings=64,
+            vocab_size=len(vocab),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=37,
+            max_position_embeddings=64,
         ),
         d_model=32,
         encoder_layers=1,
@@ -129,16 +151,19 @@ def _train_qwen_tokenizer():
         show_progress=False,
     )
     bpe.train_from_iterator(_VLM_CORPUS, trainer=trainer)
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-              for m in json.loads(bpe.to_str())["model"]["merges"]]
+    merges = [
+        tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+        for m in json.loads(bpe.to_str())["model"]["merges"]
+    ]
     tokenizer = Qwen2TokenizerFast(
         vocab=bpe.get_vocab(),
         merges=merges,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,
-        extra_special_tokens=[t for t in QWEN_SPECIAL_TOKENS
-                              if t not in ("<|im_end|>", "<|endoftext|>")],
+        extra_special_tokens=[
+            t for t in QWEN_SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")
+        ],
     )
     return tokenizer
 
@@ -176,7 +201,9 @@ def build_tiny_vlm(path: str | Path, seed: int = 0) -> Path:
             "num_key_value_heads": 2,
             "max_position_embeddings": 1024,
             "rope_parameters": {
-                "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
             },
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
@@ -202,7 +229,9 @@ def build_tiny_vlm(path: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     model.generation_config = GenerationConfig(
-        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], do_sample=False,
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        do_sample=False,
     )
     image_processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 16}
