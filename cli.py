@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,10 @@ def _configure_logging(verbose: bool) -> None:
     # noise unless asked for.
     logging.getLogger().setLevel(logging.INFO if verbose else logging.ERROR)
     logging.getLogger("groundforge").setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        # Model loading bars from every worker would bury the progress display; the env var
+        # reaches worker processes too.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _run(recipe_path: Path | None, recipe, out: str, beam_args: tuple[str, ...]) -> None:

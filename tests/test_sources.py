@@ -466,6 +466,20 @@ def bird_dataset(none_at: int | None = 3):
     )
 
 
+def bird_source(path: str, **settings) -> HFDatasetSource:
+    """The HF source the bird tests share: ClassLabel entities and xywh boxes."""
+    return HFDatasetSource(
+        path=path,
+        entity_column="label",
+        domain="bird",
+        box_column="bbox",
+        box_format="xywh",
+        license="cc0",
+        rows_per_partition=2,
+        **settings,
+    )
+
+
 def check_birds(src: HFDatasetSource, path: str, split: str = "train") -> None:
     parts = src.partitions()
     assert parts == [(0, 2), (2, 4), (4, 5)]
@@ -490,15 +504,7 @@ def check_birds(src: HFDatasetSource, path: str, split: str = "train") -> None:
 def test_hf_saved_to_disk(tmp_path: Path) -> None:
     path = str(tmp_path / "birds")
     bird_dataset().save_to_disk(path)
-    src = HFDatasetSource(
-        path=path,
-        entity_column="label",
-        domain="bird",
-        box_column="bbox",
-        box_format="xywh",
-        license="cc0",
-        rows_per_partition=2,
-    )
+    src = bird_source(path)
     check_birds(src, path)
 
 
@@ -507,16 +513,7 @@ def test_hf_dataset_dict_split(tmp_path: Path) -> None:
 
     path = str(tmp_path / "dd")
     datasets.DatasetDict({"train": bird_dataset(None), "test": bird_dataset()}).save_to_disk(path)
-    src = HFDatasetSource(
-        path=path,
-        split="test",
-        entity_column="label",
-        domain="bird",
-        box_column="bbox",
-        box_format="xywh",
-        license="cc0",
-        rows_per_partition=2,
-    )
+    src = bird_source(path, split="test")
     check_birds(src, path, split="test")
     with pytest.raises(ValueError, match=r"has no split 'val'; its splits are \['test', 'train'\]"):
         HFDatasetSource(path=path, split="val").partitions()
@@ -527,15 +524,7 @@ def test_hf_parquet_folder(tmp_path: Path, hf_cache: Path, as_glob: bool) -> Non
     folder = tmp_path / "pq"
     bird_dataset().to_parquet(str(folder / "part-0.parquet"))
     path = str(folder / "*.parquet") if as_glob else str(folder)
-    src = HFDatasetSource(
-        path=path,
-        entity_column="label",
-        domain="bird",
-        box_column="bbox",
-        box_format="xywh",
-        license="cc0",
-        rows_per_partition=2,
-    )
+    src = bird_source(path)
     check_birds(src, path)
     assert hf_cache.is_dir()
 
