@@ -69,3 +69,23 @@ def tiny_detector_dir(request: pytest.FixtureRequest) -> Path:
 def tiny_vlm_dir(request: pytest.FixtureRequest) -> Path:
     """A folder holding a tiny random Qwen2.5-VL and its image-only processor."""
     return _cached_model(request, "qwen2_5_vl", tinymodels.build_tiny_vlm)
+
+
+@pytest.fixture(scope="session")
+def teacher_server(tiny_vlm_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real ``transformers serve`` process on 127.0.0.1 serving the tiny Qwen2.5-VL.
+
+    Yields ``(base_url, model)``; the server log is in the fixture's temp folder.
+    """
+    from groundforge.annotators.teacher.serve import start_server
+
+    log = tmp_path_factory.mktemp("teacher-server") / "server.log"
+    proc, base_url = start_server(str(tiny_vlm_dir), log_path=str(log))
+    try:
+        yield base_url, str(tiny_vlm_dir)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except Exception:
+            proc.kill()
