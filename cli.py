@@ -114,6 +114,24 @@ def demo(out: str, beam_args: tuple[str, ...]) -> None:
     _run(path, load_recipe(path), out, beam_args)
 
 
+@main.command("serve-teacher")
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, help="Port to listen on.")
+@click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda:0).")
+def serve_teacher(model: str, host: str, port: int, device: str) -> None:
+    """Serve a local MLLM folder over the OpenAI chat API (``transformers serve``).
+
+    For CPU use and tests: the image-only Qwen-VL processor is registered first, so images reach
+    the model. Point a recipe's `teacher.base_url` at http://HOST:PORT/v1 and `teacher.model` at
+    MODEL. On GPUs use vLLM in its own environment instead: `vllm serve MODEL`.
+    """
+    from groundforge.annotators.teacher.serve import run_server
+
+    click.echo(f"serving {model} at http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
+    run_server(model, host, port, device)
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("-n", "--samples", default=5, show_default=True, help="Samples to show.")

@@ -115,6 +115,78 @@ class BoxesConfig(_Strict):
         return self
 
 
+CodecName = Literal["pixel", "norm1000", "qwen25vl", "qwen3vl", "norm01"]
+
+
+class ChatModelConfig(_Strict):
+    """A multimodal chat model: an OpenAI-compatible endpoint (``base_url``: vLLM,
+    ``transformers serve``, a hosted API), or, without ``base_url``, ``model`` run in this process.
+
+    ``codec`` is the box frame the model reads and writes; ``codec_params`` its settings (for
+    ``qwen25vl`` the ``max_pixels`` the serving processor uses). ``api_key_env`` names the
+    environment variable holding the key; the key itself never goes in a recipe.
+    """
+
+    model: str
+    base_url: str | None = None
+    api_key_env: str | None = None
+    codec: CodecName = "qwen25vl"
+    codec_params: dict[str, int | float | bool] = {}
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(1024, ge=1)
+    seed: int | None = 0
+    max_concurrency: int = Field(16, ge=1)
+    timeout: float = Field(120.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+    backoff: float = Field(1.0, ge=0)
+    max_backoff: float = Field(60.0, ge=0)
+    batch_size: int = Field(32, ge=1)
+    device: str = "cpu"
+    cache_dir: str | None = None
+
+
+class RationaleConfig(_Strict):
+    """The checks a teacher rationale must pass (see ``filters/rationale.py``)."""
+
+    min_iou: float = Field(0.5, ge=0, le=1)
+    min_chars: int = Field(40, ge=0)
+    max_chars: int = Field(6000, ge=1)
+    leak_phrases: list[str] | None = None
+    require_target: bool = True
+
+
+class TeacherConfig(ChatModelConfig):
+    """The teacher that writes knowledge-grounded rationales for each sample."""
+
+    prompt: str = "kvg_rationale"
+    system: str | None = None
+    knowledge: str | None = None
+    rationale: RationaleConfig = RationaleConfig()
+
+
+class GrounderConfig(ChatModelConfig):
+    """An MLLM asked for the entity's box on single-entity images; it must agree with the
+    detector (``consistency_iou``) before a box is trusted."""
+
+    prompt: str = "grounding"
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(128, ge=1)
+    consistency_iou: float = Field(0.5, ge=0, le=1)
+
+
+class StudentConfig(ChatModelConfig):
+    """The model being trained, sampled ``k`` times per sample: its pass rate splits the corpus
+    (all right: sft; some right: grpo; none right: ``none_correct``)."""
+
+    k: int = Field(4, ge=1)
+    correct_iou: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    max_tokens: int = Field(256, ge=1)
+    reasoning_suffix: str | None = None
+    none_correct: Literal["sft", "drop"] = "sft"
+
+
 class SamplesConfig(_Strict):
     question_template: str = DEFAULT_QUESTION
 
@@ -147,8 +219,20 @@ class Recipe(_Strict):
     images: ImagesConfig = ImagesConfig()
     boxes: BoxesConfig = BoxesConfig()
     samples: SamplesConfig = SamplesConfig()
+    grounder: GrounderConfig | None = None
+    teacher: TeacherConfig | None = None
+    student: StudentConfig | None = None
     split: SplitConfig = SplitConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _grounder_needs_detector(self) -> Recipe:
+        if self.grounder is not None and self.boxes.method != "detector":
+            raise ValueError(
+                "grounder: the grounder's box is checked against the detector's candidates, so "
+                "boxes.method must be 'detector'"
+            )
+        return self
 
     def digest(self) -> str:
         """A short hash of every setting (stored with each sample as ``recipe_hash``)."""
@@ -156,21 +240,40 @@ class Recipe(_Strict):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _local(value: str, base: Path) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _resolve_model_section(section: dict, base: Path) -> dict:
+    section = dict(section)
+    model = section.get("model")
+    if isinstance(model, str) and _local(model, base).exists():
+        section["model"] = str(_local(model, base).resolve())
+    for key in ("knowledge", "cache_dir"):
+        if isinstance(section.get(key), str):
+            section[key] = str(_local(section[key], base).resolve())
+    prompt = section.get("prompt")
+    # A prompt is a built-in template name unless it looks like a file.
+    if isinstance(prompt, str) and ("/" in prompt or Path(prompt).suffix):
+        section["prompt"] = str(_local(prompt, base).resolve())
+    return section
+
+
 def _resolve_paths(data: dict, base: Path) -> dict:
+    data = dict(data)
     source = data.get("source")
     if isinstance(source, dict) and isinstance(source.get("path"), str):
-        p = Path(source["path"]).expanduser()
+        local = _local(source["path"], base)
         # A hub name ("org/name") has no local folder: keep it as written.
-        local = p if p.is_absolute() else base / p
-        if p.is_absolute() or local.exists() or source.get("kind") == "image_folder":
-            source = {**source, "path": str(local.resolve())}
-            data = {**data, "source": source}
+        if local.exists() or source.get("kind") == "image_folder":
+            data["source"] = {**source, "path": str(local.resolve())}
     boxes = data.get("boxes")
-    detector = boxes.get("detector") if isinstance(boxes, dict) else None
-    if isinstance(detector, dict) and isinstance(detector.get("model"), str):
-        local = base / Path(detector["model"]).expanduser()
-        if local.exists():
-            data = {**data, "boxes": {**boxes, "detector": {**detector, "model": str(local)}}}
+    if isinstance(boxes, dict) and isinstance(boxes.get("detector"), dict):
+        data["boxes"] = {**boxes, "detector": _resolve_model_section(boxes["detector"], base)}
+    for name in ("grounder", "teacher", "student"):
+        if isinstance(data.get(name), dict):
+            data[name] = _resolve_model_section(data[name], base)
     return data
 
 

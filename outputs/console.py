@@ -23,8 +23,22 @@ def funnel_table(stages: list[dict[str, Any]]) -> Table:
     return table
 
 
+def models_table(models: dict[str, dict[str, Any]]) -> Table:
+    table = Table(title="model requests", title_justify="left")
+    for col in ("role", "requests", "cached", "sent", "attempts", "failed"):
+        table.add_column(col, justify="left" if col in ("role", "failed") else "right")
+    for role, c in models.items():
+        failed = ", ".join(f"{k} {n}" for k, n in c["failed"].items()) or "-"
+        table.add_row(
+            role, *(str(c[k]) for k in ("requests", "cached", "sent", "attempts")), failed
+        )
+    return table
+
+
 def print_funnel(manifest: dict[str, Any], console: Console) -> None:
     console.print(funnel_table(manifest["stages"]))
+    if manifest.get("models"):
+        console.print(models_table(manifest["models"]))
 
 
 def _box_text(box: list[float]) -> str:

@@ -50,6 +50,7 @@ def build_manifest(
     fmt: str,
     rejection_reasons: Counter,
     runner: dict[str, Any],
+    models: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     splits: Counter = Counter()
     for s in shards:
@@ -62,6 +63,7 @@ def build_manifest(
         "samples": sum(splits.values()),
         "splits": dict(sorted(splits.items())),
         "stages": funnel,
+        "models": models or {},
         "rejections": {
             "path": "rejections.parquet",
             "rows": sum(rejection_reasons.values()),

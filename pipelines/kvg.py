@@ -1,4 +1,5 @@
-"""The KVG graph: source -> read -> validate image -> boxes -> box checks -> samples -> shards.
+"""The KVG graph: source -> read -> validate image -> boxes -> box checks -> samples
+-> [teacher rationale -> rationale checks] -> [student pass@k -> split] -> shards.
 
 Wiring only: every decision is a plain function from ``filters/``, ``annotators/`` or
 ``sources/``, wrapped by :func:`groundforge.pipelines.stage.apply_check`.
@@ -16,8 +17,21 @@ from apache_beam.ml.inference.base import PredictionResult, RunInference
 from groundforge import __version__
 from groundforge.annotators.foreground import ForegroundAnnotator
 from groundforge.annotators.questions import single_entity_sample
+from groundforge.annotators.teacher.handler import ChatBackendSettings, ChatModelHandler
+from groundforge.annotators.teacher.jobs import (
+    grounding_job,
+    rationale_job,
+    reply_verdict,
+    student_job,
+)
+from groundforge.annotators.teacher.knowledge import load_knowledge
+from groundforge.annotators.teacher.prompts import load_template
+from groundforge.annotators.teacher.types import TeacherReply
+from groundforge.filters.consistency import check_consistency
 from groundforge.filters.detection import check_agreement, check_box_bounds, resolve_box
+from groundforge.filters.difficulty import SplitRule, count_correct, split_by_difficulty
 from groundforge.filters.image import ImageLimits, check_image
+from groundforge.filters.rationale import RationaleRules, check_rationale
 from groundforge.filters.split import holdout_split
 from groundforge.filters.verdict import Verdict
 from groundforge.outputs.rejections import WriteRejections
@@ -29,11 +43,13 @@ from groundforge.recipe import (
     ImageFolderSourceConfig,
     Recipe,
 )
+from groundforge.schemas.codecs import get_codec
 from groundforge.schemas.records import ImageRecord
 from groundforge.sources.read import read_item
 
 SHARDS_DIR = "shards"
 REJECTIONS_FILE = "rejections.parquet"
+CACHE_DIR = "cache"
 
 
 def make_source(recipe: Recipe):
@@ -79,7 +95,12 @@ def make_source(recipe: Recipe):
 
 def splits_for(recipe: Recipe) -> list[str]:
     """The splits a recipe can produce (each exists in the output, possibly empty)."""
-    return ["sft", "val"] if recipe.split.val_fraction > 0 else ["sft"]
+    splits = ["sft"]
+    if recipe.student is not None:
+        splits.append("grpo")
+    if recipe.split.val_fraction > 0:
+        splits.append("val")
+    return splits
 
 
 def detector_handler(cfg: DetectorConfig, num_threads: int | None):
@@ -121,6 +142,62 @@ def attach_detections(prediction: PredictionResult) -> Verdict:
     return Verdict.ok(replace(record, candidates={**record.candidates, "detector": tuple(dets)}))
 
 
+def _failed_jobs(failure):
+    batch, error = failure
+    detail = f"{type(error).__name__}: {error}"
+    for job in batch:
+        replies = tuple(
+            TeacherReply(r.item_id, error="backend_error", detail=detail) for r in job.requests
+        )
+        yield PredictionResult(job, replies)
+
+
+def attach_rationale(pair, codec, rules: RationaleRules, model: str) -> Verdict:
+    """Keep the sample with the teacher's rationale when it passes the rationale checks."""
+    sample, (text,) = pair
+    verdict = check_rationale(text, sample, codec, rules)
+    if not verdict.keep:
+        return verdict
+    return Verdict.ok(
+        replace(
+            sample,
+            rationale=verdict.value,
+            teacher_model=model,
+            teacher_iou=verdict.metrics.get("iou"),
+        ),
+        **verdict.metrics,
+    )
+
+
+def attach_difficulty(pair, codec, k: int, min_iou: float, rule: SplitRule) -> Verdict:
+    """Store the student's pass@k and move the sample to the split its difficulty asks for.
+
+    Held-out (``val``) samples stay in val whatever their difficulty.
+    """
+    sample, texts = pair
+    target = sample.gt_boxes[0]
+    correct = count_correct(texts, target, sample.width, sample.height, codec, min_iou)
+    scored = replace(sample, student_k=k, student_correct=correct)
+    if sample.split == "val":
+        return Verdict.ok(scored, correct=correct, k=k)
+    verdict = split_by_difficulty(correct, k, rule)
+    if not verdict.keep:
+        return verdict
+    return Verdict.ok(replace(scored, split=verdict.value), **verdict.metrics)
+
+
+def _consistency(pair, codec, min_iou: float, min_score: float) -> Verdict:
+    record, (text,) = pair
+    return check_consistency(
+        record, text, codec, min_iou=min_iou, method="detector", min_score=min_score
+    )
+
+
+def ground_known(record: ImageRecord):
+    """A record whose box the source knows needs no grounder: pass it on with no answer."""
+    return record, ("",)
+
+
 def make_sample(record: ImageRecord, recipe: Recipe, recipe_hash: str) -> Verdict:
     split = holdout_split(record.entity, recipe.split.val_fraction, recipe.split.seed)
     return single_entity_sample(
@@ -134,12 +211,16 @@ def make_sample(record: ImageRecord, recipe: Recipe, recipe_hash: str) -> Verdic
 
 @dataclass
 class KVGGraph:
-    """Builds the graph on a pipeline and remembers its stages in order (the funnel's rows)."""
+    """Builds the graph on a pipeline and remembers its stages in order (the funnel's rows).
+
+    ``model_threads`` caps torch threads of in-process models (1 with several worker processes).
+    """
 
     recipe: Recipe
     out_dir: str
-    detector_threads: int | None = None
+    model_threads: int | None = None
     stages: list[str] = field(default_factory=list)
+    chat_roles: list[str] = field(default_factory=list)
     _rejected: list = field(default_factory=list)
 
     def _stage(self, pcoll, name, check):
@@ -149,11 +230,84 @@ class KVGGraph:
         return kept
 
     def _detect(self, records):
-        handler = detector_handler(self.recipe.boxes.detector, self.detector_threads)
+        handler = detector_handler(self.recipe.boxes.detector, self.model_threads)
         main, other = records | "detector" >> RunInference(handler).with_exception_handling()
         failed = other.failed_inferences | "failed batches" >> beam.FlatMap(_failed_batch)
         predictions = (main, failed) | "detector results" >> beam.Flatten()
         return self._stage(predictions, "detect", attach_detections)
+
+    def _chat(self, jobs, role: str, cfg):
+        """Send chat jobs through the role's model; keep ``(record, answers)``."""
+        settings = ChatBackendSettings.from_config(
+            role, cfg, FileSystems.join(self.out_dir, CACHE_DIR), self.model_threads
+        )
+        handler = ChatModelHandler(settings)
+        main, other = jobs | f"{role} model" >> RunInference(handler).with_exception_handling()
+        failed = other.failed_inferences | f"{role} failed batches" >> beam.FlatMap(_failed_jobs)
+        answered = (main, failed) | f"{role} results" >> beam.Flatten()
+        self.chat_roles.append(role)
+        return self._stage(answered, role, partial(reply_verdict, role=role))
+
+    def _ground(self, records):
+        cfg, boxes = self.recipe.grounder, self.recipe.boxes
+        codec = get_codec(cfg.codec, **cfg.codec_params)
+        template = load_template(cfg.prompt)
+        known, unknown = records | "known boxes" >> beam.Partition(
+            lambda r, _: 0 if r.boxes else 1, 2
+        )
+        jobs = unknown | "grounding jobs" >> beam.Map(grounding_job, template, codec)
+        answered = self._chat(jobs, "grounder", cfg)
+        passed = known | "no grounding needed" >> beam.Map(ground_known)
+        pairs = (answered, passed) | "grounded" >> beam.Flatten()
+        return self._stage(
+            pairs,
+            "consistency",
+            partial(
+                _consistency,
+                codec=codec,
+                min_iou=cfg.consistency_iou,
+                min_score=boxes.confident_score,
+            ),
+        )
+
+    def _teach(self, samples):
+        cfg = self.recipe.teacher
+        codec = get_codec(cfg.codec, **cfg.codec_params)
+        knowledge = load_knowledge(cfg.knowledge) if cfg.knowledge else None
+        jobs = samples | "rationale jobs" >> beam.Map(
+            rationale_job, load_template(cfg.prompt), codec, knowledge, cfg.system
+        )
+        answered = self._chat(jobs, "teacher", cfg)
+        r = cfg.rationale
+        rules = RationaleRules(
+            min_iou=r.min_iou,
+            min_chars=r.min_chars,
+            max_chars=r.max_chars,
+            require_target=r.require_target,
+            **({"leak_phrases": tuple(r.leak_phrases)} if r.leak_phrases is not None else {}),
+        )
+        return self._stage(
+            answered,
+            "rationale",
+            partial(attach_rationale, codec=codec, rules=rules, model=cfg.model),
+        )
+
+    def _examine(self, samples):
+        cfg = self.recipe.student
+        codec = get_codec(cfg.codec, **cfg.codec_params)
+        jobs = samples | "student jobs" >> beam.Map(student_job, cfg.k, cfg.reasoning_suffix)
+        answered = self._chat(jobs, "student", cfg)
+        return self._stage(
+            answered,
+            "difficulty",
+            partial(
+                attach_difficulty,
+                codec=codec,
+                k=cfg.k,
+                min_iou=cfg.correct_iou,
+                rule=SplitRule(none_correct=cfg.none_correct),
+            ),
+        )
 
     def build(self, p: beam.Pipeline) -> list[str]:
         recipe, boxes = self.recipe, self.recipe.boxes
@@ -177,16 +331,19 @@ class KVGGraph:
         if "detector" in methods:
             records = self._detect(records)
 
-        records = self._stage(
-            records,
-            "box",
-            partial(
-                resolve_box,
-                method=boxes.method,
-                min_score=boxes.confident_score,
-                require_single=boxes.require_single,
-            ),
-        )
+        if recipe.grounder is not None:
+            records = self._ground(records)
+        else:
+            records = self._stage(
+                records,
+                "box",
+                partial(
+                    resolve_box,
+                    method=boxes.method,
+                    min_score=boxes.confident_score,
+                    require_single=boxes.require_single,
+                ),
+            )
         if boxes.agree_with:
             records = self._stage(
                 records,
@@ -211,6 +368,10 @@ class KVGGraph:
         samples = self._stage(
             records, "sample", partial(make_sample, recipe=recipe, recipe_hash=recipe.digest())
         )
+        if recipe.teacher is not None:
+            samples = self._teach(samples)
+        if recipe.student is not None:
+            samples = self._examine(samples)
         _ = samples | "write shards" >> WriteShards(
             FileSystems.join(self.out_dir, SHARDS_DIR),
             recipe.output.format,

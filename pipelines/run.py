@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from groundforge.outputs.manifest import build_manifest, write_manifest
 from groundforge.outputs.rejections import ensure_rejections, read_rejections
 from groundforge.outputs.shards import finalize_shards
 from groundforge.pipelines.kvg import REJECTIONS_FILE, SHARDS_DIR, KVGGraph, splits_for
-from groundforge.pipelines.metrics import StageCount, read_funnel
+from groundforge.pipelines.metrics import StageCount, read_chat_counts, read_funnel
 from groundforge.pipelines.options import (
     describe_runner,
     is_multi_process,
@@ -73,8 +74,20 @@ def check_funnel(funnel: list[StageCount], rejections: Counter) -> None:
         raise FunnelMismatch(f"rejections without a counter: {extra}")
 
 
+def check_api_keys(recipe: Recipe) -> None:
+    """Fail before any work when a model's key variable is not set (naming the variable only)."""
+    for role in ("grounder", "teacher", "student"):
+        cfg = getattr(recipe, role)
+        if cfg is not None and cfg.api_key_env and cfg.api_key_env not in os.environ:
+            raise ValueError(
+                f"{role}.api_key_env names the environment variable {cfg.api_key_env}, which is "
+                f"not set; export it (the key never goes in the recipe)"
+            )
+
+
 def run_recipe(recipe: Recipe, out_dir: str, beam_args: list[str] | tuple[str, ...] = ()):
     """Run ``recipe`` into ``out_dir`` and return the manifest and funnel."""
+    check_api_keys(recipe)
     options = pipeline_options(beam_args)
     for flag in unknown_options(options):
         log.warning(
@@ -82,13 +95,14 @@ def run_recipe(recipe: Recipe, out_dir: str, beam_args: list[str] | tuple[str, .
         )
     _clear_previous(out_dir)
     # Several worker processes on a few cores oversubscribe torch's thread pool badly.
-    graph = KVGGraph(recipe, out_dir, detector_threads=1 if is_multi_process(options) else None)
+    graph = KVGGraph(recipe, out_dir, model_threads=1 if is_multi_process(options) else None)
     pipeline = beam.Pipeline(options=options)
     stages = graph.build(pipeline)
     result = pipeline.run()
     result.wait_until_finish()
 
     funnel = read_funnel(result, stages)
+    models = read_chat_counts(result, graph.chat_roles)
     fmt = recipe.output.format
     shards = finalize_shards(FileSystems.join(out_dir, SHARDS_DIR), splits_for(recipe), fmt)
     rejections_path = FileSystems.join(out_dir, REJECTIONS_FILE)
@@ -109,6 +123,7 @@ def run_recipe(recipe: Recipe, out_dir: str, beam_args: list[str] | tuple[str, .
         fmt=fmt,
         rejection_reasons=Counter(f"{stage}/{reason}" for (stage, reason) in by_stage.elements()),
         runner=describe_runner(options, beam_args),
+        models=models,
     )
     write_manifest(FileSystems.join(out_dir, MANIFEST_FILE), manifest)
     write_text(FileSystems.join(out_dir, CARD_FILE), render_card(manifest))

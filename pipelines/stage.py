@@ -25,6 +25,9 @@ NAMESPACE_PREFIX = "stage:"
 def identify(item: Any) -> tuple[str, str]:
     """``(item_id, source_id)`` of any record that flows, for the rejections table."""
     item = getattr(item, "example", item)  # a RunInference PredictionResult
+    item = getattr(item, "context", None) or item  # a chat job about a record
+    if isinstance(item, tuple) and item:  # (record, answers) after a chat stage
+        item = item[0]
     if isinstance(item, SourceItem):
         return item.item_id, item.location
     if isinstance(item, ImageRecord):

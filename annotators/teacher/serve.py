@@ -5,9 +5,7 @@ It runs ``transformers serve`` in this process after registering the image-only 
 Qwen-VL processors need torchvision). Meant for CPU use and tests; on GPUs serve the model with
 vLLM in its own environment (``vllm serve MODEL``).
 
-Run as a module so a parent can start it as a subprocess::
-
-    python -m groundforge.annotators.teacher.serve MODEL --host 127.0.0.1 --port 8000
+:func:`start_server` runs ``groundforge serve-teacher`` as a subprocess and waits for it.
 """
 
 from __future__ import annotations
@@ -63,13 +61,26 @@ def start_server(
     Returns the process and the base URL (``http://host:port/v1``). The caller stops the process.
     """
     port = port or free_port(host)
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "groundforge.annotators.teacher.serve", model,
-         "--host", host, "--port", str(port), "--device", device],
+        [
+            sys.executable,
+            "-m",
+            "groundforge.cli",
+            "serve-teacher",
+            model,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--device",
+            device,
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    if log_path:
+        log.close()  # the child has its own copy of the descriptor
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -83,21 +94,6 @@ def start_server(
         except OSError:
             time.sleep(0.2)
     proc.terminate()
-    raise TimeoutError(f"the teacher server for {model} did not listen on {host}:{port} "
-                       f"within {timeout:.0f} s")
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Serve a model folder over the OpenAI chat API.")
-    parser.add_argument("model")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    run_server(args.model, args.host, args.port, args.device)
-
-
-if __name__ == "__main__":
-    main()
+    raise TimeoutError(
+        f"the teacher server for {model} did not listen on {host}:{port} within {timeout:.0f} s"
+    )

@@ -83,13 +83,18 @@ def request_key(model: str, request: TeacherRequest, sampling: Sampling) -> str:
     """The content address of a request: the same inputs always give the same key.
 
     Covers the model, the prompt template's hash, the images' sha256, the rendered prompt and
-    system text, the sampling parameters with their seed, and the sample index.
+    system text, the sampling parameters with their seed, and the sample index. A request
+    without ``image_ids`` is keyed by the sha256 of its image bytes, so two requests that differ
+    only in their images never share a key.
     """
+    image_ids = request.image_ids
+    if not image_ids:
+        image_ids = tuple(hashlib.sha256(image).hexdigest() for image in request.images)
     blob = json.dumps(
         {
             "model": model,
             "template": request.template_hash,
-            "images": list(request.image_ids),
+            "images": list(image_ids),
             "prompt": request.prompt,
             "system": request.system,
             "sampling": sampling.as_dict(),

@@ -1,0 +1,459 @@
+"""Teacher requests answered by an OpenAI-compatible chat endpoint (vLLM, ``transformers serve``,
+a hosted API) through the ``openai`` SDK.
+
+Rules, for every batch given to :meth:`OpenAIBackend.answer`:
+
+- **Cache first.** A request whose :func:`request_key` is in the :class:`ReplyCache` is answered
+  from it (``cached=True``, ``attempts=0``) without any HTTP request; every successful reply is
+  stored as soon as it arrives, so an interrupted run resumes where it stopped.
+- **Bounded concurrency.** At most ``max_concurrency`` requests of the batch are in flight at once
+  (a backoff wait does not hold a slot).
+- **Retries** (ours; the SDK's own are off): up to ``max_retries`` more attempts after the first,
+  with exponential backoff and full jitter (``uniform(0, min(max_backoff, backoff * 2**n))``), on
+  429, 408, 5xx, timeouts, connection errors and a 200 whose body is not a chat completion
+  (usually a proxy or gateway fault, so worth another try). A ``Retry-After`` (or
+  ``retry-after-ms``) header on a 429/5xx replaces the backoff, capped at ``max_backoff``. Other
+  4xx, no choices, empty text and refusals are final at once: asking again with the same seed
+  gives the same answer.
+- **Per-item isolation.** Each request ends as its own reply, in request order; a failure is a
+  reply with an error kind (:data:`FAILURE_KINDS`), never an exception that loses the batch.
+
+=====================================  ====================
+outcome (after the retry budget)       ``reply.error``
+=====================================  ====================
+HTTP 429                               ``rate_limited``
+HTTP 5xx                               ``server_error``
+client timeout, HTTP 408               ``timeout``
+cannot connect / connection dropped    ``connection``
+other HTTP 4xx (and 3xx), image of     ``bad_request``
+an unknown format (never sent)
+200, body not JSON or not a            ``invalid_response``
+completion
+``choices`` empty                      ``no_choices``
+content empty, whitespace or null      ``empty``
+``refusal`` set, or finish_reason      ``refusal``
+``content_filter``
+anything else raised                   ``backend_error``
+=====================================  ====================
+
+The API key is read from the environment variable named by ``api_key_env`` at the start of each
+batch and lives only in that batch's SDK client; it is never stored on the backend, and is masked
+in every ``detail`` text (a server may echo it in an error message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import random
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+
+import httpx2
+import openai
+
+from groundforge.annotators.teacher.cache import ReplyCache
+from groundforge.annotators.teacher.types import (
+    EndpointSettings,
+    TeacherReply,
+    TeacherRequest,
+    request_key,
+)
+
+log = logging.getLogger(__name__)
+
+# Local servers ignore the key, but the SDK refuses to start without one.
+_NO_KEY = "unused"
+_EXCERPT = 200
+# Raw details are clipped generously first and cut to _EXCERPT only after the key is masked, so
+# a key straddling the cut can never leak in part.
+_RAW = 4000
+
+
+@dataclass
+class BatchStats:
+    """What one batch cost; ``requests == cached + sent`` and ``sent == ok + sum(failed)``.
+
+    ``sent`` counts requests not answered from the cache (including any rejected before sending),
+    ``attempts`` their HTTP attempts and ``retries`` the attempts after each one's first.
+    """
+
+    requests: int = 0
+    cached: int = 0
+    sent: int = 0
+    ok: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    attempts: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @classmethod
+    def from_replies(cls, replies: Sequence[TeacherReply]) -> BatchStats:
+        # Derived from the replies alone, so callers sharing a backend across threads can compute
+        # their own batch's numbers instead of reading ``OpenAIBackend.stats``.
+        stats = cls(requests=len(replies))
+        for reply in replies:
+            if reply.cached:
+                stats.cached += 1
+                continue
+            stats.sent += 1
+            stats.attempts += reply.attempts
+            stats.retries += max(0, reply.attempts - 1)
+            stats.prompt_tokens += reply.prompt_tokens or 0
+            stats.completion_tokens += reply.completion_tokens or 0
+            if reply.ok:
+                stats.ok += 1
+            else:
+                stats.failed[reply.error] = stats.failed.get(reply.error, 0) + 1
+        return stats
+
+
+@dataclass
+class _Outcome:
+    """One HTTP attempt's result: text, or an error kind and whether another attempt may help."""
+
+    text: str | None = None
+    error: str | None = None
+    detail: str = ""
+    retryable: bool = False
+    retry_after: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class OpenAIBackend:
+    """Answers :class:`TeacherRequest` batches with one chat completion each."""
+
+    def __init__(self, settings: EndpointSettings, cache: ReplyCache | None = None):
+        if settings.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, not {settings.max_concurrency}")
+        if settings.max_retries < 0:
+            raise ValueError(f"max_retries must be at least 0, not {settings.max_retries}")
+        _api_key(settings)  # a missing variable fails here, not in the middle of a pipeline
+        self.settings = settings
+        self.model = settings.model
+        self.cache = cache
+        self.stats = BatchStats()
+        self._tls: ssl.SSLContext | None = None
+
+    def __repr__(self) -> str:
+        s = self.settings
+        return (
+            f"OpenAIBackend(base_url={s.base_url!r}, model={s.model!r}, "
+            f"api_key_env={s.api_key_env!r}, cache={self.cache!r})"
+        )
+
+    def answer(self, requests: Sequence[TeacherRequest]) -> list[TeacherReply]:
+        """One reply per request, same order. Runs its own event loop, so it suits any thread
+        without a running loop (Beam workers); inside a loop use :meth:`answer_async`."""
+        return asyncio.run(self.answer_async(requests))
+
+    async def answer_async(self, requests: Sequence[TeacherRequest]) -> list[TeacherReply]:
+        """One reply per request, same order; sets :attr:`stats` for this batch.
+
+        When several threads share one backend, :attr:`stats` holds whichever batch ended last
+        (use :meth:`BatchStats.from_replies`), and each batch has its own concurrency bound.
+        """
+        requests = list(requests)
+        replies: list[TeacherReply | None] = [None] * len(requests)
+        todo = []
+        for i, request in enumerate(requests):
+            key = request_key(self.model, request, self.settings.sampling)
+            hit = self.cache.get(key) if self.cache is not None else None
+            if hit is not None:
+                replies[i] = replace(hit, item_id=request.item_id)
+            else:
+                todo.append((i, request, key))
+
+        if todo:
+            secret = _api_key(self.settings)
+            if self._tls is None:
+                # Loading the CA bundle takes 20-40 ms: once per backend, not once per batch.
+                self._tls = httpx2.create_ssl_context()
+            # One SDK client per batch, made inside this event loop: an httpx client must never
+            # be used from a loop other than the one it was made in.
+            client = openai.AsyncOpenAI(
+                base_url=self.settings.base_url,
+                api_key=secret,
+                max_retries=0,
+                timeout=self.settings.timeout,
+                http_client=openai.DefaultAsyncHttpxClient(verify=self._tls),
+            )
+            try:
+                slots = asyncio.Semaphore(self.settings.max_concurrency)
+                results = await asyncio.gather(
+                    *(self._answer_one(client, slots, r, key, secret) for _, r, key in todo),
+                    return_exceptions=True,
+                )
+            finally:
+                await client.close()
+            for (i, request, _), result in zip(todo, results, strict=True):
+                if isinstance(result, BaseException):
+                    if not isinstance(result, Exception):
+                        raise result
+                    result = TeacherReply(
+                        request.item_id,
+                        error="backend_error",
+                        detail=_finish_detail(_describe(result), secret),
+                    )
+                replies[i] = result
+
+        self.stats = BatchStats.from_replies(replies)
+        if self.stats.failed:
+            log.warning(
+                "%d of %d requests to %s failed: %s",
+                sum(self.stats.failed.values()),
+                len(requests),
+                self.model,
+                ", ".join(f"{kind}={n}" for kind, n in sorted(self.stats.failed.items())),
+            )
+        return replies
+
+    def close(self) -> None:
+        """Nothing to release: no connection outlives a batch (each has its own SDK client).
+        Present for the backend interface shared with in-process models."""
+
+    async def _answer_one(
+        self,
+        client: openai.AsyncOpenAI,
+        slots: asyncio.Semaphore,
+        request: TeacherRequest,
+        key: str,
+        secret: str,
+    ) -> TeacherReply:
+        attempts = 0
+        try:
+            try:
+                body = self._body(request)
+            except ValueError as exc:
+                return TeacherReply(
+                    request.item_id, error="bad_request", detail=_finish_detail(str(exc), secret)
+                )
+            while True:
+                attempts += 1
+                async with slots:
+                    outcome = await self._attempt(client, body)
+                if (
+                    outcome.error is None
+                    or not outcome.retryable
+                    or attempts > self.settings.max_retries
+                ):
+                    break
+                delay = self._delay(attempts, outcome.retry_after)
+                log.debug(
+                    "%s: attempt %d failed (%s), retrying in %.2f s",
+                    request.item_id,
+                    attempts,
+                    outcome.error,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        except Exception as exc:
+            return TeacherReply(
+                request.item_id,
+                error="backend_error",
+                detail=_finish_detail(_describe(exc), secret),
+                attempts=attempts,
+            )
+
+        reply = TeacherReply(
+            request.item_id,
+            text=outcome.text,
+            error=outcome.error,
+            detail=_finish_detail(outcome.detail, secret),
+            attempts=attempts,
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+        )
+        if reply.ok and self.cache is not None:
+            try:
+                self.cache.put(key, reply)
+            except (OSError, ValueError) as exc:
+                # A full or read-only disk costs the resume, not the answer.
+                log.warning("could not cache the reply to %s: %s", request.item_id, exc)
+        return reply
+
+    def _body(self, request: TeacherRequest) -> dict:
+        """The chat-completion arguments: optional system turn, then images and text."""
+        content: list[dict] = [
+            {"type": "image_url", "image_url": {"url": _data_url(image, i)}}
+            for i, image in enumerate(request.images)
+        ]
+        content.append({"type": "text", "text": request.prompt})
+        messages: list[dict] = []
+        if request.system is not None:
+            messages.append({"role": "system", "content": request.system})
+        messages.append({"role": "user", "content": content})
+        sampling = self.settings.sampling
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": sampling.max_tokens,
+        }
+        if sampling.seed is not None:
+            body["seed"] = sampling.seed
+        return body
+
+    async def _attempt(self, client: openai.AsyncOpenAI, body: dict) -> _Outcome:
+        """One HTTP request; SDK errors become outcomes, anything else propagates."""
+        try:
+            # The SDK's generic POST returning the raw response: we judge the body ourselves (for a
+            # malformed 200 the typed call hands back a bare string or a half-built model), and
+            # it skips the typed call's per-request parameter transform, a tenth of its CPU.
+            raw = await client.post("/chat/completions", body=body, cast_to=httpx2.Response)
+        except openai.APITimeoutError:
+            return _Outcome(
+                error="timeout",
+                detail=f"no answer within {self.settings.timeout:g} s",
+                retryable=True,
+            )
+        except openai.APIConnectionError as exc:
+            return _Outcome(error="connection", detail=_describe(exc), retryable=True)
+        except openai.APIStatusError as exc:
+            return _status_outcome(exc)
+        return _completion_outcome(raw.content)
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        s = self.settings
+        if retry_after is not None:
+            return min(retry_after, s.max_backoff)
+        # Full jitter spreads the retries of a whole batch that failed at the same moment.
+        return random.uniform(0.0, min(s.max_backoff, s.backoff * 2 ** (attempt - 1)))
+
+
+def _api_key(settings: EndpointSettings) -> str:
+    if not settings.api_key_env:
+        return _NO_KEY
+    key = os.environ.get(settings.api_key_env)
+    if not key:
+        raise ValueError(
+            f"the environment variable {settings.api_key_env} (the API key for "
+            f"{settings.base_url}) is not set or empty"
+        )
+    return key
+
+
+def _data_url(image: bytes, index: int) -> str:
+    if image.startswith(b"\x89PNG\r\n\x1a\n"):
+        mime = "image/png"
+    elif image.startswith(b"\xff\xd8\xff"):
+        mime = "image/jpeg"
+    elif image[:4] == b"RIFF" and image[8:12] == b"WEBP":
+        mime = "image/webp"
+    elif image[:6] in (b"GIF87a", b"GIF89a"):
+        mime = "image/gif"
+    else:
+        raise ValueError(f"image {index} is not PNG, JPEG, WEBP or GIF")
+    return f"data:{mime};base64,{base64.b64encode(image).decode('ascii')}"
+
+
+def _status_outcome(exc: openai.APIStatusError) -> _Outcome:
+    status = exc.status_code
+    detail = exc.message[:_RAW]
+    if status == 429:
+        kind, retryable = "rate_limited", True
+    elif status >= 500:
+        kind, retryable = "server_error", True
+    elif status == 408:
+        kind, retryable = "timeout", True
+    else:
+        kind, retryable = "bad_request", False
+    retry_after = _retry_after(exc.response.headers) if retryable else None
+    if retry_after is not None:
+        detail = f"retry after {retry_after:g} s; {detail}"
+    return _Outcome(error=kind, detail=detail, retryable=retryable, retry_after=retry_after)
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds the server asked us to wait: ``retry-after-ms``, or ``Retry-After`` as seconds or
+    an HTTP date; None when absent or unreadable."""
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def _completion_outcome(content: bytes) -> _Outcome:
+    """Judge a 200 body: the first choice's text, or why there is none."""
+    try:
+        data = json.loads(content)
+    except ValueError:
+        return _Outcome(
+            error="invalid_response",
+            detail=f"the body is not JSON: {content[:_RAW].decode('utf-8', 'replace')}",
+            retryable=True,
+        )
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list):
+        return _Outcome(
+            error="invalid_response",
+            detail=f"not a chat completion: {json.dumps(data)[:_RAW]}",
+            retryable=True,
+        )
+    usage = data.get("usage")
+    tokens = {
+        name: value
+        for name in ("prompt_tokens", "completion_tokens")
+        if isinstance(usage, dict) and isinstance(value := usage.get(name), int)
+    }
+    if not choices:
+        return _Outcome(error="no_choices", detail="the completion has no choices", **tokens)
+    choice = choices[0]
+    message = choice.get("message") if isinstance(choice, dict) else None
+    text = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(message, dict) or not (text is None or isinstance(text, str)):
+        return _Outcome(
+            error="invalid_response",
+            detail=f"malformed choice: {json.dumps(choice)[:_RAW]}",
+            retryable=True,
+        )
+    finish = choice.get("finish_reason")
+    refusal = message.get("refusal")
+    if refusal or finish == "content_filter":
+        detail = f"refused: {str(refusal)[:_RAW]}" if refusal else "finish_reason content_filter"
+        return _Outcome(error="refusal", detail=detail, **tokens)
+    if not text or not text.strip():
+        return _Outcome(error="empty", detail=f"no text (finish_reason {finish})", **tokens)
+    return _Outcome(text=text, **tokens)
+
+
+def _describe(exc: BaseException) -> str:
+    # The SDK's connection errors say only "Connection error."; the cause says which.
+    cause = exc.__cause__
+    text = f"{type(exc).__name__}: {exc}"
+    if cause is not None:
+        text += f" ({type(cause).__name__}: {cause})"
+    return text[:_RAW]
+
+
+def _finish_detail(text: str, secret: str) -> str:
+    """Mask the key, then cut to a one-line excerpt."""
+    if secret != _NO_KEY:
+        text = text.replace(secret, "***")
+    text = " ".join(text.split())
+    return text if len(text) <= _EXCERPT else text[: _EXCERPT - 3] + "..."

@@ -1,0 +1,173 @@
+"""Chat models as a Beam ``ModelHandler``: one backend per worker, a batch answered concurrently.
+
+An element is a :class:`ChatJob`: the requests of one item (one for the teacher and the grounder,
+``k`` for a student's pass@k). The handler sends every request of a batch through its backend at
+once (bounded by the backend's concurrency) and returns one ``PredictionResult(job, replies)`` per
+job, replies in request order. A failed request is a reply with an error kind, so it costs only
+its own item; the handler never raises for one bad answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+from groundforge.annotators.teacher.types import (
+    EndpointSettings,
+    Sampling,
+    TeacherReply,
+    TeacherRequest,
+)
+
+METRICS_PREFIX = "chat:"
+
+
+@dataclass(frozen=True)
+class ChatJob:
+    """The requests of one item and the record they are about (``context``, passed through)."""
+
+    item_id: str
+    requests: tuple[TeacherRequest, ...]
+    context: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class ChatBackendSettings:
+    """Everything a worker needs to build its backend; picklable, holds no secret."""
+
+    role: str
+    model: str
+    sampling: Sampling
+    base_url: str | None = None
+    api_key_env: str | None = None
+    max_concurrency: int = 16
+    timeout: float = 120.0
+    max_retries: int = 4
+    backoff: float = 1.0
+    max_backoff: float = 60.0
+    batch_size: int = 32
+    device: str = "cpu"
+    cache_dir: str | None = None
+    max_pixels: int | None = None
+    num_threads: int | None = None
+
+    @classmethod
+    def from_config(cls, role: str, cfg, cache_dir: str | None, num_threads: int | None = None):
+        """From a recipe's model section (``recipe.ChatModelConfig``)."""
+        max_pixels = cfg.codec_params.get("max_pixels") if cfg.codec == "qwen25vl" else None
+        return cls(
+            role=role,
+            model=cfg.model,
+            sampling=Sampling(cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.seed),
+            base_url=cfg.base_url,
+            api_key_env=cfg.api_key_env,
+            max_concurrency=cfg.max_concurrency,
+            timeout=cfg.timeout,
+            max_retries=cfg.max_retries,
+            backoff=cfg.backoff,
+            max_backoff=cfg.max_backoff,
+            batch_size=cfg.batch_size,
+            device=cfg.device,
+            cache_dir=cfg.cache_dir or cache_dir,
+            max_pixels=int(max_pixels) if max_pixels else None,
+            num_threads=num_threads,
+        )
+
+    def build_backend(self):
+        """The OpenAI-endpoint backend when ``base_url`` is set, else the in-process one."""
+        cache = None
+        if self.cache_dir:
+            from groundforge.annotators.teacher.cache import ReplyCache
+
+            cache = ReplyCache(self.cache_dir)
+        if self.base_url:
+            from groundforge.annotators.teacher.client import OpenAIBackend
+
+            endpoint = EndpointSettings(
+                base_url=self.base_url,
+                model=self.model,
+                api_key_env=self.api_key_env,
+                sampling=self.sampling,
+                max_concurrency=self.max_concurrency,
+                timeout=self.timeout,
+                max_retries=self.max_retries,
+                backoff=self.backoff,
+                max_backoff=self.max_backoff,
+            )
+            return OpenAIBackend(endpoint, cache=cache)
+        from groundforge.annotators.teacher.embedded import TransformersBackend
+
+        return TransformersBackend(
+            self.model,
+            sampling=self.sampling,
+            batch_size=min(self.batch_size, self.max_concurrency),
+            device=self.device,
+            cache=cache,
+            max_pixels=self.max_pixels,
+            num_threads=self.num_threads,
+        )
+
+
+class _Backend:
+    """What load_model returns: Beam's model cache holds a weak reference, so not a bare tuple."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+
+def count_replies(role: str, replies: Sequence[TeacherReply]) -> None:
+    """Beam counters for the manifest: requests, cached, HTTP attempts, failures by kind."""
+    ns = METRICS_PREFIX + role
+    Metrics.counter(ns, "requests").inc(len(replies))
+    Metrics.counter(ns, "cached").inc(sum(r.cached for r in replies))
+    Metrics.counter(ns, "attempts").inc(sum(r.attempts for r in replies))
+    for reply in replies:
+        if not reply.ok:
+            Metrics.counter(ns, f"failed_{reply.error}").inc()
+
+
+class ChatModelHandler(ModelHandler[ChatJob, PredictionResult, _Backend]):
+    """Answers :class:`ChatJob` batches with the backend described by ``settings``."""
+
+    def __init__(self, settings: ChatBackendSettings):
+        super().__init__()
+        self.settings = settings
+
+    def load_model(self) -> _Backend:
+        return _Backend(self.settings.build_backend())
+
+    def run_inference(
+        self,
+        batch: Sequence[ChatJob],
+        model: _Backend,
+        inference_args: dict[str, Any] | None = None,
+    ) -> list[PredictionResult]:
+        requests = [r for job in batch for r in job.requests]
+        replies = model.backend.answer(requests)
+        if len(replies) != len(requests):
+            raise RuntimeError(f"backend returned {len(replies)} replies to {len(requests)}")
+        count_replies(self.settings.role, replies)
+        results, start = [], 0
+        for job in batch:
+            end = start + len(job.requests)
+            results.append(PredictionResult(job, tuple(replies[start:end]), self.settings.model))
+            start = end
+        return results
+
+    def batch_elements_kwargs(self):
+        # Fixed batches: the backend overlaps the requests of one batch, so a batch should hold
+        # enough of them to fill its concurrency from the start.
+        return {
+            "min_batch_size": self.settings.batch_size,
+            "max_batch_size": self.settings.batch_size,
+        }
+
+    def share_model_across_processes(self) -> bool:
+        return False
+
+    def get_num_bytes(self, batch: Sequence[ChatJob]) -> int:
+        return sum(len(img) for job in batch for r in job.requests for img in r.images)
