@@ -22,6 +22,14 @@ continuous client keeps the other slots busy. Two ratios per row:
   request taking exactly its latency) over the measured time: the client's own efficiency, with
   the cost of the sending pattern (batches, outliers) taken out.
 
+Then the teacher *stage*: the same requests as :class:`ChatJob` elements through
+``RunInference(ChatModelHandler)`` in a Beam pipeline, batches of ``--stage-batch``. Its throughput
+is measured from the first request sent to the last reply received (Beam's start-up and teardown
+are reported separately, as the whole-pipeline time). A ``RunInference`` handler answers one batch
+per call, so on the single-threaded DirectRunner batches never overlap and each ends with a
+ramp-down; with ``--direct_running_mode=multi_threading`` several bundles share the worker's one
+backend (one connection pool, one concurrency bound) and the slots stay full.
+
 Medians of ``--repeat`` interleaved runs. Run::
 
     python benchmarks/teacher_throughput.py --requests 256 --concurrency 32
@@ -41,6 +49,7 @@ import time
 from PIL import Image
 
 from groundforge.annotators.teacher.client import OpenAIBackend
+from groundforge.annotators.teacher.handler import ChatBackendSettings, ChatJob, ChatModelHandler
 from groundforge.annotators.teacher.types import EndpointSettings, Sampling, TeacherRequest
 
 SLOW_MARK = "[slow]"
@@ -148,6 +157,50 @@ def run_arm(backend: OpenAIBackend, requests: list[TeacherRequest], batch: int |
     return elapsed
 
 
+class _TimedHandler(ChatModelHandler):
+    """Records when each batch starts and ends (in-process runners share this list)."""
+
+    spans: list[tuple[float, float]] = []
+
+    def run_inference(self, batch, model, inference_args=None):
+        start = time.perf_counter()
+        results = super().run_inference(batch, model, inference_args)
+        _TimedHandler.spans.append((start, time.perf_counter()))
+        return results
+
+
+def run_stage(base_url: str, args, beam_args: list[str]) -> tuple[float, float]:
+    """(stage seconds from first request to last reply, whole pipeline seconds)."""
+    import apache_beam as beam
+    from apache_beam.ml.inference.base import RunInference
+
+    settings = ChatBackendSettings(
+        role="teacher",
+        model="bench-model",
+        sampling=Sampling(max_tokens=16),
+        base_url=base_url,
+        max_concurrency=args.concurrency,
+        batch_size=args.stage_batch,
+        max_retries=0,
+        timeout=30.0,
+    )
+    jobs = [ChatJob(r.item_id, (r,)) for r in make_requests(args.stage_requests, False)]
+    _TimedHandler.spans = []
+    start = time.perf_counter()
+    with beam.Pipeline(argv=beam_args) as p:
+        _ = (
+            p
+            | beam.Create(jobs)
+            | RunInference(_TimedHandler(settings))
+            | beam.combiners.Count.Globally()
+        )
+    whole = time.perf_counter() - start
+    spans = _TimedHandler.spans
+    if not spans:
+        raise RuntimeError("the stage answered no batch")
+    return max(e for _, e in spans) - min(s for s, _ in spans), whole
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=256)
@@ -156,6 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--outlier", type=float, default=1.0)
     parser.add_argument("--batch-sizes", default="32,128", help="batch-gather batch sizes")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--stage-requests", type=int, default=1024)
+    parser.add_argument("--stage-batch", type=int, default=128, help="Beam batch of the stage")
+    parser.add_argument("--threads", type=int, default=2, help="multi_threading bundles")
     args = parser.parse_args(argv)
 
     ctx = multiprocessing.get_context("spawn")
@@ -184,6 +240,19 @@ def main(argv: list[str] | None = None) -> None:
                 requests = make_requests(args.requests, outliers)
                 for name, batch in arms:
                     times.setdefault((load, name), []).append(run_arm(backend, requests, batch))
+        stage_modes = {
+            "in_process": [],
+            f"multi_threading x{args.threads}": [
+                "--direct_running_mode=multi_threading",
+                f"--direct_num_workers={args.threads}",
+            ],
+        }
+        stage_times: dict[str, list[tuple[float, float]]] = {}
+        for _ in range(args.repeat):
+            for mode, beam_args in stage_modes.items():
+                stage_times.setdefault(mode, []).append(
+                    run_stage(settings.base_url, args, beam_args)
+                )
     finally:
         server.terminate()
         server.join(10)
@@ -208,6 +277,16 @@ def main(argv: list[str] | None = None) -> None:
             f"{load:<9} {name:<17} {elapsed:>6.2f} {rate:>7.1f} {rate / nominal:>9.2f} "
             f"{ideal / elapsed:>11.2f}"
         )
+    n = args.stage_requests
+    print(
+        f"\nteacher stage in Beam: {n} jobs, batch {args.stage_batch}, max_concurrency "
+        f"{args.concurrency}; ideal {n / nominal:.2f} s"
+    )
+    print(f"{'DirectRunner mode':<22} {'stage s':>8} {'stage/ideal':>12} {'pipeline s':>11}")
+    for mode, runs in stage_times.items():
+        stage = statistics.median(s for s, _ in runs)
+        whole = statistics.median(w for _, w in runs)
+        print(f"{mode:<22} {stage:>8.2f} {n / nominal / stage:>12.2f} {whole:>11.2f}")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,17 @@ a hosted API) through the ``openai`` SDK.
 
 Rules, for every batch given to :meth:`OpenAIBackend.answer`:
 
+- **One event loop, one connection pool, one bound per backend.** The backend runs its own event
+  loop in a background thread; :meth:`OpenAIBackend.answer` hands a batch to it and waits. Beam
+  shares one loaded backend between the threads of a worker, so batches from several threads
+  overlap while ``max_concurrency`` still caps the requests in flight for the whole process, and
+  connections are reused from one batch to the next.
+
 - **Cache first.** A request whose :func:`request_key` is in the :class:`ReplyCache` is answered
   from it (``cached=True``, ``attempts=0``) without any HTTP request; every successful reply is
   stored as soon as it arrives, so an interrupted run resumes where it stopped.
-- **Bounded concurrency.** At most ``max_concurrency`` requests of the batch are in flight at once
-  (a backoff wait does not hold a slot).
+- **Bounded concurrency.** At most ``max_concurrency`` requests are in flight at once (a backoff
+  wait does not hold a slot).
 - **Retries** (ours; the SDK's own are off): up to ``max_retries`` more attempts after the first,
   with exponential backoff and full jitter (``uniform(0, min(max_backoff, backoff * 2**n))``), on
   429, 408, 5xx, timeouts, connection errors and a 200 whose body is not a chat completion
@@ -36,8 +42,8 @@ content empty, whitespace or null      ``empty``
 anything else raised                   ``backend_error``
 =====================================  ====================
 
-The API key is read from the environment variable named by ``api_key_env`` at the start of each
-batch and lives only in that batch's SDK client; it is never stored on the backend, and is masked
+The API key is read from the environment variable named by ``api_key_env`` when the backend's SDK
+client is made and lives only in that client (held out of the backend's ``repr``); it is masked
 in every ``detail`` text (a server may echo it in an error message).
 """
 
@@ -49,7 +55,7 @@ import json
 import logging
 import os
 import random
-import ssl
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -115,6 +121,18 @@ class BatchStats:
         return stats
 
 
+class _Session:
+    """The SDK client (which holds the key), the concurrency bound, and the key for masking."""
+
+    def __init__(self, client: openai.AsyncOpenAI, slots: asyncio.Semaphore, secret: str):
+        self.client = client
+        self.slots = slots
+        self.secret = secret
+
+    def __repr__(self) -> str:
+        return "_Session(<connection pool>)"
+
+
 @dataclass
 class _Outcome:
     """One HTTP attempt's result: text, or an error kind and whether another attempt may help."""
@@ -141,7 +159,11 @@ class OpenAIBackend:
         self.model = settings.model
         self.cache = cache
         self.stats = BatchStats()
-        self._tls: ssl.SSLContext | None = None
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        # Made inside the loop on first use: asyncio objects belong to the loop that made them.
+        self._session: _Session | None = None
 
     def __repr__(self) -> str:
         s = self.settings
@@ -151,17 +173,27 @@ class OpenAIBackend:
         )
 
     def answer(self, requests: Sequence[TeacherRequest]) -> list[TeacherReply]:
-        """One reply per request, same order. Runs its own event loop, so it suits any thread
-        without a running loop (Beam workers); inside a loop use :meth:`answer_async`."""
-        return asyncio.run(self.answer_async(requests))
-
-    async def answer_async(self, requests: Sequence[TeacherRequest]) -> list[TeacherReply]:
         """One reply per request, same order; sets :attr:`stats` for this batch.
 
-        When several threads share one backend, :attr:`stats` holds whichever batch ended last
-        (use :meth:`BatchStats.from_replies`), and each batch has its own concurrency bound.
+        Safe to call from several threads at once: their batches share the backend's connection
+        pool and concurrency bound. When threads share a backend, :attr:`stats` holds whichever
+        batch ended last (use :meth:`BatchStats.from_replies` on a batch's own replies).
         """
-        requests = list(requests)
+        loop = self._ensure_loop()
+        return asyncio.run_coroutine_threadsafe(self._answer(list(requests)), loop).result()
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=loop.run_forever, name=f"chat-{self.model}", daemon=True
+                )
+                thread.start()
+                self._loop, self._thread = loop, thread
+            return self._loop
+
+    async def _answer(self, requests: list[TeacherRequest]) -> list[TeacherReply]:
         replies: list[TeacherReply | None] = [None] * len(requests)
         todo = []
         for i, request in enumerate(requests):
@@ -173,27 +205,11 @@ class OpenAIBackend:
                 todo.append((i, request, key))
 
         if todo:
-            secret = _api_key(self.settings)
-            if self._tls is None:
-                # Loading the CA bundle takes 20-40 ms: once per backend, not once per batch.
-                self._tls = httpx2.create_ssl_context()
-            # One SDK client per batch, made inside this event loop: an httpx client must never
-            # be used from a loop other than the one it was made in.
-            client = openai.AsyncOpenAI(
-                base_url=self.settings.base_url,
-                api_key=secret,
-                max_retries=0,
-                timeout=self.settings.timeout,
-                http_client=openai.DefaultAsyncHttpxClient(verify=self._tls),
+            session = self._session_in_loop()
+            results = await asyncio.gather(
+                *(self._answer_one(session, r, key) for _, r, key in todo),
+                return_exceptions=True,
             )
-            try:
-                slots = asyncio.Semaphore(self.settings.max_concurrency)
-                results = await asyncio.gather(
-                    *(self._answer_one(client, slots, r, key, secret) for _, r, key in todo),
-                    return_exceptions=True,
-                )
-            finally:
-                await client.close()
             for (i, request, _), result in zip(todo, results, strict=True):
                 if isinstance(result, BaseException):
                     if not isinstance(result, Exception):
@@ -201,7 +217,7 @@ class OpenAIBackend:
                     result = TeacherReply(
                         request.item_id,
                         error="backend_error",
-                        detail=_finish_detail(_describe(result), secret),
+                        detail=_finish_detail(_describe(result), session.secret),
                     )
                 replies[i] = result
 
@@ -216,18 +232,47 @@ class OpenAIBackend:
             )
         return replies
 
+    def _session_in_loop(self) -> _Session:
+        if self._session is None:
+            secret = _api_key(self.settings)
+            client = openai.AsyncOpenAI(
+                base_url=self.settings.base_url,
+                api_key=secret,
+                max_retries=0,
+                timeout=self.settings.timeout,
+            )
+            self._session = _Session(
+                client, asyncio.Semaphore(self.settings.max_concurrency), secret
+            )
+        return self._session
+
     def close(self) -> None:
-        """Nothing to release: no connection outlives a batch (each has its own SDK client).
-        Present for the backend interface shared with in-process models."""
+        """Close the connection pool and stop the backend's event loop (it restarts on use)."""
+        with self._lock:
+            loop, thread, session = self._loop, self._thread, self._session
+            self._loop = self._thread = self._session = None
+        if loop is None:
+            return
+        if session is not None:
+            asyncio.run_coroutine_threadsafe(session.client.close(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+    def __getstate__(self) -> dict:
+        # A loop, a thread and open connections cannot travel: a copy starts its own on use.
+        state = {**self.__dict__, "_loop": None, "_thread": None, "_session": None}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     async def _answer_one(
-        self,
-        client: openai.AsyncOpenAI,
-        slots: asyncio.Semaphore,
-        request: TeacherRequest,
-        key: str,
-        secret: str,
+        self, session: _Session, request: TeacherRequest, key: str
     ) -> TeacherReply:
+        secret = session.secret
         attempts = 0
         try:
             try:
@@ -238,8 +283,8 @@ class OpenAIBackend:
                 )
             while True:
                 attempts += 1
-                async with slots:
-                    outcome = await self._attempt(client, body)
+                async with session.slots:
+                    outcome = await self._attempt(session.client, body)
                 if (
                     outcome.error is None
                     or not outcome.retryable
