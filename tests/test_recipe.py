@@ -59,3 +59,16 @@ def test_unreadable_and_invalid_yaml(tmp_path):
     bad.write_text("- a list")
     with pytest.raises(RecipeError, match="mapping"):
         load_recipe(bad)
+
+
+def test_every_bundled_recipe_is_valid():
+    recipes = sorted(demo_recipe_path().parent.glob("*.yaml"))
+    names = [p.name for p in recipes]
+    assert "flags.yaml" in names and "flags-teacher.yaml" in names
+    for path in recipes:
+        if path.name.endswith("-knowledge.yaml"):
+            continue
+        recipe = load_recipe(path)
+        assert Path(recipe.source.path).is_dir(), path
+    teacher = load_recipe(demo_recipe_path().parent / "flags-teacher.yaml").teacher
+    assert Path(teacher.knowledge).is_file()
