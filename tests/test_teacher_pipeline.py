@@ -263,3 +263,15 @@ def test_reply_verdicts_and_attach_functions():
     )
     assert none.reason == "student_none_correct"
     assert ChatJob("x", ()).context is None
+
+
+def test_in_process_model_is_the_default_backend(flags, tmp_path, tiny_vlm_dir):
+    student = {"model": str(tiny_vlm_dir), "k": 2, "max_tokens": 6, "temperature": 0.0}
+    out = tmp_path / "out"
+    result = run_recipe(parse_recipe(recipe_dict(flags, student=student), tmp_path), str(out))
+    stages = {s.stage: s for s in result.funnel}
+    assert stages["student"].total == stages["student"].kept == len(NAMES)
+    assert result.manifest["models"]["student"]["requests"] == 2 * len(NAMES)
+    assert len(ReplyCache(out / "cache")) == 2 * len(NAMES)
+    again = run_recipe(parse_recipe(recipe_dict(flags, student=student), tmp_path), str(out))
+    assert again.manifest["models"]["student"]["cached"] == 2 * len(NAMES)
