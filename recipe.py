@@ -187,6 +187,84 @@ class StudentConfig(ChatModelConfig):
     none_correct: Literal["sft", "drop"] = "sft"
 
 
+class EmbedConfig(_Strict):
+    """The image embedder used for near-duplicates, decontamination and look-alike choice:
+    ``color_histogram`` (no model) or a CLIP/SigLIP model id or folder."""
+
+    image: str = "color_histogram"
+    batch_size: int = Field(32, ge=1)
+    device: str = "cpu"
+
+
+class DedupConfig(_Strict):
+    """Duplicates across the whole run; the first in sorted source order is kept.
+
+    A perceptual match needs both the pHash (``max_hamming`` bits) and a 4x4 colour thumbnail
+    (``max_colour_difference``) to agree: pHash alone sees only brightness and would merge
+    look-alike entities such as Chad and Romania. ``scope: entity`` compares near-duplicates only
+    among images of the same entity (exact copies are found everywhere).
+    """
+
+    enabled: bool = True
+    scope: Literal["entity", "all"] = "all"
+    exact: bool = True
+    perceptual: bool = True
+    max_hamming: int = Field(4, ge=0, le=64)
+    max_colour_difference: int | None = Field(16, ge=0, le=255)
+    embedding: bool = False
+    min_cosine: float = Field(0.97, ge=-1, le=1)
+
+
+class DecontaminateConfig(_Strict):
+    """Benchmark images (KVG-Bench-format parquet files or image folders) kept out of the data."""
+
+    benchmarks: list[str]
+    max_hamming: int = Field(6, ge=0, le=64)
+    min_cosine: float = Field(0.95, ge=-1, le=1)
+    use_embedding: bool = False
+
+
+class ScenesConfig(_Strict):
+    """Composite scenes of k look-alike entities of one domain (and one split).
+
+    Each image is the target of ``scenes_per_image`` scenes; the other k-1 entities are its
+    nearest look-alikes (``hard``, with probability ``hard_fraction``) or random ones (``easy``).
+    ``queries_per_scene`` members of each scene (the target first) become samples.
+    """
+
+    enabled: bool = True
+    k_weights: dict[int, float] = {2: 1.0, 3: 1.0, 4: 1.0, 5: 1.0, 6: 1.0}
+    layout_weights: dict[str, float] = {
+        "horizontal": 1.0,
+        "vertical": 1.0,
+        "grid": 1.0,
+        "random": 1.0,
+    }
+    scenes_per_image: int = Field(1, ge=1)
+    queries_per_scene: int = Field(1, ge=1)
+    hard_fraction: float = Field(1.0, ge=0, le=1)
+    hard_pool: int | None = Field(None, ge=1)
+    similarity: Literal["image", "text"] = "image"
+    text_model: str | None = None
+    cell_size: int = Field(336, ge=16)
+    max_side: int = Field(1344, ge=64)
+    margin: int = Field(8, ge=0)
+    background: tuple[int, int, int] = (255, 255, 255)
+    seed: str = "groundforge"
+
+    @model_validator(mode="after")
+    def _known(self) -> ScenesConfig:
+        if any(k < 2 for k in self.k_weights) or not any(self.k_weights.values()):
+            raise ValueError("scenes.k_weights: every k must be at least 2, and a weight > 0")
+        unknown = set(self.layout_weights) - {"horizontal", "vertical", "grid", "random"}
+        if unknown:
+            raise ValueError(
+                f"scenes.layout_weights: unknown layouts {sorted(unknown)}; "
+                "use horizontal, vertical, grid, random"
+            )
+        return self
+
+
 class SamplesConfig(_Strict):
     question_template: str = DEFAULT_QUESTION
 
@@ -198,9 +276,11 @@ class SamplesConfig(_Strict):
 
 
 class SplitConfig(_Strict):
-    """Held-out entities: a stable hash of the entity name sends ``val_fraction`` of them to val."""
+    """Held-out entities: a stable hash of the entity name sends ``val_fraction`` of them to val;
+    every entity of a domain in ``val_domains`` is held out too (unseen-domain evaluation)."""
 
     val_fraction: float = Field(0.0, ge=0, lt=1)
+    val_domains: list[str] = []
     seed: str = "groundforge"
 
 
@@ -219,6 +299,10 @@ class Recipe(_Strict):
     images: ImagesConfig = ImagesConfig()
     boxes: BoxesConfig = BoxesConfig()
     samples: SamplesConfig = SamplesConfig()
+    embed: EmbedConfig = EmbedConfig()
+    dedup: DedupConfig = DedupConfig()
+    decontaminate: DecontaminateConfig | None = None
+    scenes: ScenesConfig | None = None
     grounder: GrounderConfig | None = None
     teacher: TeacherConfig | None = None
     student: StudentConfig | None = None
@@ -274,6 +358,22 @@ def _resolve_paths(data: dict, base: Path) -> dict:
     for name in ("grounder", "teacher", "student"):
         if isinstance(data.get(name), dict):
             data[name] = _resolve_model_section(data[name], base)
+    embed = data.get("embed")
+    if isinstance(embed, dict) and isinstance(embed.get("image"), str):
+        local = _local(embed["image"], base)
+        if local.exists():
+            data["embed"] = {**embed, "image": str(local.resolve())}
+    scenes = data.get("scenes")
+    if isinstance(scenes, dict) and isinstance(scenes.get("text_model"), str):
+        local = _local(scenes["text_model"], base)
+        if local.exists():
+            data["scenes"] = {**scenes, "text_model": str(local.resolve())}
+    decon = data.get("decontaminate")
+    if isinstance(decon, dict) and isinstance(decon.get("benchmarks"), list):
+        paths = [
+            str(_local(p, base).resolve()) if isinstance(p, str) else p for p in decon["benchmarks"]
+        ]
+        data["decontaminate"] = {**decon, "benchmarks": paths}
     return data
 
 

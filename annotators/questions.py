@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from groundforge.filters.verdict import Verdict
 from groundforge.recipe import DEFAULT_QUESTION
 from groundforge.schemas.records import Entity, ImageRecord, KVGSample, Provenance, stable_id
@@ -57,3 +59,54 @@ def single_entity_sample(
         ),
     )
     return Verdict.ok(sample)
+
+
+def scene_samples(
+    scene,
+    plan,
+    members: Sequence[ImageRecord],
+    template: str = DEFAULT_QUESTION,
+    recipe_hash: str = "",
+    version: str = "",
+) -> list[KVGSample]:
+    """One ``kvg`` sample per query of a composed scene: the question names one member's entity,
+    ``entities`` lists every member with its box on the canvas.
+
+    ``scene`` is a :class:`groundforge.scenes.compose.Scene`, ``plan`` its
+    :class:`groundforge.scenes.plan.ScenePlan`, ``members`` the records in canvas order.
+    """
+    provenance = Provenance(
+        source_image_ids=tuple(scene.source_image_ids),
+        locations=tuple(m.location for m in members),
+        sources=tuple(m.source for m in members),
+        licenses=tuple(m.license for m in members),
+        authors=tuple(m.author for m in members),
+        urls=tuple(m.url for m in members),
+        layout=scene.layout,
+        recipe_hash=recipe_hash,
+        version=version,
+    )
+    samples = []
+    for query, similarity in zip(plan.queries, plan.similarities, strict=True):
+        target = scene.entities[query]
+        question = question_for(target.name, template)
+        samples.append(
+            KVGSample(
+                sample_id=stable_id("kvg-scene", plan.scene_id, query, question),
+                image=scene.image,
+                width=scene.width,
+                height=scene.height,
+                domain=plan.domain,
+                task="kvg",
+                question=question,
+                target=target.name,
+                entities=tuple(scene.entities),
+                gt_boxes=(target.box,),
+                split=plan.split,
+                box_source=members[query].box_source,
+                provenance=provenance,
+                distractors=plan.distractors,
+                distractor_similarity=similarity,
+            )
+        )
+    return samples

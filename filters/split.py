@@ -23,3 +23,22 @@ def holdout_split(entity: str, val_fraction: float, seed: str, default: str = "s
     'val'
     """
     return "val" if entity_bucket(entity, seed) < val_fraction else default
+
+
+def entity_split(
+    entity: str,
+    domain: str,
+    val_fraction: float,
+    seed: str,
+    val_domains: tuple[str, ...] | list[str] = (),
+    default: str = "sft",
+) -> str:
+    """The split of an entity: ``val`` for every entity of a held-out domain and for a stable
+    ``val_fraction`` share of the others, else ``default``.
+
+    >>> entity_split("Boeing 757", "aircraft", 0.0, "s", val_domains=["aircraft"])
+    'val'
+    """
+    if domain in val_domains:
+        return "val"
+    return holdout_split(entity, val_fraction, seed, default)

@@ -15,8 +15,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import PredictionResult, RunInference
 
 from groundforge import __version__
+from groundforge.annotators.embed import ImageEmbeddingHandler, make_image_embedder
 from groundforge.annotators.foreground import ForegroundAnnotator
-from groundforge.annotators.questions import single_entity_sample
+from groundforge.annotators.questions import scene_samples, single_entity_sample
 from groundforge.annotators.teacher.handler import ChatBackendSettings, ChatModelHandler
 from groundforge.annotators.teacher.jobs import (
     grounding_job,
@@ -28,11 +29,19 @@ from groundforge.annotators.teacher.knowledge import load_knowledge
 from groundforge.annotators.teacher.prompts import load_template
 from groundforge.annotators.teacher.types import TeacherReply
 from groundforge.filters.consistency import check_consistency
+from groundforge.filters.decontaminate import ContaminationCheck
+from groundforge.filters.dedup import (
+    DedupSettings,
+    dedup_verdict,
+    find_duplicates,
+    signature_of,
+)
 from groundforge.filters.detection import check_agreement, check_box_bounds, resolve_box
 from groundforge.filters.difficulty import SplitRule, count_correct, split_by_difficulty
 from groundforge.filters.image import ImageLimits, check_image
+from groundforge.filters.output import check_sample
 from groundforge.filters.rationale import RationaleRules, check_rationale
-from groundforge.filters.split import holdout_split
+from groundforge.filters.split import entity_split
 from groundforge.filters.verdict import Verdict
 from groundforge.outputs.rejections import WriteRejections
 from groundforge.outputs.shards import WriteShards
@@ -43,8 +52,12 @@ from groundforge.recipe import (
     ImageFolderSourceConfig,
     Recipe,
 )
+from groundforge.scenes.compose import compose_scene
+from groundforge.scenes.layout import CanvasSpec
+from groundforge.scenes.plan import PlanSettings, PoolItem, ScenePlan, plan_scenes
+from groundforge.scenes.sampling import SceneMix
 from groundforge.schemas.codecs import get_codec
-from groundforge.schemas.records import ImageRecord
+from groundforge.schemas.records import ImageRecord, record_key
 from groundforge.sources.read import read_item
 
 SHARDS_DIR = "shards"
@@ -93,12 +106,22 @@ def make_source(recipe: Recipe):
     raise TypeError(f"no source for {type(cfg).__name__}")
 
 
+def needs_embedding(recipe: Recipe) -> bool:
+    """Image vectors are computed only for a step that uses them."""
+    scenes = recipe.scenes is not None and recipe.scenes.enabled
+    return (
+        (recipe.dedup.enabled and recipe.dedup.embedding)
+        or (recipe.decontaminate is not None and recipe.decontaminate.use_embedding)
+        or (scenes and recipe.scenes.similarity == "image")
+    )
+
+
 def splits_for(recipe: Recipe) -> list[str]:
     """The splits a recipe can produce (each exists in the output, possibly empty)."""
     splits = ["sft"]
     if recipe.student is not None:
         splits.append("grpo")
-    if recipe.split.val_fraction > 0:
+    if recipe.split.val_fraction > 0 or recipe.split.val_domains:
         splits.append("val")
     return splits
 
@@ -186,6 +209,68 @@ def attach_difficulty(pair, codec, k: int, min_iou: float, rule: SplitRule) -> V
     return Verdict.ok(replace(scored, split=verdict.value), **verdict.metrics)
 
 
+def attach_embedding(prediction: PredictionResult) -> Verdict:
+    """Put the embedder's vector on the record; ``embed_failed`` when it had none."""
+    if prediction.inference is None:
+        return Verdict.drop("embed_failed")
+    return Verdict.ok(replace(prediction.example, embedding=tuple(prediction.inference)))
+
+
+def in_a_scene(record: ImageRecord, used: set[str]) -> Verdict:
+    """Every image is the target of its own scenes unless its pool (domain and split) holds
+    fewer than two entities: then no scene can be made of it."""
+    if record_key(record) in used:
+        return Verdict.ok()
+    return Verdict.drop("scene_pool_too_small")
+
+
+def pool_item(record: ImageRecord, recipe: Recipe) -> PoolItem:
+    return PoolItem(
+        key=record_key(record),
+        image_id=record.image_id,
+        domain=record.domain,
+        split=split_of(record, recipe),
+        entity=record.entity,
+        embedding=record.embedding,
+    )
+
+
+def plan_all(items: list[PoolItem], settings: PlanSettings, cfg) -> list[ScenePlan]:
+    """The run's scene plans (a global step: every item's metadata, no pixels)."""
+    text_vectors = None
+    if cfg.similarity == "text":
+        from groundforge.annotators.embed import TextEmbedder
+
+        names = sorted({i.entity for i in items})
+        vectors = TextEmbedder(cfg.text_model).embed_texts(names) if names else []
+        text_vectors = dict(zip(names, vectors, strict=True))
+    return plan_scenes(items, settings, text_vectors)
+
+
+def _wanted(plan: ScenePlan):
+    for slot, key in enumerate(plan.members):
+        yield key, (plan.scene_id, slot)
+
+
+def _route(keyed):
+    """Send a record to every scene slot that asked for it."""
+    _, grouped = keyed
+    for record in grouped["record"]:
+        for scene_id, slot in grouped["want"]:
+            yield scene_id, (slot, record)
+
+
+def compose_planned(keyed, spec: CanvasSpec) -> Verdict:
+    """Compose one planned scene from its member records."""
+    _, grouped = keyed
+    (plan,) = grouped["plan"]
+    members = [record for _, record in sorted(grouped["members"], key=lambda m: m[0])]
+    if len(members) != len(plan.members):
+        return Verdict.drop("scene_member_missing", expected=len(plan.members), found=len(members))
+    scene = compose_scene(members, plan.layout, spec, plan.seed)
+    return Verdict.ok((scene, plan, tuple(members)))
+
+
 def _consistency(pair, codec, min_iou: float, min_score: float) -> Verdict:
     record, (text,) = pair
     return check_consistency(
@@ -198,8 +283,13 @@ def ground_known(record: ImageRecord):
     return record, ("",)
 
 
+def split_of(record: ImageRecord, recipe: Recipe) -> str:
+    cfg = recipe.split
+    return entity_split(record.entity, record.domain, cfg.val_fraction, cfg.seed, cfg.val_domains)
+
+
 def make_sample(record: ImageRecord, recipe: Recipe, recipe_hash: str) -> Verdict:
-    split = holdout_split(record.entity, recipe.split.val_fraction, recipe.split.seed)
+    split = split_of(record, recipe)
     return single_entity_sample(
         record,
         split,
@@ -223,8 +313,8 @@ class KVGGraph:
     chat_roles: list[str] = field(default_factory=list)
     _rejected: list = field(default_factory=list)
 
-    def _stage(self, pcoll, name, check):
-        kept, rejected = apply_check(pcoll, name, check)
+    def _stage(self, pcoll, name, check, **side_inputs):
+        kept, rejected = apply_check(pcoll, name, check, **side_inputs)
         self.stages.append(name)
         self._rejected.append(rejected)
         return kept
@@ -309,6 +399,106 @@ class KVGGraph:
             ),
         )
 
+    def _embed(self, records):
+        cfg = self.recipe.embed
+        embedder = (
+            make_image_embedder(cfg.image)
+            if cfg.image.startswith("color_histogram")
+            else make_image_embedder(
+                cfg.image,
+                device=cfg.device,
+                batch_size=cfg.batch_size,
+                num_threads=self.model_threads,
+            )
+        )
+        handler = ImageEmbeddingHandler(embedder)
+        main, other = records | "embedder" >> RunInference(handler).with_exception_handling()
+        failed = other.failed_inferences | "embed failed batches" >> beam.FlatMap(
+            lambda failure: (PredictionResult(r, None) for r in failure[0])
+        )
+        predictions = (main, failed) | "embeddings" >> beam.Flatten()
+        return self._stage(predictions, "embed", attach_embedding)
+
+    def _decontaminate(self, records):
+        cfg, embed = self.recipe.decontaminate, self.recipe.embed
+        check = ContaminationCheck(
+            benchmarks=tuple(cfg.benchmarks),
+            max_hamming=cfg.max_hamming,
+            min_cosine=cfg.min_cosine,
+            embedder=embed.image if cfg.use_embedding else None,
+        )
+        return self._stage(records, "decontaminate", check)
+
+    def _dedup(self, records):
+        cfg = self.recipe.dedup
+        settings = DedupSettings(
+            exact=cfg.exact,
+            perceptual=cfg.perceptual,
+            max_hamming=cfg.max_hamming,
+            embedding=cfg.embedding,
+            min_cosine=cfg.min_cosine,
+            max_colour_difference=cfg.max_colour_difference,
+        )
+        duplicates = (
+            records
+            | "signatures" >> beam.Map(signature_of, scope=cfg.scope)
+            | "all signatures" >> beam.combiners.ToList()
+            | "find duplicates" >> beam.Map(find_duplicates, settings=settings)
+        )
+        return self._stage(
+            records, "dedup", dedup_verdict, duplicates=beam.pvalue.AsSingleton(duplicates)
+        )
+
+    def _scenes(self, records):
+        recipe, cfg = self.recipe, self.recipe.scenes
+        settings = PlanSettings(
+            mix=SceneMix(k_weights=cfg.k_weights, layout_weights=cfg.layout_weights),
+            scenes_per_image=cfg.scenes_per_image,
+            queries_per_scene=cfg.queries_per_scene,
+            hard_fraction=cfg.hard_fraction,
+            hard_pool=cfg.hard_pool,
+            seed=cfg.seed,
+        )
+        plans = (
+            records
+            | "pool items" >> beam.Map(pool_item, recipe=recipe)
+            | "all pool items" >> beam.combiners.ToList()
+            | "plan scenes" >> beam.FlatMap(plan_all, settings=settings, cfg=cfg)
+        )
+        used = (
+            plans
+            | "members" >> beam.FlatMap(lambda plan: plan.members)
+            | "used keys" >> beam.combiners.ToSet()
+        )
+        records = self._stage(records, "scene_pool", in_a_scene, used=beam.pvalue.AsSingleton(used))
+        keyed = records | "key records" >> beam.Map(lambda r: (record_key(r), r))
+        wanted = plans | "wanted members" >> beam.FlatMap(_wanted)
+        members = (
+            {"record": keyed, "want": wanted}
+            | "join members" >> beam.CoGroupByKey()
+            | "route members" >> beam.FlatMap(_route)
+        )
+        by_scene = plans | "key plans" >> beam.Map(lambda plan: (plan.scene_id, plan))
+        spec = CanvasSpec(
+            cell_size=cfg.cell_size,
+            max_side=cfg.max_side,
+            margin=cfg.margin,
+            background=tuple(cfg.background),
+        )
+        scenes = self._stage(
+            {"plan": by_scene, "members": members} | "gather scenes" >> beam.CoGroupByKey(),
+            "compose",
+            partial(compose_planned, spec=spec),
+        )
+        return scenes | "queries" >> beam.FlatMap(
+            lambda composed: scene_samples(
+                *composed,
+                template=recipe.samples.question_template,
+                recipe_hash=recipe.digest(),
+                version=__version__,
+            )
+        )
+
     def build(self, p: beam.Pipeline) -> list[str]:
         recipe, boxes = self.recipe, self.recipe.boxes
         source = make_source(recipe)
@@ -321,6 +511,12 @@ class KVGGraph:
         records = self._stage(items, "read", read_item)
         limits = ImageLimits(min_side=recipe.images.min_side, max_pixels=recipe.images.max_pixels)
         records = self._stage(records, "image", partial(check_image, limits=limits))
+        if needs_embedding(recipe):
+            records = self._embed(records)
+        if recipe.decontaminate is not None:
+            records = self._decontaminate(records)
+        if recipe.dedup.enabled:
+            records = self._dedup(records)
 
         methods = {boxes.method, boxes.agree_with} - {None}
         if "foreground" in methods:
@@ -365,13 +561,17 @@ class KVGGraph:
                 max_aspect=boxes.max_aspect,
             ),
         )
-        samples = self._stage(
-            records, "sample", partial(make_sample, recipe=recipe, recipe_hash=recipe.digest())
-        )
+        if recipe.scenes is not None and recipe.scenes.enabled:
+            samples = self._scenes(records)
+        else:
+            samples = self._stage(
+                records, "sample", partial(make_sample, recipe=recipe, recipe_hash=recipe.digest())
+            )
         if recipe.teacher is not None:
             samples = self._teach(samples)
         if recipe.student is not None:
             samples = self._examine(samples)
+        samples = self._stage(samples, "output", check_sample)
         _ = samples | "write shards" >> WriteShards(
             FileSystems.join(self.out_dir, SHARDS_DIR),
             recipe.output.format,

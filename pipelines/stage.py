@@ -60,10 +60,10 @@ class CheckStage(beam.DoFn):
         self._total = Metrics.counter(ns, "total")
         self._kept = Metrics.counter(ns, "kept")
 
-    def process(self, item: Any):
+    def process(self, item, **side_inputs):  # no hints: Beam would type-check them
         self._total.inc()
         try:
-            verdict = self.check(item)
+            verdict = self.check(item, **side_inputs)
         except Exception as err:  # a bad item must not end the run
             verdict = Verdict.drop("error", error=f"{type(err).__name__}: {err}")
         if verdict.keep:
@@ -77,10 +77,14 @@ class CheckStage(beam.DoFn):
 
 
 def apply_check(
-    pcoll: beam.PCollection, stage: str, check: Callable[[Any], Verdict]
+    pcoll: beam.PCollection, stage: str, check: Callable[..., Verdict], **side_inputs: Any
 ) -> tuple[beam.PCollection, beam.PCollection]:
-    """Run one stage; returns ``(kept, rejected)``."""
-    out = pcoll | f"stage:{stage}" >> beam.ParDo(CheckStage(stage, check)).with_outputs(
-        REJECTED, main="kept"
-    )
+    """Run one stage; returns ``(kept, rejected)``.
+
+    ``side_inputs`` (Beam side inputs, e.g. ``beam.pvalue.AsSingleton(...)``) reach ``check`` as
+    keyword arguments: how a per-item decision uses an answer computed over the whole run.
+    """
+    out = pcoll | f"stage:{stage}" >> beam.ParDo(
+        CheckStage(stage, check), **side_inputs
+    ).with_outputs(REJECTED, main="kept")
     return out.kept, out[REJECTED]

@@ -60,6 +60,8 @@ _SAMPLE_FIELDS = pa.schema(
         ("detector_iou", pa.float64()),
         ("student_k", pa.int32()),
         ("student_correct", pa.int32()),
+        ("distractors", pa.string()),
+        ("distractor_similarity", pa.float64()),
         ("provenance", PROVENANCE_TYPE),
     ]
 )
@@ -95,6 +97,7 @@ _IMAGE_RECORD_FIELDS = pa.schema(
         ("box", _BOX),
         ("box_source", pa.string()),
         ("box_ious", pa.list_(pa.struct([("name", pa.string()), ("iou", pa.float64())]))),
+        ("embedding", pa.list_(pa.float32())),
     ]
 )
 
@@ -163,6 +166,8 @@ def sample_to_row(s: KVGSample) -> dict[str, Any]:
         "detector_iou": s.detector_iou,
         "student_k": s.student_k,
         "student_correct": s.student_correct,
+        "distractors": s.distractors,
+        "distractor_similarity": s.distractor_similarity,
         "provenance": {
             "source_image_ids": list(p.source_image_ids),
             "locations": list(p.locations),
@@ -210,6 +215,8 @@ def row_to_sample(row: dict[str, Any]) -> KVGSample:
         detector_iou=row["detector_iou"],
         student_k=row["student_k"],
         student_correct=row["student_correct"],
+        distractors=row["distractors"],
+        distractor_similarity=row["distractor_similarity"],
     )
 
 
@@ -236,6 +243,7 @@ def image_record_to_row(r: ImageRecord) -> dict[str, Any]:
         "box": r.box.to_list() if r.box is not None else None,
         "box_source": r.box_source,
         "box_ious": [{"name": k, "iou": v} for k, v in sorted(r.box_ious.items())],
+        "embedding": list(r.embedding) if r.embedding is not None else None,
     }
 
 
@@ -263,6 +271,7 @@ def row_to_image_record(row: dict[str, Any]) -> ImageRecord:
         box=_box(row["box"]) if row["box"] is not None else None,
         box_source=row["box_source"],
         box_ious={x["name"]: x["iou"] for x in row["box_ious"]},
+        embedding=tuple(row["embedding"]) if row["embedding"] is not None else None,
     )
 
 

@@ -58,7 +58,8 @@ class ImageRecord:
     it had no transparency); the image check measures it before compositing onto white, since
     afterwards a white object on a transparent ground can no longer be told apart.
     ``candidates`` holds each annotator's proposals by annotator name; ``box`` is the box the
-    pipeline decided to trust (``box_source`` says which one).
+    pipeline decided to trust (``box_source`` says which one). ``embedding`` is the image's
+    L2-normalised vector from the run's image embedder (dedup, distractor choice), when computed.
     """
 
     image_id: str
@@ -78,6 +79,13 @@ class ImageRecord:
     box: Box | None = None
     box_source: str = ""
     box_ious: dict[str, float] = field(default_factory=dict)
+    embedding: tuple[float, ...] | None = None
+
+
+def record_key(record: ImageRecord) -> str:
+    """A record's identity within a run, and its place in the run's stable order: where it came
+    from (unique per source item), or its image id when the source gives no location."""
+    return record.location or record.image_id
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,12 @@ class Provenance:
 
 @dataclass(frozen=True)
 class KVGSample:
-    """One row of a shard."""
+    """One row of a shard.
+
+    ``distractors`` says how the other entities of a composed scene were chosen (``hard``: the
+    target's nearest look-alikes, ``easy``: at random; None for a single-entity image) and
+    ``distractor_similarity`` is their mean similarity to the target: a difficulty signal.
+    """
 
     sample_id: str
     image: bytes
@@ -124,6 +137,8 @@ class KVGSample:
     detector_iou: float | None = None
     student_k: int | None = None
     student_correct: int | None = None
+    distractors: str | None = None
+    distractor_similarity: float | None = None
 
 
 @dataclass(frozen=True)

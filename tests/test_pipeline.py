@@ -57,7 +57,10 @@ def test_demo_output_loads_with_datasets(demo_runs):
     assert isinstance(ds, datasets.DatasetDict)
     assert sorted(ds) == ["sft", "val"]
     assert len(ds["sft"]) > 200 and len(ds["val"]) > 10
+    layouts, ks, by_mode = Counter(), Counter(), {"hard": [], "easy": []}
+    names = {}
     for split in ds:
+        names[split] = set()
         for row in ds[split]:
             image = row["image"]
             assert isinstance(image, Image.Image) and image.mode == "RGB"
@@ -66,8 +69,21 @@ def test_demo_output_loads_with_datasets(demo_runs):
             assert 0 <= x1 < x2 <= row["width"] and 0 <= y1 < y2 <= row["height"]
             assert row["task"] == "kvg" and row["target"] in row["question"]
             assert row["split"] == split
-    # Entities never cross splits: val measures unseen entities.
-    assert not set(ds["sft"]["target"]) & set(ds["val"]["target"])
+            entities = [e["name"] for e in row["entities"]]
+            assert 2 <= len(entities) <= 6 and len(set(entities)) == len(entities)
+            assert {"name": row["target"], "box": [x1, y1, x2, y2]} in row["entities"]
+            names[split] |= set(entities)
+            layouts[row["provenance"]["layout"]] += 1
+            ks[len(entities)] += 1
+            by_mode[row["distractors"]].append(row["distractor_similarity"])
+            assert len(row["provenance"]["source_image_ids"]) == len(entities)
+    # Entities never cross splits, not even as distractors: val measures unseen entities.
+    assert not names["sft"] & names["val"]
+    assert set(layouts) == {"horizontal", "vertical", "grid", "random"}
+    assert set(ks) == {2, 3, 4, 5, 6}
+    # Hard distractors are the target's look-alikes: measurably more similar than random ones.
+    hard, easy = (sum(v) / len(v) for v in (by_mode["hard"], by_mode["easy"]))
+    assert hard > easy + 0.2, (hard, easy)
 
 
 def test_demo_manifest_checksums_and_counts(demo_runs):
@@ -76,13 +92,28 @@ def test_demo_manifest_checksums_and_counts(demo_runs):
     for shard in manifest["shards"]:
         assert file_sha256(str(out / shard["path"])) == (shard["sha256"], shard["bytes"])
     stages = manifest["stages"]
-    assert [s["stage"] for s in stages] == ["read", "image", "box", "box_bounds", "sample"]
+    names = [s["stage"] for s in stages]
+    assert names == [
+        "read",
+        "image",
+        "embed",
+        "dedup",
+        "box",
+        "box_bounds",
+        "scene_pool",
+        "compose",
+        "output",
+    ]
     for s in stages:
         assert s["in"] == s["kept"] + sum(s["dropped"].values()), s
-    for before, after in zip(stages, stages[1:], strict=False):
+    # One image in, one image out, up to the scenes; every image is the target of one scene.
+    for before, after in zip(stages[:-2], stages[1:-1], strict=True):
         assert after["in"] == before["kept"]
+    # Two queries per scene, every scene having at least two flags.
+    assert stages[-1]["in"] == 2 * stages[-2]["kept"]
     rows = sum(s["rows"] for s in manifest["shards"])
     assert rows == stages[-1]["kept"] == manifest["samples"]
+    assert rows >= 300
     assert manifest["splits"] == {
         split: sum(s["rows"] for s in manifest["shards"] if s["split"] == split)
         for split in ("sft", "val")
@@ -90,18 +121,36 @@ def test_demo_manifest_checksums_and_counts(demo_runs):
     rejections = rejections_of(out)
     dropped = sum(sum(s["dropped"].values()) for s in stages)
     assert len(rejections) == dropped == manifest["rejections"]["rows"]
-    assert stages[0]["in"] == rows + dropped
+    # Every input image is either in a scene or rejected.
+    assert stages[0]["in"] == stages[-2]["kept"] + dropped
     # The bundled folder holds 40 broken links saved as text, and one flag larger than the guard.
     by_reason = Counter((r["stage"], r["reason"]) for r in rejections)
     assert by_reason[("image", "not_an_image")] == 40
     assert by_reason[("image", "too_many_pixels")] == 1
+    # The same flag under two names, kept once: the first in path order names the kept twin.
+    dups = {
+        Path(r["source_id"]).name: json.loads(r["detail"])
+        for r in rejections
+        if r["stage"] == "dedup"
+    }
+    assert by_reason[("dedup", "duplicate_perceptual")] == len(dups) == 5
+    assert Path(dups["guineabissau.png"]["kept_key"]).name == "guinea_bissau.png"
+    assert Path(dups["france_roussillon.png"]["kept_key"]).name == "france_provence.png"
     assert manifest["recipe"]["name"] == "openclipart-flags"
     assert manifest["versions"]["apache-beam"].startswith("2.")
 
 
 def test_runners_give_identical_shards(demo_runs):
     def content(out):
-        return sorted((s.sample_id, s.split, s.gt_boxes) for s in read_samples(str(out / "shards")))
+        return sorted(
+            (s.sample_id, s.split, s.gt_boxes, [e.box for e in s.entities])
+            for s in read_samples(str(out / "shards"))
+        )
+
+    def rejected(out):
+        return sorted(
+            (r["item_id"], r["stage"], r["reason"], r["detail"]) for r in rejections_of(out)
+        )
 
     def checksums(out):
         return [(s["path"], s["sha256"]) for s in manifest_of(out)["shards"]]
@@ -111,6 +160,7 @@ def test_runners_give_identical_shards(demo_runs):
     for name in ("multi_processing", "portable"):
         assert content(demo_runs[name]) == content(reference), name
         assert checksums(demo_runs[name]) == checksums(reference), name
+        assert rejected(demo_runs[name]) == rejected(reference), name
         assert manifest_of(demo_runs[name])["stages"] == manifest_of(reference)["stages"]
     assert manifest_of(demo_runs["portable"])["runner"]["runner"] == "PortableRunner"
 
@@ -172,7 +222,16 @@ def test_detector_pipeline_with_tiny_model(tmp_path, tiny_detector_dir):
     strict = folder_recipe(images, boxes={"method": "detector", "detector": detector})
     result = run_recipe(parse_recipe(strict, tmp_path), str(tmp_path / "strict"))
     funnel = {s.stage: s for s in result.funnel}
-    assert list(funnel) == ["read", "image", "detect", "box", "box_bounds", "sample"]
+    assert list(funnel) == [
+        "read",
+        "image",
+        "dedup",
+        "detect",
+        "box",
+        "box_bounds",
+        "sample",
+        "output",
+    ]
     assert funnel["detect"].total == funnel["detect"].kept == len(names)
     assert all(s.balanced for s in result.funnel)
     # A random detector is confident everywhere: one box per flag is never unique.
@@ -190,7 +249,7 @@ def test_detector_pipeline_with_tiny_model(tmp_path, tiny_detector_dir):
     )
     out = tmp_path / "agree"
     result = run_recipe(parse_recipe(agree, tmp_path), str(out))
-    assert [s.stage for s in result.funnel][3:5] == ["box", "agreement"]
+    assert [s.stage for s in result.funnel][4:6] == ["box", "agreement"]
     samples = list(read_samples(str(out / "shards")))
     assert len(samples) == len(names)
     for s in samples:

@@ -104,7 +104,7 @@ def test_teacher_stage_through_a_faulty_endpoint(flags, tmp_path, teacher_server
 
     manifest = json.loads((out / "manifest.json").read_text())
     stages = {s["stage"]: s for s in manifest["stages"]}
-    assert list(stages)[-2:] == ["teacher", "rationale"]
+    assert list(stages)[-3:] == ["teacher", "rationale", "output"]
     n = stages["sample"]["kept"]
     assert n == len(NAMES)
     teacher = stages["teacher"]
@@ -209,9 +209,10 @@ def test_grounder_checks_the_detector(flags, tmp_path, teacher_server, tiny_dete
         recipe["grounder"]["base_url"] = proxy.base_url
         result = run_recipe(parse_recipe(recipe, tmp_path), str(tmp_path / "out"))
     stages = {s.stage: s for s in result.funnel}
-    assert [s.stage for s in result.funnel][:5] == [
+    assert [s.stage for s in result.funnel][:6] == [
         "read",
         "image",
+        "dedup",
         "detect",
         "grounder",
         "consistency",

@@ -1,0 +1,1 @@
+"""Multi-entity scene composition: layouts, exact box remapping, k and layout sampling."""
