@@ -83,7 +83,7 @@ def inspect_run(run_dir: str, console: Console, samples: int = 5, verify: bool =
 
     if samples > 0:
         table = Table(title=f"first {samples} samples", title_justify="left")
-        for col in ("split", "target", "size", "gt_boxes", "box from"):
+        for col in ("split", "target", "size", "gt_boxes", "entities", "layout", "box from"):
             table.add_column(col)
         shards_dir = FileSystems.join(run_dir, "shards")
         for i, s in enumerate(read_samples(shards_dir, fmt=manifest["format"])):
@@ -94,6 +94,8 @@ def inspect_run(run_dir: str, console: Console, samples: int = 5, verify: bool =
                 s.target,
                 f"{s.width}x{s.height}",
                 " ".join(_box_text(b.to_list()) for b in s.gt_boxes),
+                str(len(s.entities)),
+                s.provenance.layout,
                 s.box_source,
             )
             question = s.question
