@@ -112,9 +112,15 @@ def plan_pool(
 
     entities = sorted(by_entity)
     plans = []
+    # Seeds come from image content, not paths, so a recipe plans the same scenes wherever its
+    # data lives; the occurrence count tells apart identical images kept twice (dedup off).
+    seen: dict[tuple[str, str], int] = defaultdict(int)
     for target in items:
+        occurrence = seen[(target.image_id, target.entity)]
+        seen[(target.image_id, target.entity)] += 1
         for n in range(settings.scenes_per_image):
-            seed = _rng_seed(settings.seed, target.key, n)
+            identity = (settings.seed, target.image_id, target.entity, occurrence, n)
+            seed = _rng_seed(*identity)
             rng = random.Random(seed)
             k = min(settings.mix.draw_k(rng), len(entities))
             hard = index is not None and rng.random() < settings.hard_fraction
@@ -140,7 +146,7 @@ def plan_pool(
             sims = tuple(mean_similarity(q, names) for q in queries)
             plans.append(
                 ScenePlan(
-                    scene_id=stable_id("scene", settings.seed, target.key, n),
+                    scene_id=stable_id("scene", *identity),
                     domain=target.domain,
                     split=target.split,
                     layout=settings.mix.draw_layout(rng),

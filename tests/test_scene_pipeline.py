@@ -124,10 +124,10 @@ def test_held_out_domains_and_text_similarity(tmp_path):
     assert result.manifest["splits"] == {"sft": 0, "val": len(samples)}
     assert "embed" not in [s.stage for s in result.funnel]  # text similarity needs no images
     assert all(s.split == "val" and s.distractor_similarity is not None for s in samples)
-    # Every query of a scene shares its image; the target differs.
+    # The queries of a scene share its image and ask for different members (two scenes of the
+    # same flags on a fixed layout can share an image too, so this is a lower bound).
     by_image: dict[bytes, set[str]] = {}
     for s in samples:
         by_image.setdefault(s.image, set()).add(s.target)
-    assert all(
-        len(targets) == min(3, len(s.entities)) for s in samples for targets in [by_image[s.image]]
-    )
+        assert s.target in {e.name for e in s.entities}
+    assert all(len(by_image[s.image]) >= min(3, len(s.entities)) for s in samples)
