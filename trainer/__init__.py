@@ -1,1 +1,1 @@
-"""The bundled trainer: shards to TRL datasets, rewards, SFT and GRPO, knowledge probe, evaluation."""
+"""The bundled trainer: shards to TRL datasets, rewards, SFT, GRPO, knowledge probe, evaluation."""

@@ -1,0 +1,397 @@
+"""Shards to the formats other trainers read: LLaMA-Factory (SFT) and verl (RL).
+
+**Box frame and image size.** A box is rendered by a codec in the frame of the image the trainer
+will show the model. For ``qwen25vl`` that frame is the image *after* the Qwen2.5-VL processor's
+resize (:func:`~groundforge.schemas.codecs.smart_resize` with the codec's ``min_pixels`` /
+``max_pixels``), so the exporters **resize every image to the codec frame before writing it**
+(bicubic, as the processor does) and render boxes in the written image's pixels. The processor
+then leaves the image as it is (``smart_resize`` of a size it produced is that size), whatever
+``max_pixels`` the trainer's processor uses, as long as it is at least the codec's: with
+LLaMA-Factory set ``image_max_pixels`` to at least the codec's ``max_pixels`` (KARL: 401,408 =
+512 x 28 x 28, pass ``codec_params={"max_pixels": 401408}``) so it does not shrink the image
+further; with verl the same for the processor. The other codecs are relative frames (0..1000,
+0..1) or the stored image itself (``pixel``): images are written at their stored size. Pass
+``resize=False``/``True`` to override.
+
+**LLaMA-Factory** (:func:`export_llamafactory`): ``dest/<dataset_name>.json``, a list of sharegpt
+records, ``dest/images/<sha256>.png`` (one PNG per distinct written image, named by the sha256 of
+its bytes) and ``dest/dataset_info.json`` (the dataset's entry merged into any existing file)::
+
+    {"messages": [
+        {"role": "user", "content": "<image>Find and give the bounding box of
+            <|object_ref_start|>Chad<|object_ref_end|>  Output the thinking process in <think>
+            </think> and final answer (bounding box) in <answer> </answer> tags."},
+        {"role": "assistant", "content": "<think>The left flag ...</think><answer>[{\\"bbox_2d\\":
+            [28, 28, 140, 112], \\"label\\": \\"Chad\\"}]</answer>"}],
+     "images": ["images/3f1c...e9.png"]}
+
+A sample with a rationale gets the reasoning instruction (:data:`REASONING_INSTRUCTION`) after
+its question and ``<think>RATIONALE</think><answer>BOX</answer>`` as the answer; one without
+gets the bare question and the box alone. A ``kvg`` answer is the target's box labelled with its
+name; a ``detect`` answer is every ground-truth box, unlabelled.
+
+**verl** (:func:`export_verl`): ``dest/<split>.parquet`` per non-empty split, the columns of
+verl's RLHF dataset (images decode through the ``datasets`` ``Image`` feature)::
+
+    {"data_source": "groundforge/flag",
+     "prompt": [{"role": "user", "content": "<image>Find and give ... <answer> </answer> tags."}],
+     "images": [{"bytes": b"\\x89PNG...", "path": None}],
+     "ability": "grounding",
+     "reward_model": {"style": "rule", "ground_truth": "{\\"codec\\": \\"qwen25vl\\",
+         \\"codec_params\\": {}, \\"width\\": 224, \\"height\\": 168, \\"task\\": \\"kvg\\",
+         \\"boxes\\": [[28, 28, 140, 112]]}"},
+     "extra_info": {"split": "grpo", "index": 0, "sample_id": "9a0c...", "width": 224,
+         "height": 168, "boxes": [[28.0, 28.0, 140.0, 112.0]], "target": "Chad", "task": "kvg"}}
+
+``ground_truth`` holds the boxes as the codec renders them in the written image, the codec and
+its parameters, and the written image's size: all that
+:func:`groundforge.outputs.verl_reward.compute_score` needs. ``extra_info.boxes`` are the same
+boxes in float pixels of the written image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from groundforge.schemas.box import Box
+from groundforge.schemas.codecs import BoxCodec, get_codec
+from groundforge.trainer.evaluate import REASONING_SUFFIX
+
+IMAGE_TOKEN = "<image>"
+# The trainer's and the evaluation's own suffix (it starts with its separating spaces), so an
+# exported model is trained on the prompt it is evaluated with.
+REASONING_INSTRUCTION = REASONING_SUFFIX
+ABILITIES = {"kvg": "grounding", "detect": "detection"}
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_VERL_BATCH = 64
+
+
+@dataclass(frozen=True)
+class ExportImage:
+    """A sample's image as written: PNG bytes, size, and its boxes in that image's pixels."""
+
+    png: bytes
+    width: int
+    height: int
+    boxes: tuple[Box, ...]
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.png).hexdigest()
+
+
+def _needs_resize(codec: BoxCodec, resize: bool | None) -> bool:
+    return codec.name == "qwen25vl" if resize is None else resize
+
+
+def export_image(sample: Any, codec: BoxCodec, resize: bool | None = None) -> ExportImage:
+    """The sample's image as exported (resized to the codec frame when that is a pixel frame,
+    see the module doc) with its ground-truth boxes mapped into it."""
+    from PIL import Image
+
+    width, height = sample.width, sample.height
+    target = (width, height)
+    if _needs_resize(codec, resize):
+        fw, fh = codec.frame(width, height)
+        target = (int(fw), int(fh))
+    image = Image.open(io.BytesIO(sample.image))
+    if target != image.size or not sample.image.startswith(_PNG_MAGIC):
+        image.load()
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        if target != image.size:
+            image = image.resize(target, Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        png = buf.getvalue()
+    else:
+        png = sample.image
+    sx, sy = target[0] / width, target[1] / height
+    boxes = tuple(box.scale(sx, sy) for box in sample.gt_boxes)
+    return ExportImage(png, target[0], target[1], boxes)
+
+
+def think_text(rationale: str | None) -> str | None:
+    """The reasoning of a stored rationale: the think text, whether the rationale is stored as
+    the think text alone (the pipeline's way) or as a whole ``<think>..</think><answer>..``.
+
+    >>> think_text("<think> a </think><answer>[1, 2, 3, 4]</answer>"), think_text("b")
+    ('a', 'b')
+    >>> think_text("") is None
+    True
+    """
+    if rationale is None or not rationale.strip():
+        return None
+    text = rationale
+    if "<think>" in text or "</think>" in text:
+        start = text.find("<think>")
+        start = 0 if start < 0 else start + len("<think>")
+        end = text.find("</think>", start)
+        text = text[start:] if end < 0 else text[start:end]
+    text = text.strip()
+    return text or None
+
+
+def render_answer_box(sample: Any, exported: ExportImage, codec: BoxCodec) -> str:
+    """The ground truth as the model writes it: a ``kvg`` target's box labelled with its name,
+    or every box of a ``detect`` sample."""
+    if not exported.boxes:
+        raise ValueError(f"sample {sample.sample_id} has no ground-truth box")
+    if sample.task == "kvg" and len(exported.boxes) == 1:
+        label = sample.target or None
+        return codec.render(exported.boxes[0], exported.width, exported.height, label)
+    return codec.render_many(list(exported.boxes), exported.width, exported.height)
+
+
+def user_prompt(question: str, reasoning: bool) -> str:
+    """``<image>`` then the question, and the reasoning instruction when asked for."""
+    text = f"{IMAGE_TOKEN}{question}"
+    return f"{text}{REASONING_INSTRUCTION}" if reasoning else text
+
+
+def shard_format(shards_dir: str | Path) -> str:
+    """``arrow`` or ``parquet``: the format of the shards under ``shards_dir/<split>/``."""
+    from groundforge.outputs.files import list_files
+
+    root = str(shards_dir).rstrip("/")
+    for fmt in ("arrow", "parquet"):
+        if list_files(f"{root}/*/data-*.{fmt}"):
+            return fmt
+    raise FileNotFoundError(f"no data-*.arrow or data-*.parquet shards under {root}/<split>/")
+
+
+def shard_splits(shards_dir: str | Path, fmt: str) -> list[str]:
+    """The splits that have shards on disk, sorted."""
+    from groundforge.outputs.files import list_files
+
+    root = str(shards_dir).rstrip("/")
+    return sorted({p.rstrip("/").rsplit("/", 2)[-2] for p in list_files(f"{root}/*/data-*.{fmt}")})
+
+
+def _samples(shards_dir: str | Path, splits: Sequence[str] | None, fmt: str | None) -> Iterator:
+    from groundforge.outputs.shards import read_samples
+
+    shards_dir = str(shards_dir)
+    fmt = fmt or shard_format(shards_dir)
+    if splits is None:
+        yield from read_samples(shards_dir, fmt=fmt)
+        return
+    for split in splits:
+        yield from read_samples(shards_dir, split, fmt=fmt)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, "utf-8")
+    tmp.replace(path)
+
+
+def dataset_info_entry(dataset_name: str) -> dict[str, Any]:
+    """LLaMA-Factory's ``dataset_info.json`` entry for the exported sharegpt file."""
+    return {
+        dataset_name: {
+            "file_name": f"{dataset_name}.json",
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages", "images": "images"},
+            "tags": {
+                "role_tag": "role",
+                "content_tag": "content",
+                "user_tag": "user",
+                "assistant_tag": "assistant",
+            },
+        }
+    }
+
+
+def export_llamafactory(
+    shards_dir: str | Path,
+    dest: str | Path,
+    codec: str = "qwen25vl",
+    codec_params: Mapping[str, Any] | None = None,
+    splits: Sequence[str] | None = None,
+    dataset_name: str = "groundforge",
+    resize: bool | None = None,
+    fmt: str | None = None,
+) -> Path:
+    """Write the shards (``splits``, default all) as a LLaMA-Factory sharegpt dataset in
+    ``dest``; returns the JSON file. See the module doc for the layout and the image frame."""
+    box_codec = get_codec(codec, **dict(codec_params or {}))
+    dest = Path(dest)
+    images_dir = dest / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    json_path = dest / f"{dataset_name}.json"
+    tmp = json_path.with_name(f".{json_path.name}.tmp-{os.getpid()}")
+    written: set[str] = set()
+    count = 0
+    with open(tmp, "w", encoding="utf-8") as out:
+        out.write("[")
+        for sample in _samples(shards_dir, splits, fmt):
+            exported = export_image(sample, box_codec, resize)
+            name = f"{exported.sha256}.png"
+            if name not in written:
+                image_path = images_dir / name
+                if not image_path.is_file():
+                    image_path.write_bytes(exported.png)
+                written.add(name)
+            box = render_answer_box(sample, exported, box_codec)
+            think = think_text(sample.rationale)
+            answer = box if think is None else f"<think>{think}</think><answer>{box}</answer>"
+            record = {
+                "messages": [
+                    {"role": "user", "content": user_prompt(sample.question, think is not None)},
+                    {"role": "assistant", "content": answer},
+                ],
+                "images": [f"images/{name}"],
+            }
+            out.write(",\n" if count else "\n")
+            out.write(json.dumps(record, ensure_ascii=False))
+            count += 1
+        out.write("\n]\n")
+    tmp.replace(json_path)
+
+    info_path = dest / "dataset_info.json"
+    info: dict[str, Any] = {}
+    if info_path.is_file():
+        try:
+            info = json.loads(info_path.read_text("utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{info_path} is not JSON ({exc}); fix or remove it") from exc
+        if not isinstance(info, dict):
+            raise ValueError(f"{info_path} does not hold a JSON object; fix or remove it")
+    info.update(dataset_info_entry(dataset_name))
+    _write_atomic(info_path, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    return json_path
+
+
+def verl_features() -> Any:
+    """The ``datasets`` features of an exported verl parquet file."""
+    import datasets as ds
+
+    string = ds.Value("string")
+    return ds.Features(
+        {
+            "data_source": string,
+            "prompt": ds.List({"role": string, "content": string}),
+            "images": ds.List(ds.Image()),
+            "ability": string,
+            "reward_model": {"style": string, "ground_truth": string},
+            "extra_info": {
+                "split": string,
+                "index": ds.Value("int64"),
+                "sample_id": string,
+                "width": ds.Value("int64"),
+                "height": ds.Value("int64"),
+                "boxes": ds.List(ds.List(ds.Value("float64"))),
+                "target": string,
+                "task": string,
+            },
+        }
+    )
+
+
+def ground_truth(
+    exported: ExportImage, codec: BoxCodec, codec_params: Mapping[str, Any], task: str
+) -> str:
+    """The ``reward_model.ground_truth`` JSON of one row (see the module doc)."""
+    boxes = [codec.to_frame(box, exported.width, exported.height) for box in exported.boxes]
+    return json.dumps(
+        {
+            "codec": codec.name,
+            "codec_params": dict(codec_params),
+            "width": exported.width,
+            "height": exported.height,
+            "task": task,
+            "boxes": boxes,
+        }
+    )
+
+
+def verl_row(
+    sample: Any,
+    index: int,
+    codec: BoxCodec,
+    codec_params: Mapping[str, Any],
+    resize: bool | None = None,
+) -> dict[str, Any]:
+    """One verl row for a sample (see the module doc)."""
+    exported = export_image(sample, codec, resize)
+    if not exported.boxes:
+        raise ValueError(f"sample {sample.sample_id} has no ground-truth box")
+    return {
+        "data_source": f"groundforge/{sample.domain}",
+        "prompt": [{"role": "user", "content": user_prompt(sample.question, True)}],
+        "images": [{"bytes": exported.png, "path": None}],
+        "ability": ABILITIES.get(sample.task, sample.task),
+        "reward_model": {
+            "style": "rule",
+            "ground_truth": ground_truth(exported, codec, codec_params, sample.task),
+        },
+        "extra_info": {
+            "split": sample.split,
+            "index": index,
+            "sample_id": sample.sample_id,
+            "width": exported.width,
+            "height": exported.height,
+            "boxes": [box.to_list() for box in exported.boxes],
+            "target": sample.target,
+            "task": sample.task,
+        },
+    }
+
+
+def export_verl(
+    shards_dir: str | Path,
+    dest: str | Path,
+    codec: str = "qwen25vl",
+    codec_params: Mapping[str, Any] | None = None,
+    splits: Sequence[str] | None = None,
+    resize: bool | None = None,
+    fmt: str | None = None,
+) -> Path:
+    """Write one verl parquet file per non-empty split (``splits``, default all) into ``dest``;
+    returns ``dest``. ``index`` counts rows within a split. See the module doc."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from groundforge.outputs.shards import read_samples
+
+    params = dict(codec_params or {})
+    box_codec = get_codec(codec, **params)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    schema = verl_features().arrow_schema
+    shards_dir = str(shards_dir)
+    fmt = fmt or shard_format(shards_dir)
+    if splits is None:
+        splits = shard_splits(shards_dir, fmt)
+
+    for split in splits:
+        path = dest / f"{split}.parquet"
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        writer = None
+        rows: list[dict[str, Any]] = []
+        index = 0
+        try:
+            for sample in read_samples(shards_dir, split, fmt=fmt):
+                rows.append(verl_row(sample, index, box_codec, params, resize))
+                index += 1
+                if len(rows) == _VERL_BATCH:
+                    writer = writer or pq.ParquetWriter(tmp, schema)
+                    writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+                    rows = []
+            if rows:
+                writer = writer or pq.ParquetWriter(tmp, schema)
+                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is not None:
+            tmp.replace(path)
+    return dest

@@ -1,0 +1,342 @@
+"""Exports to LLaMA-Factory (sharegpt JSON + images) and verl (parquet + reward), re-read."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+
+import apache_beam as beam
+import datasets
+import pytest
+from PIL import Image
+from samples import make_sample, png_bytes
+
+from groundforge.outputs.export import (
+    IMAGE_TOKEN,
+    REASONING_INSTRUCTION,
+    dataset_info_entry,
+    export_llamafactory,
+    export_verl,
+    think_text,
+)
+from groundforge.outputs.shards import WriteShards, finalize_shards, read_samples
+from groundforge.outputs.verl_reward import compute_score, detection_f1, format_ok
+from groundforge.schemas.box import Box
+from groundforge.schemas.codecs import get_codec, smart_resize
+from groundforge.schemas.records import stable_id
+
+SMALL_QWEN = {"max_pixels": 256 * 28 * 28}
+
+
+def write(samples, out, splits=("sft", "val", "grpo")):
+    with beam.Pipeline() as p:
+        _ = p | beam.Create(samples) | WriteShards(str(out), "arrow", 4)
+    finalize_shards(str(out), list(splits), "arrow")
+    return out
+
+
+def big_sample() -> object:
+    """A 1000 x 800 JPEG with a box near a corner: downscaled by the qwen25vl frame."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1000, 800), (20, 120, 200)).save(buf, "JPEG")
+    box = Box(612.3, 401.7, 903.9, 755.2)
+    return dataclasses.replace(
+        make_sample(100, "sft"),
+        sample_id=stable_id("export-test", "big"),
+        image=buf.getvalue(),
+        width=1000,
+        height=800,
+        target="Chad",
+        question="Find and give the bounding box of <|object_ref_start|>Chad<|object_ref_end|>",
+        entities=(),
+        gt_boxes=(box,),
+        rationale="The blue, yellow and red stripes of Chad.",
+    )
+
+
+def detect_sample() -> object:
+    boxes = (Box(1, 1, 30, 30), Box(40, 5, 70, 35), Box(10, 40, 60, 58))
+    return dataclasses.replace(
+        make_sample(200, "grpo"),
+        sample_id=stable_id("export-test", "detect"),
+        image=png_bytes(80, 60),
+        width=80,
+        height=60,
+        task="detect",
+        domain="person",
+        target="",
+        question="Detect every person.",
+        gt_boxes=boxes,
+        rationale=None,
+    )
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    samples = [make_sample(i, "sft" if i % 3 else "val") for i in range(9)]
+    # Same image as sample 1, another question: one image file for both.
+    samples.append(
+        dataclasses.replace(
+            samples[1], sample_id=stable_id("export-test", "dup"), question="where, again?"
+        )
+    )
+    samples += [big_sample(), detect_sample()]
+    return write(samples, tmp_path_factory.mktemp("export") / "shards")
+
+
+def user_and_answer(record):
+    user, assistant = record["messages"]
+    assert (user["role"], assistant["role"]) == ("user", "assistant")
+    return user["content"], assistant["content"]
+
+
+# -- LLaMA-Factory ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("codec", "params"), [("qwen25vl", SMALL_QWEN), ("norm1000", {}), ("pixel", {})]
+)
+def test_llamafactory_records_images_and_boxes(shards, tmp_path, codec, params):
+    dest = tmp_path / "lf"
+    path = export_llamafactory(shards, dest, codec=codec, codec_params=params)
+    assert path == dest / "groundforge.json"
+    records = json.loads(path.read_text())
+    samples = list(read_samples(str(shards)))
+    assert len(records) == len(samples) == 12
+    box_codec = get_codec(codec, **params)
+    for record, sample in zip(records, samples, strict=True):
+        tokens = sum(m["content"].count(IMAGE_TOKEN) for m in record["messages"])
+        assert tokens == len(record["images"]) == 1
+        image_file = dest / record["images"][0]
+        assert image_file.is_file() and image_file.suffix == ".png"
+        image = Image.open(image_file)
+        image.load()
+        if codec == "qwen25vl":
+            h, w = smart_resize(sample.height, sample.width, max_pixels=SMALL_QWEN["max_pixels"])
+            assert image.size == (w, h)
+            assert box_codec.frame(w, h) == (w, h)  # the processor will not resize it again
+        else:
+            assert image.size == (sample.width, sample.height)
+        user, answer = user_and_answer(record)
+        assert user.startswith(IMAGE_TOKEN + sample.question)
+        # The box parses back, in the written image, to the gt box within one unit.
+        w, h = image.size
+        gts = [b.scale(w / sample.width, h / sample.height) for b in sample.gt_boxes]
+        parsed = box_codec.parse(answer, w, h)
+        assert len(parsed) == len(gts)
+        ux, uy = box_codec.unit(w, h)
+        for got, gt in zip(parsed, gts, strict=True):
+            gt = gt.clip(w, h)
+            assert abs(got.x1 - gt.x1) <= ux and abs(got.x2 - gt.x2) <= ux
+            assert abs(got.y1 - gt.y1) <= uy and abs(got.y2 - gt.y2) <= uy
+        think = think_text(sample.rationale)
+        if think is None:
+            assert "<think>" not in answer and REASONING_INSTRUCTION not in user
+            assert answer == box_codec.render_many(gts, w, h) or answer == box_codec.render(
+                gts[0], w, h, sample.target
+            )
+        else:
+            assert user.endswith(REASONING_INSTRUCTION)
+            box = box_codec.render(gts[0], w, h, sample.target)
+            assert answer == f"<think>{think}</think><answer>{box}</answer>"
+    # One file per distinct image (the duplicate shares one).
+    files = sorted(p.name for p in (dest / "images").iterdir())
+    assert len(files) == len({r["images"][0] for r in records}) == 11
+
+
+def test_llamafactory_answer_examples(shards, tmp_path):
+    records = json.loads(export_llamafactory(shards, tmp_path, codec_params=SMALL_QWEN).read_text())
+    by_question = {user_and_answer(r)[0]: user_and_answer(r)[1] for r in records}
+    chad = (
+        "<image>Find and give the bounding box of <|object_ref_start|>Chad<|object_ref_end|>"
+        + REASONING_INSTRUCTION
+    )
+    # 1000 x 800 -> 476 x 392: x * 0.476, y * 0.49.
+    assert by_question[chad] == (
+        "<think>The blue, yellow and red stripes of Chad.</think>"
+        '<answer>[{"bbox_2d": [291, 197, 430, 370], "label": "Chad"}]</answer>'
+    )
+    # make_sample(0): rationale stored as a whole think/answer text; 8 x 6 -> 84 x 56.
+    assert by_question["<image>where is entity 0?" + REASONING_INSTRUCTION] == (
+        '<think>t</think><answer>[{"bbox_2d": [10, 9, 52, 37], "label": "entity 0"}]</answer>'
+    )
+    assert by_question["<image>where is entity 1?"] == (
+        '[{"bbox_2d": [10, 9, 63, 37], "label": "entity 1"}]'
+    )
+    # 80 x 60 -> 84 x 56 (x * 1.05, y * 0.933); halves round to even as Python's round does.
+    assert by_question["<image>Detect every person."] == (
+        '[{"bbox_2d": [1, 1, 32, 28]}, {"bbox_2d": [42, 5, 74, 33]}, {"bbox_2d": [10, 37, 63, 54]}]'
+    )
+
+
+def test_llamafactory_splits_and_dataset_info_merge(shards, tmp_path):
+    dest = tmp_path / "lf"
+    dest.mkdir()
+    other = {"other": {"file_name": "other.json", "formatting": "alpaca"}}
+    (dest / "dataset_info.json").write_text(json.dumps(other))
+    path = export_llamafactory(
+        shards, dest, codec="norm1000", splits=["val"], dataset_name="kvg_val"
+    )
+    assert path.name == "kvg_val.json"
+    records = json.loads(path.read_text())
+    assert len(records) == 3  # samples 0, 3, 6
+    export_llamafactory(shards, dest, codec="norm1000", splits=["sft", "grpo"], dataset_name="kvg")
+    info = json.loads((dest / "dataset_info.json").read_text())
+    assert set(info) == {"other", "kvg_val", "kvg"}
+    assert info["other"] == other["other"]
+    assert info["kvg_val"] == {
+        "file_name": "kvg_val.json",
+        "formatting": "sharegpt",
+        "columns": {"messages": "messages", "images": "images"},
+        "tags": {
+            "role_tag": "role",
+            "content_tag": "content",
+            "user_tag": "user",
+            "assistant_tag": "assistant",
+        },
+    }
+    assert {"kvg": info["kvg"]} == dataset_info_entry("kvg")
+    assert len(json.loads((dest / "kvg.json").read_text())) == 9
+
+
+def test_llamafactory_refuses_a_broken_dataset_info(shards, tmp_path):
+    (tmp_path / "dataset_info.json").write_text("{not json")
+    with pytest.raises(ValueError, match="dataset_info.json"):
+        export_llamafactory(shards, tmp_path, codec="norm1000")
+
+
+# -- verl -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def verl_dir(shards, tmp_path_factory):
+    return export_verl(
+        shards, tmp_path_factory.mktemp("verl"), codec="qwen25vl", codec_params=SMALL_QWEN
+    )
+
+
+def load_split(verl_dir, split, tmp_path):
+    return datasets.load_dataset(
+        "parquet",
+        data_files={split: str(verl_dir / f"{split}.parquet")},
+        cache_dir=str(tmp_path / "hf-cache"),
+    )[split]
+
+
+def test_verl_rows_carry_what_the_reward_needs(shards, verl_dir, tmp_path):
+    assert sorted(p.name for p in verl_dir.iterdir()) == [
+        "grpo.parquet",
+        "sft.parquet",
+        "val.parquet",
+    ]
+    by_id = {s.sample_id: s for s in read_samples(str(shards))}
+    total = 0
+    for split in ("grpo", "sft", "val"):
+        rows = load_split(verl_dir, split, tmp_path)
+        assert set(rows.column_names) == {
+            "data_source",
+            "prompt",
+            "images",
+            "ability",
+            "reward_model",
+            "extra_info",
+        }
+        for index, row in enumerate(rows):
+            total += 1
+            info = row["extra_info"]
+            sample = by_id[info["sample_id"]]
+            assert info["split"] == split == sample.split
+            assert info["index"] == index
+            assert info["task"] == sample.task and info["target"] == sample.target
+            assert row["data_source"] == f"groundforge/{sample.domain}"
+            assert row["ability"] == ("grounding" if sample.task == "kvg" else "detection")
+            (message,) = row["prompt"]
+            assert message["role"] == "user"
+            assert message["content"] == f"<image>{sample.question}{REASONING_INSTRUCTION}"
+            (image,) = row["images"]
+            assert isinstance(image, Image.Image)
+            assert image.size == (info["width"], info["height"])
+            h, w = smart_resize(sample.height, sample.width, max_pixels=SMALL_QWEN["max_pixels"])
+            assert (info["width"], info["height"]) == (w, h)
+            sx, sy = w / sample.width, h / sample.height
+            expected = [b.scale(sx, sy).to_list() for b in sample.gt_boxes]
+            assert info["boxes"] == expected
+            assert row["reward_model"]["style"] == "rule"
+            truth = json.loads(row["reward_model"]["ground_truth"])
+            assert truth["codec"] == "qwen25vl" and truth["codec_params"] == SMALL_QWEN
+            assert (truth["width"], truth["height"], truth["task"]) == (w, h, sample.task)
+            codec = get_codec("qwen25vl", **SMALL_QWEN)
+            assert truth["boxes"] == [codec.to_frame(Box(*b), w, h) for b in info["boxes"]]
+
+            # The reward: 1 for the ground truth, 0 for garbage.
+            answer = codec.render_many([Box(*b) for b in info["boxes"]], w, h)
+            solution = f"<think>looking</think><answer>{answer}</answer>"
+            gt_text = row["reward_model"]["ground_truth"]
+            assert compute_score(row["data_source"], solution, gt_text, info) == 1.0
+            assert compute_score(row["data_source"], "no box here", gt_text, info) == 0.0
+            assert compute_score(row["data_source"], "", gt_text) == 0.0
+    assert total == 12
+
+
+def test_reward_of_a_shifted_box_is_its_iou(verl_dir, tmp_path):
+    rows = load_split(verl_dir, "sft", tmp_path)
+    row = next(r for r in rows if r["extra_info"]["target"] == "Chad")
+    truth = json.loads(row["reward_model"]["ground_truth"])
+    x1, y1, x2, y2 = truth["boxes"][0]
+    shift = (x2 - x1) // 2
+    moved = [x1 - shift, y1, x2 - shift, y2]  # inside the image: nothing clipped
+    expected = Box(*truth["boxes"][0]).iou(Box(*moved))  # IoU is the same in any axis scaling
+    assert 0.3 < expected < 0.4
+    gt = row["reward_model"]["ground_truth"]
+    text = f'<think>x</think><answer>[{{"bbox_2d": {moved}, "label": "Chad"}}]</answer>'
+    assert compute_score("groundforge/flag", text, gt) == pytest.approx(expected, abs=1e-9)
+    # The last box of the answer counts; an unparsable answer falls back to text boxes.
+    both = f"<answer>{truth['boxes'][0]} then {moved}</answer>"
+    assert compute_score("groundforge/flag", both, gt) == pytest.approx(expected, abs=1e-9)
+    # The ground truth already parsed works too, and the optional terms.
+    assert compute_score("groundforge/flag", text, truth) == pytest.approx(expected, abs=1e-9)
+    assert compute_score("groundforge/flag", text, gt, iou_threshold=0.5) == 0.0
+    assert compute_score("groundforge/flag", text, gt, format_weight=0.5) == pytest.approx(
+        expected + 0.5
+    )
+    bare = json.dumps(moved)
+    assert compute_score("groundforge/flag", bare, gt, format_weight=0.5) == pytest.approx(expected)
+
+
+def test_reward_for_detection_is_f1_at_half_iou(verl_dir, tmp_path):
+    (row,) = load_split(verl_dir, "grpo", tmp_path)
+    assert row["ability"] == "detection"
+    gt = row["reward_model"]["ground_truth"]
+    boxes = json.loads(gt)["boxes"]
+    assert len(boxes) == 3
+    render = json.dumps
+    assert compute_score("d", f"<answer>{render(boxes)}</answer>", gt) == 1.0
+    assert compute_score("d", f"<answer>{render(boxes[:2])}</answer>", gt) == pytest.approx(0.8)
+    far = [[70, 50, 79, 59]]
+    two_and_far = render(boxes[:2] + far)
+    assert compute_score("d", two_and_far, gt) == pytest.approx(2 * 2 / 6)
+    assert compute_score("d", "nothing", gt) == 0.0
+
+
+def test_reward_helpers():
+    assert format_ok("<think>a</think>\n<answer>[1, 2, 3, 4]</answer>")
+    assert not format_ok("<think></think><answer>[1, 2, 3, 4]</answer>")
+    assert not format_ok("<think>a</think><answer>x</answer><answer>y</answer>")
+    assert not format_ok("<answer>[1, 2, 3, 4]</answer>")
+    assert detection_f1([], []) == 1.0
+    assert detection_f1([Box(0, 0, 1, 1)], []) == 0.0
+    # Hungarian, not greedy: a greedy pass would match the first prediction to the first gt.
+    gt = [Box(0, 0, 10, 10), Box(6, 0, 16, 10)]
+    pred = [Box(3, 0, 13, 10), Box(0, 0, 9, 10)]
+    assert detection_f1(pred, gt) == 1.0
+
+
+def test_verl_skips_empty_splits(tmp_path):
+    shards = write([make_sample(i, "sft") for i in range(3)], tmp_path / "shards")
+    out = export_verl(shards, tmp_path / "verl", codec="norm1000")
+    assert sorted(p.name for p in out.iterdir()) == ["sft.parquet"]
+    rows = load_split(out, "sft", tmp_path)
+    assert len(rows) == 3
+    truth = json.loads(rows[0]["reward_model"]["ground_truth"])
+    assert truth["codec"] == "norm1000" and (truth["width"], truth["height"]) == (8, 6)

@@ -1,0 +1,792 @@
+"""GRPO rewards: exact values on hand-written completions in every codec."""
+
+import doctest
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from groundforge.schemas.box import Box, iou_matrix
+from groundforge.schemas.codecs import get_codec
+from groundforge.trainer import rewards as rewards_module
+from groundforge.trainer.rewards import (
+    DEEPPERCEPTION,
+    DIP_R1,
+    KARL,
+    REWARDS,
+    build_rewards,
+    completion_text,
+    iou_reward,
+    karl_iou,
+    match_boxes,
+    parsable_box,
+    think_answer_format,
+    think_look_answer_format,
+    variance_guided_looking,
+    weighted_precision_recall,
+)
+
+W, H = 1120, 840
+# Every codec, built as a trainer would; the Qwen2.5-VL one resizes 1120 x 840 to 560 x 420.
+CODECS = {
+    "pixel": get_codec("pixel"),
+    "norm1000": get_codec("norm1000"),
+    "norm1000-plain": get_codec("norm1000", tokens=False),
+    "qwen25vl": get_codec("qwen25vl", max_pixels=560 * 420),
+    "qwen3vl": get_codec("qwen3vl"),
+    "norm01": get_codec("norm01"),
+}
+codec_names = pytest.mark.parametrize("codec_name", list(CODECS))
+
+# KVG: every coordinate is a whole step of every frame (1.12 px x 0.84 px for 0..1000, 2 px for
+# the resized frame, 0.001 of the image for norm01), so rendering and parsing are exact.
+GT = Box(224, 168, 560, 504)  # 336 x 336 = 112896 px
+WRONG = Box(784, 588, 1008, 756)  # disjoint from GT
+PARTIAL = Box(280, 168, 616, 504)  # inter 280 x 336 = 94080, union 131712: IoU 5/7
+HALF = Box(336, 168, 672, 504)  # inter 224 x 336 = 75264, union 150528: IoU 1/2 exactly
+FIFTH = Box(448, 168, 784, 504)  # inter 112 x 336 = 37632, union 188160: IoU 1/5
+THINK = "<think>Two airliners; the one with the T-tail and four engines is the target.</think>"
+
+
+def kvg_cols(n, **extra):
+    cols = {
+        "task": ["kvg"] * n,
+        "gt_boxes": [[GT.to_list()]] * n,
+        "width": [W] * n,
+        "height": [H] * n,
+        "target": ["Boeing 757"] * n,
+        "knowledge_level": [2] * n,
+        "sample_id": ["s0"] * n,
+    }
+    cols.update(extra)
+    return cols
+
+
+def render(codec, *boxes, label="Boeing 757"):
+    if len(boxes) == 1:
+        return codec.render(boxes[0], W, H, label=label)
+    return codec.render_many(list(boxes), W, H, labels=[label] * len(boxes))
+
+
+def truncated(codec, box):
+    """The answer cut two characters after its first comma: no complete box left."""
+    full = render(codec, box)
+    return full[: full.index(",") + 2]
+
+
+# name -> (text builder, format, parsable, IoU, (GIoU + 1) / 2)
+KVG_CASES = {
+    "right": (lambda c: f"{THINK}<answer>{render(c, GT)}</answer>", 1, 1, 1.0, 1.0),
+    # hull 784 x 588 = 460992, union 150528: GIoU = -1 + 16/49, mapped 8/49
+    "wrong": (lambda c: f"{THINK}<answer>{render(c, WRONG)}</answer>", 1, 1, 0.0, 8 / 49),
+    # side by side at equal heights: the hull is the union, GIoU = IoU
+    "partial": (lambda c: f"{THINK}\n<answer>{render(c, PARTIAL)}</answer>\n", 1, 1, 5 / 7, 6 / 7),
+    "half": (lambda c: f"{THINK}<answer>{render(c, HALF)}</answer>", 1, 1, 0.5, 0.75),
+    "fifth": (lambda c: f"{THINK}<answer>{render(c, FIFTH)}</answer>", 1, 1, 0.2, 0.6),
+    "malformed": (lambda c: f"{THINK}<answer>the left aircraft</answer>", 1, 0, None, None),
+    # the think holds the right box: it must not be used when the answer is cut
+    "truncated": (
+        lambda c: f"<think>candidate {render(c, GT)}</think><answer>{truncated(c, GT)}",
+        0,
+        0,
+        None,
+        None,
+    ),
+    "empty": (lambda c: "", 0, 0, None, None),
+    "no_tags": (lambda c: render(c, GT), 0, 0, None, None),
+    "two_boxes_last_right": (
+        lambda c: f"{THINK}<answer>{render(c, WRONG, GT)}</answer>",
+        1,
+        1,
+        1.0,
+        1.0,
+    ),
+    "two_boxes_last_wrong": (
+        lambda c: f"{THINK}<answer>{render(c, GT, WRONG)}</answer>",
+        1,
+        1,
+        0.0,
+        8 / 49,
+    ),
+    "duplicate_boxes": (
+        lambda c: f"{THINK}<answer>{render(c, PARTIAL, PARTIAL)}</answer>",
+        1,
+        1,
+        5 / 7,
+        6 / 7,
+    ),
+    "two_answer_blocks": (
+        lambda c: f"<answer>{render(c, GT)}</answer>{THINK}<answer>{render(c, HALF)}</answer>",
+        0,
+        1,
+        0.5,
+        0.75,
+    ),
+    "empty_think": (lambda c: f"<think> </think><answer>{render(c, GT)}</answer>", 0, 1, 1.0, 1.0),
+    "text_outside": (lambda c: f"Sure! {THINK}<answer>{render(c, GT)}</answer>", 0, 1, 1.0, 1.0),
+}
+
+
+def approx(values):
+    return [None if v is None else pytest.approx(v, abs=1e-9) for v in values]
+
+
+@pytest.mark.parametrize("case", list(KVG_CASES))
+@codec_names
+def test_kvg_rewards_exact_in_every_codec(codec_name, case):
+    codec = CODECS[codec_name]
+    build, fmt, parsable, iou, giou = KVG_CASES[case]
+    text = build(codec)
+    cols = kvg_cols(1)
+    iou0 = 0.0 if iou is None else iou
+
+    assert think_answer_format(None, [text], **cols) == [float(fmt)]
+    assert parsable_box(codec)(None, [text], **cols) == [float(parsable)]
+    assert iou_reward(codec)(None, [text], **cols) == approx([iou0])
+    assert iou_reward(codec, "thresholded")(None, [text], **cols) == approx(
+        [iou0 if iou0 > 0.5 else 0.0]
+    )
+    assert iou_reward(codec, "thresholded", tau=0.85)(None, [text], **cols) == approx(
+        [1.0 if iou0 == 1.0 else 0.0]
+    )
+    assert iou_reward(codec, "squared")(None, [text], **cols) == approx([iou0**2])
+    assert iou_reward(codec, "giou")(None, [text], **cols) == approx([giou or 0.0])
+
+
+@codec_names
+def test_fixture_boxes_round_trip_exactly(codec_name):
+    codec = CODECS[codec_name]
+    for box in (GT, WRONG, PARTIAL, HALF, FIFTH):
+        (parsed,) = codec.parse(render(codec, box), W, H)
+        assert np.allclose(parsed.to_list(), box.to_list(), atol=1e-9)
+    assert GT.iou(PARTIAL) == pytest.approx(5 / 7) and GT.iou(HALF) == 0.5
+
+
+def test_thresholded_is_strict_and_values_at_the_boundary():
+    codec = CODECS["pixel"]
+    text = f"{THINK}<answer>{render(codec, HALF)}</answer>"  # IoU exactly 0.5
+    assert iou_reward(codec, "thresholded", tau=0.5)(None, [text], **kvg_cols(1)) == [0.0]
+    assert iou_reward(codec, "thresholded", tau=0.49)(None, [text], **kvg_cols(1)) == [0.5]
+    assert iou_reward(codec, "continuous")(None, [text], **kvg_cols(1)) == [0.5]
+
+
+def test_reward_names_are_what_trl_logs():
+    codec = CODECS["pixel"]
+    assert [iou_reward(codec, v).__name__ for v in ("continuous", "thresholded", "squared")] == [
+        "iou_continuous",
+        "iou_thresholded",
+        "iou_squared",
+    ]
+    assert iou_reward(codec, "giou").__name__ == "iou_giou"
+    assert parsable_box(codec).__name__ == "parsable_box"
+    assert karl_iou(codec).__name__ == "karl_iou"
+    assert think_answer_format.__name__ == "think_answer_format"
+    assert think_look_answer_format(codec).__name__ == "think_look_answer_format"
+    assert weighted_precision_recall(codec).__name__ == "weighted_precision_recall"
+    assert variance_guided_looking(codec).__name__ == "variance_guided_looking"
+
+
+def test_giou_of_disjoint_boxes():
+    codec = CODECS["pixel"]
+    f = iou_reward(codec, "giou")
+    cols = kvg_cols(2, gt_boxes=[[[0, 0, 10, 10]]] * 2)
+    # 10 px apart: hull 30 x 10 = 300, union 200, GIoU = -1/3; touching: GIoU = 0
+    texts = ["<answer>[20, 0, 30, 10]</answer>", "<answer>[10, 0, 20, 10]</answer>"]
+    assert f(None, texts, **cols) == approx([1 / 3, 0.5])
+    # farther apart is worse; unparsable is 0, below every box
+    far = f(None, ["<answer>[500, 400, 510, 410]</answer>", "<answer>x</answer>"], **cols)
+    assert 0 < far[0] < 1 / 3 and far[1] == 0.0
+
+
+@codec_names
+def test_conversational_completions_score_as_strings(codec_name):
+    codec = CODECS[codec_name]
+    texts = [build(codec) for build, *_ in KVG_CASES.values()]
+    plain = [{"role": "assistant", "content": t} for t in texts]
+    parts = [
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": t[:5]}, {"type": "text", "text": t[5:]}],
+        }
+        for t in texts
+    ]
+    cols = kvg_cols(len(texts))
+    for f in (think_answer_format, parsable_box(codec), iou_reward(codec, "giou"), karl_iou(codec)):
+        expected = f(None, texts, **cols)
+        assert f(None, [[m] for m in plain], **cols) == expected
+        assert f(None, [[m] for m in parts], **cols) == expected
+
+
+def test_completion_text_forms():
+    assert completion_text(None) == ""
+    assert completion_text("abc") == "abc"
+    assert completion_text({"role": "assistant", "content": "x"}) == "x"
+    image_part = {"type": "image"}
+    msg = {"role": "assistant", "content": [image_part, {"type": "text", "text": "y"}]}
+    assert completion_text([msg]) == "y"
+    assert completion_text([{"role": "tool", "content": "[1, 2, 3, 4]"}, msg]) == "y"
+    with pytest.raises(TypeError):
+        completion_text(42)
+
+
+def test_kvg_rewards_are_none_on_detect_rows_and_detect_rewards_on_kvg_rows():
+    codec = CODECS["pixel"]
+    text = f"{THINK}<answer>{render(codec, GT)}</answer>"
+    cols = kvg_cols(3, task=["kvg", "detect", "kvg"])
+    for f in (
+        think_answer_format,
+        parsable_box(codec),
+        iou_reward(codec, "thresholded"),
+        karl_iou(codec),
+    ):
+        out = f(None, [text] * 3, **cols)
+        assert out[1] is None and out[0] == out[2] is not None
+    for f in (
+        think_look_answer_format(codec),
+        weighted_precision_recall(codec),
+        variance_guided_looking(codec),
+    ):
+        out = f(None, [text] * 3, **cols)
+        assert out[0] is None and out[2] is None and out[1] is not None
+    # an unknown task: no reward applies
+    assert iou_reward(codec)(None, [text], **kvg_cols(1, task=["vqa"])) == [None]
+
+
+def test_trl_extra_keyword_arguments_are_accepted():
+    codec = CODECS["pixel"]
+    text = f"{THINK}<answer>{render(codec, GT)}</answer>"
+    extras = dict(
+        completion_ids=[[1, 2]], trainer_state=object(), log_extra=print, log_metric=print
+    )
+    for f in build_rewards(KARL, codec)[0] + build_rewards(DIP_R1, codec)[0]:
+        out = f(
+            prompts=[[{"role": "user", "content": "q"}]],
+            completions=[text],
+            **kvg_cols(1),
+            **extras,
+        )
+        assert len(out) == 1
+
+
+def test_require_answer_false_reads_the_whole_text():
+    codec = CODECS["norm1000"]
+    text = render(codec, GT)
+    assert iou_reward(codec)(None, [text], **kvg_cols(1)) == [0.0]
+    assert iou_reward(codec, require_answer=False)(None, [text], **kvg_cols(1)) == approx([1.0])
+    assert parsable_box(codec, require_answer=False)(None, [text], **kvg_cols(1)) == [1.0]
+
+
+def test_missing_columns_and_bad_rows_fail_clearly():
+    codec = CODECS["pixel"]
+    text = "<answer>[1, 2, 3, 4]</answer>"
+    with pytest.raises(ValueError, match="gt_boxes"):
+        iou_reward(codec)(None, [text], width=[W], height=[H])
+    with pytest.raises(ValueError, match="width"):
+        parsable_box(codec)(None, [text])
+    with pytest.raises(ValueError, match="2 values for 1 completions"):
+        iou_reward(codec)(None, [text], **kvg_cols(1, width=[W, W]))
+    with pytest.raises(ValueError, match="no gt box"):
+        iou_reward(codec)(None, [text], **kvg_cols(1, gt_boxes=[[]]))
+    with pytest.raises(ValueError, match="knowledge_level"):
+        karl_iou(codec)(None, [text], **kvg_cols(1, knowledge_level=[5]))
+    with pytest.raises(ValueError, match="knowledge_level"):
+        karl_iou(codec)(None, [text], **kvg_cols(1, knowledge_level=["3"]))
+    with pytest.raises(ValueError, match="sample_id"):
+        cols = {k: v for k, v in det_cols(1, [T0]).items() if k != "sample_id"}
+        variance_guided_looking(codec)(None, [text], **cols)
+    # the other task's column is not needed on rows of this task
+    assert iou_reward(codec)(None, [text], task=["detect"]) == [None]
+
+
+# ---------------------------------------------------------------------------- KARL
+
+KARL_GT = [[0, 0, 500, 100]]
+KARL_PRED = {  # IoU -> the answer
+    1.0: "<answer>[0, 0, 500, 100]</answer>",
+    0.8: "<answer>[0, 0, 400, 100]</answer>",
+    0.7: "<answer>[0, 0, 350, 100]</answer>",
+    0.65: "<answer>[0, 0, 325, 100]</answer>",  # exactly the threshold: not above it
+    0.5: "<answer>[0, 0, 250, 100]</answer>",
+    None: "<answer>[0, 0, 2",  # unparsable counts as IoU 0
+}
+# level -> rewards for IoU 1.0, 0.8, 0.7, 0.65, 0.5, unparsable
+KARL_TABLE = {
+    0: [0.65, 0.52, 0.455, -0.6, -0.6, -0.6],
+    1: [0.85, 0.68, 0.595, -0.5, -0.5, -0.5],
+    2: [1.0, 0.8, 0.7, -0.4, -0.4, -0.4],
+    3: [1.0, 0.96, 0.84, -0.2, -0.2, -0.2],  # 1.2 x 1.0 capped at 1
+    4: [1.0, 1.0, 0.98, 0.0, 0.0, 0.0],  # 1.4 x 1.0 and 1.4 x 0.8 = 1.12 capped at 1
+    None: [1.0, 0.8, 0.7, -0.4, -0.4, -0.4],  # no level: the middle level 2
+}
+
+
+@pytest.mark.parametrize("level", list(KARL_TABLE))
+def test_karl_table_all_levels(level):
+    codec = CODECS["pixel"]
+    texts = list(KARL_PRED.values())
+    n = len(texts)
+    cols = kvg_cols(n, gt_boxes=[KARL_GT] * n, knowledge_level=[level] * n)
+    assert karl_iou(codec)(None, texts, **cols) == approx(KARL_TABLE[level])
+
+
+@codec_names
+def test_karl_in_every_codec(codec_name):
+    codec = CODECS[codec_name]
+    texts = [
+        build(codec) for build, *_ in (KVG_CASES["right"], KVG_CASES["partial"], KVG_CASES["half"])
+    ]
+    levels = [0, 1, 2, 3, 4]
+    out = [
+        karl_iou(codec)(None, texts, **kvg_cols(3, knowledge_level=[level] * 3)) for level in levels
+    ]
+    # IoU 1, 5/7 (above 0.65), 1/2 (below)
+    assert out == [
+        approx([0.65, 0.65 * 5 / 7, -0.6]),
+        approx([0.85, 0.85 * 5 / 7, -0.5]),
+        approx([1.0, 5 / 7, -0.4]),
+        approx([1.0, 1.2 * 5 / 7, -0.2]),
+        approx([1.0, 1.0, 0.0]),
+    ]
+
+
+def test_karl_custom_threshold_and_scales():
+    codec = CODECS["pixel"]
+    f = karl_iou(codec, threshold=0.4, s_plus=(1, 1, 1, 1, 2), s_minus=(-1, -1, -1, -1, -0.5))
+    cols = kvg_cols(2, gt_boxes=[KARL_GT] * 2, knowledge_level=[4, 0])
+    assert f(None, [KARL_PRED[0.5]] * 2, **cols) == approx([1.0, 0.5])
+    with pytest.raises(ValueError, match="5 each"):
+        karl_iou(codec, s_plus=(1, 2))
+
+
+# ---------------------------------------------------------------------------- detection
+
+T0 = Box(112, 84, 336, 336)  # 0..1000: (100, 100, 300, 400)
+T1 = Box(560, 420, 784, 672)  # 0..1000: (500, 500, 700, 800)
+F1 = Box(896, 84, 1008, 168)  # empty areas
+F2 = Box(0, 672, 112, 840)
+F3 = Box(336, 588, 448, 756)
+T0_NEAR = Box(168, 84, 392, 336)  # IoU with T0: 42336 / 70560 = 0.6
+T0_FAR = Box(280, 84, 504, 336)  # IoU with T0: 14112 / 98784 = 1/7
+
+
+def det_cols(n, truths, sample_ids=None, **extra):
+    cols = {
+        "task": ["detect"] * n,
+        "gt_boxes": [[b.to_list() for b in truths]] * n,
+        "width": [W] * n,
+        "height": [H] * n,
+        "target": ["person"] * n,
+        "knowledge_level": [None] * n,
+        "sample_id": sample_ids or ["d0"] * n,
+    }
+    cols.update(extra)
+    return cols
+
+
+def det(codec, answer, look=(T1,), think="A crowd; two people, one half hidden."):
+    """A DIP-R1 completion; ``answer`` is a list of boxes or a raw string."""
+    if not isinstance(answer, str):
+        answer = codec.render_many(list(answer), W, H, labels=["person"] * len(answer))
+    look_text = codec.render_many(list(look), W, H) if look else "nothing to inspect"
+    return f"<think>{think}</think><look>{look_text}</look><answer>{answer}</answer>"
+
+
+# name -> (text builder, truths, weighted precision-recall at lam 0.5)
+DET_CASES = {
+    "exact": (lambda c: det(c, [T0, T1]), [T0, T1], 1.0),
+    "over_predict_5_for_2": (lambda c: det(c, [T0, F1, T1, F2, F3]), [T0, T1], 0.5 * 2 / 5 + 0.5),
+    "under_predict": (lambda c: det(c, [T1]), [T0, T1], 0.5 + 0.5 * 1 / 2),
+    "duplicates": (lambda c: det(c, [T0, T0]), [T0, T1], 0.5 * 1 / 2 + 0.5 * 1 / 2),
+    "near_match_iou_0.6": (lambda c: det(c, [T0_NEAR, T1]), [T0, T1], 1.0),
+    "far_iou_1_7": (lambda c: det(c, [T0_FAR, T1]), [T0, T1], 0.5),
+    "empty_answer_with_truths": (lambda c: det(c, "[]"), [T0, T1], 0.0),
+    "empty_answer_no_truths": (lambda c: det(c, "[]"), [], 1.0),
+    "codec_empty_no_truths": (lambda c: det(c, c.render_many([], W, H)), [], 1.0),
+    "predictions_no_truths": (lambda c: det(c, [T0]), [], 0.0),
+    "malformed": (lambda c: det(c, "two people, left and right"), [T0, T1], 0.0),
+    "truncated_in_first_box": (
+        lambda c: det(c, [T0, T1]).split("<answer>")[0] + "<answer>" + truncated(c, T0),
+        [T0, T1],
+        0.0,
+    ),
+    "empty": (lambda c: "", [T0, T1], 0.0),
+    "no_tags": (lambda c: c.render_many([T0, T1], W, H), [T0, T1], 0.0),
+}
+
+
+@pytest.mark.parametrize("case", list(DET_CASES))
+@codec_names
+def test_weighted_precision_recall_exact_in_every_codec(codec_name, case):
+    codec = CODECS[codec_name]
+    build, truths, expected = DET_CASES[case]
+    text = build(codec)
+    assert weighted_precision_recall(codec)(None, [text], **det_cols(1, truths)) == approx(
+        [expected]
+    )
+
+
+@codec_names
+def test_precision_recall_weights_and_threshold(codec_name):
+    codec = CODECS[codec_name]
+    text = det(codec, [T0, F1, T1, F2, F3])  # P = 2/5, R = 1
+    cols = det_cols(1, [T0, T1])
+    assert weighted_precision_recall(codec, lam=1.0)(None, [text], **cols) == approx([0.4])
+    assert weighted_precision_recall(codec, lam=0.0)(None, [text], **cols) == approx([1.0])
+    assert weighted_precision_recall(codec, lam=0.8)(None, [text], **cols) == approx([0.52])
+    near = det(codec, [T0_NEAR, T1])  # IoU 0.6 matches at 0.5, not at 0.7
+    assert weighted_precision_recall(codec, iou=0.7)(None, [near], **cols) == approx([0.5])
+    assert weighted_precision_recall(codec, iou=0.6)(None, [near], **cols) == approx([1.0])
+
+
+def test_truncated_detection_keeps_the_boxes_complete_before_the_cut():
+    codec = CODECS["qwen25vl"]
+    full = codec.render_many([T0, T1], W, H)
+    cut = full[: full.index("}") + 3]  # the first box and the start of the second
+    text = f"<think>t</think><look>{codec.render_many([T1], W, H)}</look><answer>{cut}"
+    assert weighted_precision_recall(codec)(None, [text], **det_cols(1, [T0, T1])) == [0.75]
+    assert think_look_answer_format(codec)(None, [text], **det_cols(1, [T0, T1])) == [0.0]
+
+
+# name -> (text builder, format reward)
+FORMAT_CASES = {
+    "good": (lambda c: det(c, [T0, T1]), 1),
+    "empty_list_answer": (lambda c: det(c, "[]"), 1),
+    "fenced_empty_list": (lambda c: det(c, "```json\n[ ]\n```"), 1),
+    "codec_empty_answer": (lambda c: det(c, c.render_many([], W, H)), 1),
+    "no_look_region": (lambda c: det(c, [T0], look=()), 0),
+    "answer_not_boxes": (lambda c: det(c, "two people"), 0),
+    "empty_think": (lambda c: det(c, [T0], think="  "), 0),
+    "look_before_think": (
+        lambda c: (
+            f"<look>{c.render_many([T1], W, H)}</look><think>t</think>"
+            f"<answer>{c.render_many([T0], W, H)}</answer>"
+        ),
+        0,
+    ),
+    "missing_look": (lambda c: f"<think>t</think><answer>{c.render_many([T0], W, H)}</answer>", 0),
+    "two_answers": (lambda c: det(c, [T0]) + "<answer>[]</answer>", 0),
+    "text_after": (lambda c: det(c, [T0]) + " Done.", 0),
+    "whitespace_around": (
+        lambda c: "\n " + det(c, [T0]).replace("</think>", "</think>\n") + "\n",
+        1,
+    ),
+    "truncated": (lambda c: det(c, [T0, T1])[:-12], 0),
+    "empty": (lambda c: "", 0),
+}
+
+
+@pytest.mark.parametrize("case", list(FORMAT_CASES))
+@codec_names
+def test_think_look_answer_format_in_every_codec(codec_name, case):
+    codec = CODECS[codec_name]
+    build, expected = FORMAT_CASES[case]
+    text = build(codec)
+    assert think_look_answer_format(codec)(None, [text], **det_cols(1, [T0, T1])) == [
+        float(expected)
+    ]
+
+
+def test_empty_answer_is_an_empty_list_only_where_the_codec_writes_it_so():
+    cols = det_cols(1, [])
+    text = det(CODECS["pixel"], "")
+    assert think_look_answer_format(CODECS["pixel"])(None, [text], **cols) == [0.0]
+    assert weighted_precision_recall(CODECS["pixel"])(None, [text], **cols) == [0.0]
+    # Qwen2-VL boxes have no list syntax: no boxes at all is the empty text
+    assert think_look_answer_format(CODECS["norm1000"])(None, [text], **cols) == [1.0]
+    assert weighted_precision_recall(CODECS["norm1000"])(None, [text], **cols) == [1.0]
+
+
+# ---------------------------------------------------------------------------- looking reward
+
+LEFT_HALF_T1 = Box(560, 420, 672, 672)  # covers half of T1
+
+
+def group_1(codec):
+    """Four rollouts; all find T0, T1 is found by half of them (p = 1/2, v = 1/4, w = 1)."""
+    return [
+        det(codec, [T0, T1], look=[T1]),  # looks at the uncertain box: 1
+        det(codec, [T0, T1], look=[T0]),  # looks at the certain box: 0 - 0.5 x 1 -> clipped to 0
+        det(codec, [T0], look=[LEFT_HALF_T1]),  # half of it: 0.5
+        det(codec, [T0], look=[T1, F1, F2, F3]),  # spam: 1 - 0.5 x 3/4 = 0.625
+    ]
+
+
+GROUP_1 = [1.0, 0.0, 0.5, 0.625]
+
+
+@codec_names
+def test_looking_reward_single_uncertain_box_in_every_codec(codec_name):
+    codec = CODECS[codec_name]
+    out = variance_guided_looking(codec)(None, group_1(codec), **det_cols(4, [T0, T1]))
+    assert out == approx(GROUP_1)
+    assert out[0] > out[3]  # many looks over empty areas score below one good look
+
+
+def test_looking_at_the_box_half_the_group_misses_scores_highest():
+    codec = CODECS["pixel"]
+    # T0 found by 3 of 4 (v = 3/16), T1 by 2 of 4 (v = 1/4): w = (3/7, 4/7)
+    texts = [
+        det(codec, [T0, T1], look=[T1]),
+        det(codec, [T0, T1], look=[T0]),
+        det(codec, [T0], look=[F1]),
+        det(codec, "[]", look=()),
+    ]
+    out = variance_guided_looking(codec)(None, texts, **det_cols(4, [T0, T1]))
+    assert out == approx([4 / 7, 3 / 7, 0.0, 0.0])
+    assert int(np.argmax(out)) == 0
+
+
+def test_looking_reward_is_zero_when_all_rollouts_agree():
+    codec = CODECS["pixel"]
+    agree = [det(codec, [T0, T1], look=[T1]), det(codec, [T0, T1], look=[T0, T1])] * 2
+    assert variance_guided_looking(codec)(None, agree, **det_cols(4, [T0, T1])) == [0.0] * 4
+    all_miss = [det(codec, [F1], look=[T1]), det(codec, "[]", look=[T0])]
+    assert variance_guided_looking(codec)(None, all_miss, **det_cols(2, [T0, T1])) == [0.0, 0.0]
+    no_truths = [det(codec, [F1], look=[T1]), det(codec, "[]", look=[T0])]
+    assert variance_guided_looking(codec)(None, no_truths, **det_cols(2, [])) == [0.0, 0.0]
+
+
+def test_looking_reward_partial_group_of_one_is_zero():
+    codec = CODECS["pixel"]
+    out = variance_guided_looking(codec)(None, group_1(codec)[:1], **det_cols(1, [T0, T1]))
+    assert out == [0.0]
+
+
+def test_looking_reward_groups_by_sample_id_even_when_interleaved():
+    codec = CODECS["pixel"]
+    a = group_1(codec)  # sample "a": truths T0, T1
+    b = [det(codec, [T0_NEAR], look=[T0]), det(codec, "[]", look=[T0, F1])]  # sample "b": truth T0
+    texts = [a[0], b[0], a[1], b[1], a[2], a[3]]
+    cols = {
+        "task": ["detect"] * 6,
+        "sample_id": ["a", "b", "a", "b", "a", "a"],
+        "gt_boxes": [
+            [T0.to_list(), T1.to_list()] if s == "a" else [T0.to_list()] for s in "abab" + "aa"
+        ],
+        "width": [W] * 6,
+        "height": [H] * 6,
+    }
+    out = variance_guided_looking(codec)(None, texts, **cols)
+    # b: T0 found by 1 of 2, w = 1: a look at T0 gives 1; [T0, F1] gives 1 - 0.5 x 1/2
+    assert out == approx([1.0, 1.0, 0.0, 0.75, 0.5, 0.625])
+    # computed as one group instead, "a" would see a different p: the grouping matters
+    merged = dict(cols, sample_id=["x"] * 6, gt_boxes=[[T0.to_list(), T1.to_list()]] * 6)
+    assert variance_guided_looking(codec)(None, texts, **merged) != out
+
+
+def test_looking_reward_with_kvg_rows_in_the_call():
+    codec = CODECS["pixel"]
+    texts = group_1(codec)
+    cols = det_cols(4, [T0, T1])
+    texts.insert(1, f"{THINK}<answer>{render(codec, GT)}</answer>")
+    for key, value in kvg_cols(1).items():
+        cols[key] = cols[key][:1] + value + cols[key][1:]
+    out = variance_guided_looking(codec)(None, texts, **cols)
+    assert out == approx([GROUP_1[0], None, *GROUP_1[1:]])
+
+
+def test_looking_reward_uncertain_regions_and_penalty():
+    codec = CODECS["pixel"]
+    texts = group_1(codec)
+    texts[3] = det(codec, [T0], look=[T1, F1])  # one good look, one on F1
+    cols = det_cols(4, [T0, T1])
+    assert variance_guided_looking(codec)(None, texts, **cols)[3] == 0.75
+    regions = dict(cols, uncertain_regions=[[F1.to_list()]] * 4)
+    # F1 is an annotated ambiguous area: looking there is not idle (but earns nothing by itself)
+    assert variance_guided_looking(codec)(None, texts, **regions)[3] == 1.0
+    assert (
+        variance_guided_looking(codec, use_uncertain_regions=False)(None, texts, **regions)[3]
+        == 0.75
+    )
+    assert variance_guided_looking(codec, penalty=0.0)(None, group_1(codec), **cols) == approx(
+        [1.0, 0.0, 0.5, 1.0]
+    )
+    # a look covering less than `cover` of the uncertain box is idle
+    assert variance_guided_looking(codec, cover=0.6)(None, group_1(codec), **cols)[2] == 0.0
+
+
+def test_looking_reward_rejects_disagreeing_truths_in_a_group():
+    codec = CODECS["pixel"]
+    cols = det_cols(2, [T0])
+    cols["gt_boxes"] = [[T0.to_list()], [T1.to_list()]]
+    with pytest.raises(ValueError, match="disagree on gt_boxes"):
+        variance_guided_looking(codec)(None, ["", ""], **cols)
+
+
+box_strategy = st.builds(
+    lambda x, y, w, h: Box(x, y, x + w, y + h),
+    st.integers(0, 1000),
+    st.integers(0, 760),
+    st.integers(1, 400),
+    st.integers(1, 300),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    truths=st.lists(box_strategy, max_size=4),
+    rollouts=st.lists(
+        st.tuples(st.lists(box_strategy, max_size=5), st.lists(box_strategy, max_size=4)),
+        min_size=1,
+        max_size=6,
+    ),
+    penalty=st.floats(0, 3),
+)
+def test_looking_reward_is_clipped_to_unit_interval(truths, rollouts, penalty):
+    codec = CODECS["pixel"]
+    texts = [det(codec, answer, look=look) for answer, look in rollouts]
+    # include exact copies of truths sometimes so that groups disagree
+    texts += [det(codec, truths, look=truths[:1])]
+    out = variance_guided_looking(codec, penalty=penalty)(
+        None, texts, **det_cols(len(texts), truths)
+    )
+    assert all(0.0 <= v <= 1.0 for v in out)
+
+
+# ---------------------------------------------------------------------------- Hungarian
+
+
+def brute_force(pred, truth, min_iou):
+    """Best (number of matches, total IoU) over every one-to-one matching of allowed pairs."""
+    ious = iou_matrix(pred, truth)
+    best = (0, 0.0)
+    for k in range(1, min(len(pred), len(truth)) + 1):
+        for rows in itertools.combinations(range(len(pred)), k):
+            for cols in itertools.permutations(range(len(truth)), k):
+                values = [ious[r, c] for r, c in zip(rows, cols, strict=True)]
+                if min(values) >= min_iou:
+                    best = max(best, (k, sum(values)))
+    return best
+
+
+small_box = st.builds(
+    lambda x, y, w, h: Box(x, y, x + w, y + h),
+    st.integers(0, 10),
+    st.integers(0, 4),
+    st.integers(1, 6),
+    st.integers(1, 4),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pred=st.lists(small_box, max_size=4),
+    truth=st.lists(small_box, max_size=4),
+    min_iou=st.sampled_from([0.1, 0.3, 0.5, 0.7]),
+)
+def test_match_boxes_is_optimal_against_brute_force(pred, truth, min_iou):
+    matches = match_boxes(pred, truth, min_iou)
+    ious = iou_matrix(pred, truth)
+    assert len({p for p, _, _ in matches}) == len({t for _, t, _ in matches}) == len(matches)
+    for p, t, value in matches:
+        assert value == ious[p, t] >= min_iou
+    assert [m[0] for m in matches] == sorted(m[0] for m in matches)
+    count, total = brute_force(pred, truth, min_iou)
+    assert len(matches) == count
+    assert sum(v for _, _, v in matches) == pytest.approx(total, abs=1e-9)
+
+
+def test_match_boxes_prefers_more_matches_over_more_total_iou():
+    pred = [Box(6, 2, 12, 6), Box(4, 0, 9, 3), Box(6, 3, 11, 5)]
+    truth = [Box(8, 2, 12, 6), Box(9, 2, 11, 6), Box(2, 0, 8, 4)]
+    # 3 matches (1/3 + 4/9 + 3/10 = 1.078) beat 2 matches of a larger total (2/3 + 4/9 = 1.111)
+    assert match_boxes(pred, truth, 0.3) == [
+        (0, 1, pytest.approx(1 / 3)),
+        (1, 2, pytest.approx(4 / 9)),
+        (2, 0, pytest.approx(0.3)),
+    ]
+
+
+def test_match_boxes_threshold_is_inclusive_and_sub_threshold_pairs_never_block():
+    assert match_boxes([Box(0, 0, 5, 10)], [Box(0, 0, 10, 10)], 0.5) == [(0, 0, 0.5)]
+    # a plain max-total-IoU assignment picks p0-t1 (1/3) + p1-t0 (3/7) = 0.76 over p0-t0 (2/3)
+    # and then keeps no pair at 0.5; sub-threshold pairs must not block the allowed one
+    pred = [Box(9, 0, 14, 1), Box(6, 0, 11, 1)]
+    truth = [Box(8, 0, 13, 1), Box(11, 0, 18, 1)]
+    assert match_boxes(pred, truth, 0.5) == [(0, 0, pytest.approx(2 / 3))]
+    assert match_boxes([[0, 0, 10, 10]], [[0, 0, 10, 10]], 1.0) == [(0, 0, 1.0)]
+    assert match_boxes([], [Box(0, 0, 1, 1)]) == [] and match_boxes([Box(0, 0, 1, 1)], []) == []
+    with pytest.raises(ValueError):
+        match_boxes([], [], 0.0)
+
+
+# ---------------------------------------------------------------------------- registry
+
+
+def test_build_rewards_presets_in_order():
+    codec = CODECS["qwen25vl"]
+    funcs, weights = build_rewards(DEEPPERCEPTION, codec)
+    assert [f.__name__ for f in funcs] == ["iou_thresholded", "think_answer_format", "parsable_box"]
+    assert weights == [1.0, 0.5, 0.5]
+    partial = KVG_CASES["partial"][0](codec)  # IoU 5/7 < 0.85
+    right = KVG_CASES["right"][0](codec)
+    assert funcs[0](None, [partial, right], **kvg_cols(2)) == approx([0.0, 1.0])
+
+    funcs, weights = build_rewards(KARL, codec)
+    assert [f.__name__ for f in funcs] == ["karl_iou", "think_answer_format", "parsable_box"]
+    assert weights == [1.0, 0.5, 0.5]
+
+    funcs, weights = build_rewards(DIP_R1, codec)
+    assert [f.__name__ for f in funcs] == [
+        "think_look_answer_format",
+        "weighted_precision_recall",
+        "variance_guided_looking",
+    ]
+    assert weights == [1.0, 1.0, 1.0]
+    with pytest.raises(TypeError):
+        DEEPPERCEPTION["parsable_box"] = 1.0  # presets are read-only
+    with pytest.raises(TypeError):
+        DEEPPERCEPTION["iou_thresholded"]["tau"] = 0.5
+
+
+def test_build_rewards_order_params_and_default_weight():
+    codec = CODECS["pixel"]
+    spec = {
+        "parsable_box": 0.25,
+        "iou_squared": {},
+        "karl_iou": {"weight": 2, "threshold": 0.4},
+        "weighted_precision_recall": {"lam": 1.0, "weight": 0.5},
+    }
+    funcs, weights = build_rewards(spec, codec)
+    assert [f.__name__ for f in funcs] == list(spec)
+    assert weights == [0.25, 1.0, 2.0, 0.5]
+    assert funcs[2].params["threshold"] == 0.4 and funcs[3].params["lam"] == 1.0
+    assert set(REWARDS) >= {
+        "think_answer_format",
+        "parsable_box",
+        "iou_continuous",
+        "iou_thresholded",
+        "iou_squared",
+        "iou_giou",
+        "karl_iou",
+        "think_look_answer_format",
+        "weighted_precision_recall",
+        "variance_guided_looking",
+    }
+    assert all(REWARDS[name](codec).__name__ == name for name in REWARDS)
+
+
+def test_build_rewards_errors_are_clear():
+    codec = CODECS["pixel"]
+    with pytest.raises(ValueError, match="unknown reward 'iou'.*iou_thresholded.*variance_guided"):
+        build_rewards({"iou": 1.0}, codec)
+    with pytest.raises(ValueError, match="'iou_thresholded': bad parameters.*accepted: tau"):
+        build_rewards({"iou_thresholded": {"threshold": 0.5}}, codec)
+    with pytest.raises(ValueError, match="accepted: none"):
+        build_rewards({"think_answer_format": {"weight": 1, "strict": True}}, codec)
+    with pytest.raises(ValueError, match="weight must be a number"):
+        build_rewards({"parsable_box": "high"}, codec)
+    with pytest.raises(ValueError, match="finite"):
+        build_rewards({"parsable_box": float("nan")}, codec)
+    with pytest.raises(ValueError, match="at least one"):
+        build_rewards({}, codec)
+    with pytest.raises(ValueError, match="tau"):
+        build_rewards({"iou_thresholded": {"tau": 1.5}}, codec)
+    with pytest.raises(ValueError, match="unknown IoU variant"):
+        iou_reward(codec, "dice")
+
+
+def test_doctests():
+    assert doctest.testmod(rewards_module).failed == 0

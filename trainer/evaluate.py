@@ -1,0 +1,968 @@
+"""Evaluate a grounding model on KVG-Bench (or on our own shards) with the reference scorer.
+
+The pipeline is: load :class:`BenchItem` rows (:func:`load_kvg_bench` for the benchmark's parquet,
+:func:`load_shard_items` for our shards), ask a chat backend one
+:class:`~groundforge.annotators.teacher.types.TeacherRequest` per item (the question as given,
+plus :data:`REASONING_SUFFIX` when ``reasoning``), score every reply, and summarise
+(:func:`evaluate` -> :class:`EvalReport`; :func:`run_eval` wires it for the CLI).
+
+**Grounding metric** (KVG-Bench, DeepPerception / KARL): a reply's box is scored by its IoU with
+the answer box; an item is correct at IoU >= 0.5. Acc@0.5 (in %) and mean IoU are averaged over
+*instances*, per category and over the seen, unseen and all items. A failed request (a reply
+with an ``error``) and a reply holding no readable box score IoU 0; both are counted.
+
+**The reference box extraction** (:func:`extract_box_reference`), for answers in the Qwen2-VL
+0..1000 frame (``codec="norm1000"``, the default), mirrors the reference scorer:
+
+1. search the ``<answer>...</answer>`` blocks first (closed blocks, case-sensitive, all blocks of
+   the text joined), and the whole text only when no pattern matches inside them;
+2. try, in this order, the patterns ``(x1,y1),(x2,y2)`` (a Qwen2-VL box with or without its
+   ``<|box_start|>`` tokens), ``[a, b, c, d]`` and ``(a, b, c, d)``; numbers are unsigned
+   integers or decimals, with any whitespace around them;
+3. take the **last** match of the **first** pattern that matches anywhere in the scope (a later
+   pattern is never tried when an earlier one matched, even if it appears later in the text);
+4. if the four values sum to less than 4 they are read as 0..1 fractions and multiplied by 1000;
+5. no match scores IoU 0. Corners are not put right and boxes are not clipped: a box with
+   ``x2 <= x1`` or ``y2 <= y1`` has no area and scores 0, as with the reference's IoU.
+
+**Other frames.** ``codec`` names the frame of the *model's* answers. With any codec other than
+``norm1000`` the reply is parsed by that codec (:mod:`groundforge.schemas.codecs`: its last box,
+put right and clipped, in pixels of the item's image, e.g. ``qwen25vl`` answers in pixels of the
+processor's resized image) and compared with the answer box converted to pixels. Scores stay
+comparable with the reference: IoU is unchanged by scaling x and y (each by its own factor), so a
+box gets the same IoU in the 0..1000 frame, in pixels or in a resized frame.
+
+**Detection rows** (items with ``task == "detect"``: many answer boxes, the reply a box list) are
+scored with the DIP-R1 metrics instead: every box the codec reads from the reply (for
+``norm1000`` too: there is no reference scorer for lists), matched one-to-one with the answer boxes
+by the Hungarian algorithm (:func:`match_boxes`), gives precision, recall and F1 at IoU 0.5
+(micro-averaged over boxes), and pycocotools' COCOeval gives AP@0.5 (:func:`detection_ap`).
+COCOeval ranks detections by score and a chat model gives none, so each box gets a **rank-based
+pseudo-score** ``1 / (1 + rank)`` (its 0-based position in the reply): a model's earlier boxes are
+taken as its more confident ones; boxes of equal rank in different images tie and pycocotools
+breaks ties in item order (a stable sort).
+
+Heavy libraries (torch, transformers, pyarrow, PIL, scipy, pycocotools, Beam) are imported inside
+the functions that need them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from groundforge.schemas.box import Box
+
+Quad = tuple[float, float, float, float]
+
+SEEN_CATEGORIES: tuple[str, ...] = ("aircraft", "car", "reptilia", "bird", "food")
+UNSEEN_CATEGORIES: tuple[str, ...] = ("dog", "mollusca", "mammal", "flower", "landmark")
+# The reasoning models' prompt suffix (the R1-style template of the reference inference code).
+REASONING_SUFFIX = (
+    "  Output the thinking process in <think> </think> and final answer (bounding box) in "
+    "<answer> </answer> tags."
+)
+CORRECT_IOU = 0.5
+DETECTION_TASKS: frozenset[str] = frozenset({"detect"})
+REFERENCE_FRAME = 1000.0
+
+# -- the reference extraction ----------------------------------------------------------------
+
+_NUM = r"(\d+(?:\.\d*)?|\.\d+)"
+_SEP = r"\s*,\s*"
+REFERENCE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    (
+        "point_pair",
+        re.compile(rf"\(\s*{_NUM}{_SEP}{_NUM}\s*\)\s*,\s*\(\s*{_NUM}{_SEP}{_NUM}\s*\)"),
+    ),
+    ("list", re.compile(rf"\[\s*{_NUM}{_SEP}{_NUM}{_SEP}{_NUM}{_SEP}{_NUM}\s*\]")),
+    ("tuple", re.compile(rf"\(\s*{_NUM}{_SEP}{_NUM}{_SEP}{_NUM}{_SEP}{_NUM}\s*\)")),
+)
+_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """What :func:`extract_box_with_source` found: the box (0..1000 frame), the scope searched
+    (``answer`` or ``text``) and the pattern that matched (a name of :data:`REFERENCE_PATTERNS`).
+    """
+
+    box: Quad
+    scope: str
+    pattern: str
+
+    @property
+    def source(self) -> str:
+        return f"{self.scope}/{self.pattern}"
+
+
+def extract_box_with_source(text: object) -> Extraction | None:
+    """:func:`extract_box_reference` with where the box was found; ``None`` for no match."""
+    if not isinstance(text, str):
+        return None
+    blocks = _ANSWER_BLOCK.findall(text)
+    scopes = ([("answer", "\n".join(blocks))] if blocks else []) + [("text", text)]
+    for scope, body in scopes:
+        for name, pattern in REFERENCE_PATTERNS:
+            matches = pattern.findall(body)
+            if matches:
+                values = tuple(float(v) for v in matches[-1])
+                if sum(values) < 4:
+                    values = tuple(v * REFERENCE_FRAME for v in values)
+                return Extraction(values, scope, name)  # type: ignore[arg-type]
+    return None
+
+
+def extract_box_reference(text: object) -> Quad | None:
+    """The box of a free-text answer as the KVG-Bench reference scorer reads it, in 0..1000.
+
+    Inside ``<answer>`` first, then anywhere; patterns ``(x1,y1),(x2,y2)``, ``[a, b, c, d]``,
+    ``(a, b, c, d)`` in that order; the last match of the first pattern that matches; four
+    values summing to less than 4 are fractions and are multiplied by 1000; ``None`` when
+    nothing matches (the scorer then gives IoU 0). See the module docstring for the details.
+
+    >>> extract_box_reference("<|box_start|>(10,20),(300,400)<|box_end|>")
+    (10.0, 20.0, 300.0, 400.0)
+    >>> extract_box_reference("<think>[1, 2, 3, 4]</think><answer>(0.1, 0.2, 0.5, 0.6)</answer>")
+    (100.0, 200.0, 500.0, 600.0)
+    >>> extract_box_reference("[5, 5, 9, 9] then (1,2),(30,40) and [7, 7, 50, 50]")
+    (1.0, 2.0, 30.0, 40.0)
+    >>> extract_box_reference("no box") is None
+    True
+    """
+    found = extract_box_with_source(text)
+    return None if found is None else found.box
+
+
+def _quad(box: Quad | Sequence[float] | Box) -> Quad:
+    if isinstance(box, Box):
+        return (box.x1, box.y1, box.x2, box.y2)
+    values = tuple(float(v) for v in box)
+    if len(values) != 4:
+        raise ValueError(f"a box needs 4 values, got {len(values)}")
+    return values  # type: ignore[return-value]
+
+
+def score_box(pred: Quad | Sequence[float] | Box | None, gt: Quad | Sequence[float] | Box) -> float:
+    """IoU of a predicted and an answer box given as ``(x1, y1, x2, y2)`` in one frame.
+
+    Corners are taken as written: a box with ``x2 <= x1`` or ``y2 <= y1`` has no area and scores
+    0, as does ``pred=None`` (no box found).
+
+    >>> score_box((0, 0, 100, 100), (50, 0, 150, 100))
+    0.3333333333333333
+    >>> score_box(None, (0, 0, 1, 1)), score_box((10, 10, 0, 0), (0, 0, 10, 10))
+    (0.0, 0.0)
+    """
+    if pred is None:
+        return 0.0
+    px1, py1, px2, py2 = _quad(pred)
+    gx1, gy1, gx2, gy2 = _quad(gt)
+    if not (px2 > px1 and py2 > py1 and gx2 > gx1 and gy2 > gy1):
+        return 0.0
+    w = min(px2, gx2) - max(px1, gx1)
+    h = min(py2, gy2) - max(py1, gy1)
+    inter = w * h if w > 0 and h > 0 else 0.0
+    union = (px2 - px1) * (py2 - py1) + (gx2 - gx1) * (gy2 - gy1) - inter
+    return inter / union if union > 0 else 0.0
+
+
+# -- items -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchItem:
+    """One evaluation case. ``boxes`` are the answer boxes in the 0..1000 frame of the image
+    (floats; one for grounding, all instances for ``task == "detect"``)."""
+
+    question_id: str
+    category: str
+    question: str
+    boxes: tuple[Quad, ...]
+    image: bytes = field(repr=False)
+    width: int
+    height: int
+    task: str = "kvg"
+
+    @property
+    def answer(self) -> Quad | None:
+        """The (first) answer box in 0..1000."""
+        return self.boxes[0] if self.boxes else None
+
+    @property
+    def is_detection(self) -> bool:
+        return self.task in DETECTION_TASKS
+
+    def pixel_boxes(self) -> list[Box]:
+        """The answer boxes in pixels of the image."""
+        w, h, f = self.width, self.height, REFERENCE_FRAME
+        return [
+            Box.from_corners(x1 * w / f, y1 * h / f, x2 * w / f, y2 * h / f)
+            for x1, y1, x2, y2 in self.boxes
+        ]
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:  # reads the header only
+        return image.size
+
+
+def parse_answer_boxes(answer: str) -> tuple[Quad, ...]:
+    """Every ``(x1,y1),(x2,y2)`` box of a KVG-Bench ``answer`` cell, in 0..1000.
+
+    >>> parse_answer_boxes("<|box_start|>(12,34),(560,780)<|box_end|>")
+    ((12.0, 34.0, 560.0, 780.0),)
+    """
+    pattern = REFERENCE_PATTERNS[0][1]
+    return tuple(tuple(float(v) for v in m) for m in pattern.findall(answer or ""))  # type: ignore[misc]
+
+
+BENCH_COLUMNS = ("question_id", "category", "question", "answer", "image")
+
+
+def _parquet_files(path: str | os.PathLike) -> list[Path]:
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.rglob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"no .parquet files under {path}")
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is neither a parquet file nor a folder of them")
+    return [path]
+
+
+def _image_bytes(cell: Any, base: Path, question_id: str) -> bytes:
+    if isinstance(cell, (bytes, bytearray)):
+        return bytes(cell)
+    if isinstance(cell, dict):
+        if cell.get("bytes"):
+            return bytes(cell["bytes"])
+        if cell.get("path"):
+            candidate = Path(cell["path"])
+            candidate = candidate if candidate.is_absolute() else base / candidate
+            if candidate.is_file():
+                return candidate.read_bytes()
+    raise ValueError(f"question {question_id}: the image cell holds no bytes and no readable path")
+
+
+def load_kvg_bench(path: str | os.PathLike) -> list[BenchItem]:
+    """The rows of a KVG-Bench parquet file (or of every ``*.parquet`` under a folder, sorted),
+    in file order. The ``answer`` column's box is kept in 0..1000; the image size is read from
+    the image header. Raises ``ValueError`` on a missing column or an answer without a box."""
+    import pyarrow.parquet as pq
+
+    items = []
+    for file in _parquet_files(path):
+        parquet = pq.ParquetFile(file)
+        missing = [c for c in BENCH_COLUMNS if c not in parquet.schema_arrow.names]
+        if missing:
+            raise ValueError(f"{file} is not a KVG-Bench parquet: missing columns {missing}")
+        for batch in parquet.iter_batches(batch_size=64, columns=list(BENCH_COLUMNS)):
+            for row in batch.to_pylist():
+                qid = str(row["question_id"])
+                boxes = parse_answer_boxes(row["answer"])
+                if not boxes:
+                    raise ValueError(f"{file}: question {qid} has no box in {row['answer']!r}")
+                image = _image_bytes(row["image"], file.parent, qid)
+                width, height = _image_size(image)
+                items.append(
+                    BenchItem(
+                        question_id=qid,
+                        category=str(row["category"]),
+                        question=row["question"],
+                        boxes=boxes,
+                        image=image,
+                        width=width,
+                        height=height,
+                    )
+                )
+    return items
+
+
+def load_shard_items(
+    shards_dir: str | os.PathLike, split: str = "val", fmt: str = "arrow"
+) -> list[BenchItem]:
+    """Our shards' samples of one split as :class:`BenchItem`: ``category`` is the sample's
+    domain, ``task`` is kept (``detect`` samples get detection metrics), the pixel ``gt_boxes``
+    become 0..1000 floats of the image (no rounding)."""
+    from groundforge.outputs.shards import read_samples
+
+    items = []
+    for sample in read_samples(str(shards_dir), split, fmt):
+        w, h, f = sample.width, sample.height, REFERENCE_FRAME
+        boxes = tuple(
+            (b.x1 * f / w, b.y1 * f / h, b.x2 * f / w, b.y2 * f / h) for b in sample.gt_boxes
+        )
+        items.append(
+            BenchItem(
+                question_id=sample.sample_id,
+                category=sample.domain,
+                question=sample.question,
+                boxes=boxes,
+                image=sample.image,
+                width=sample.width,
+                height=sample.height,
+                task=sample.task,
+            )
+        )
+    return items
+
+
+# -- detection metrics -----------------------------------------------------------------------
+
+
+def match_boxes(
+    preds: Sequence[Box], gts: Sequence[Box], iou_threshold: float = CORRECT_IOU
+) -> list[tuple[int, int, float]]:
+    """One-to-one matches ``(pred index, gt index, iou)`` at IoU >= ``iou_threshold``.
+
+    Hungarian assignment (``scipy.optimize.linear_sum_assignment``) that first maximises the
+    number of pairs above the threshold, then their total IoU (weight ``K + iou`` for a pair
+    above it with ``K`` larger than any match count, 0 otherwise).
+    """
+    if not preds or not gts:
+        return []
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    from groundforge.schemas.box import iou_matrix
+
+    ious = iou_matrix(preds, gts)
+    big = min(len(preds), len(gts)) + 1.0
+    weights = np.where(ious >= iou_threshold, big + ious, 0.0)
+    rows, cols = linear_sum_assignment(weights, maximize=True)
+    return [
+        (int(r), int(c), float(ious[r, c]))
+        for r, c in zip(rows, cols, strict=True)
+        if ious[r, c] >= iou_threshold
+    ]
+
+
+def _ratio(num: float, den: float, empty: float) -> float:
+    return num / den if den else empty
+
+
+def prf(tp: int, n_pred: int, n_gt: int) -> dict[str, float]:
+    """Precision, recall and F1 from counts. A zero denominator gives 0, except that nothing
+    predicted for nothing true gives 1 for all three."""
+    both_empty = 1.0 if n_pred == 0 and n_gt == 0 else 0.0
+    precision = _ratio(tp, n_pred, both_empty)
+    recall = _ratio(tp, n_gt, both_empty)
+    f1 = _ratio(2 * precision * recall, precision + recall, both_empty)
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def pseudo_scores(n: int) -> list[float]:
+    """Rank-based scores for ``n`` boxes of one reply: ``1 / (1 + rank)``, earlier is higher."""
+    return [1.0 / (1 + rank) for rank in range(n)]
+
+
+def detection_ap(
+    images: Sequence[tuple[Sequence[Box], Sequence[Box], int, int]],
+    iou_threshold: float = CORRECT_IOU,
+) -> float | None:
+    """COCO AP at one IoU threshold (101-point interpolated, pycocotools' COCOeval, one class,
+    area "all", no cap on detections per image) over ``(gt boxes, predicted boxes in reply
+    order, width, height)`` per image. Predictions get :func:`pseudo_scores`. ``None`` when
+    there is no answer box at all (AP is undefined); 0 when there are answer boxes but no
+    predictions. Note COCOeval matches greedily by score, not by Hungarian assignment.
+    """
+    import numpy as np
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    coco_images, annotations, detections = [], [], []
+    for image_id, (gts, preds, width, height) in enumerate(images, start=1):
+        coco_images.append({"id": image_id, "width": width, "height": height})
+        for box in gts:
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,  # COCOeval treats id 0 as "unmatched"
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "bbox": [box.x1, box.y1, box.width, box.height],
+                    "area": box.area,
+                    "iscrowd": 0,
+                }
+            )
+        for box, score in zip(preds, pseudo_scores(len(preds)), strict=True):
+            detections.append(
+                {
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "bbox": [box.x1, box.y1, box.width, box.height],
+                    "score": score,
+                }
+            )
+    if not annotations:
+        return None
+    if not detections:
+        return 0.0
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        gt = COCO()
+        gt.dataset = {
+            "images": coco_images,
+            "annotations": annotations,
+            "categories": [{"id": 1, "name": "object"}],
+        }
+        gt.createIndex()
+        dt = gt.loadRes(detections)
+        evaluator = COCOeval(gt, dt, iouType="bbox")
+        evaluator.params.iouThrs = np.array([iou_threshold])
+        evaluator.params.areaRng = [[0.0, 1e12]]
+        evaluator.params.areaRngLbl = ["all"]
+        most = max(sum(1 for d in detections if d["image_id"] == i["id"]) for i in coco_images)
+        evaluator.params.maxDets = [max(100, most)]
+        evaluator.evaluate()
+        evaluator.accumulate()
+    precision = evaluator.eval["precision"][0, :, 0, 0, -1]  # (T, R, K, A, M)
+    valid = precision[precision > -1]
+    return float(valid.mean()) if valid.size else 0.0
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    """One item's reply and score.
+
+    ``boxes`` and ``gt_boxes`` are in ``frame``: ``norm1000`` when the reference extraction read
+    the reply, else ``pixel``. Grounding items have ``iou`` and ``correct``; detection items
+    have ``tp``, ``fp``, ``fn`` (``iou``/``correct`` are ``None``). ``error`` is the failure
+    kind of a failed request; ``pattern`` says where the reference extraction found the box.
+    """
+
+    question_id: str
+    category: str
+    task: str
+    answer: str | None
+    boxes: list[list[float]]
+    gt_boxes: list[list[float]]
+    frame: str
+    iou: float | None = None
+    correct: bool | None = None
+    error: str | None = None
+    pattern: str | None = None
+    tp: int | None = None
+    fp: int | None = None
+    fn: int | None = None
+
+    @property
+    def is_detection(self) -> bool:
+        return self.task in DETECTION_TASKS
+
+
+@dataclass
+class EvalReport:
+    """Per-item :class:`Prediction` rows, the summary ``metrics`` and the run's ``config``."""
+
+    predictions: list[Prediction]
+    metrics: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+Progress = Callable[[int, int], None]
+
+
+def build_prompt(question: str, reasoning: bool = False, suffix: str | None = None) -> str:
+    """The question as given, plus the reasoning suffix when ``reasoning``."""
+    if not reasoning:
+        return question
+    return question + (REASONING_SUFFIX if suffix is None else suffix)
+
+
+def build_requests(
+    items: Sequence[BenchItem], reasoning: bool = False, suffix: str | None = None
+) -> list:
+    """One :class:`TeacherRequest` per item: its image, then its prompt."""
+    from groundforge.annotators.teacher.types import TeacherRequest
+    from groundforge.schemas.records import stable_id
+
+    template_hash = stable_id("eval", build_prompt("", reasoning, suffix))
+    return [
+        TeacherRequest(
+            item_id=item.question_id,
+            prompt=build_prompt(item.question, reasoning, suffix),
+            images=(item.image,),
+            image_ids=(hashlib.sha256(item.image).hexdigest(),),
+            template_hash=template_hash,
+        )
+        for item in items
+    ]
+
+
+def score_reply(
+    item: BenchItem,
+    text: str | None,
+    error: str | None = None,
+    codec: str = "norm1000",
+    codec_params: dict[str, Any] | None = None,
+    iou_threshold: float = CORRECT_IOU,
+) -> Prediction:
+    """Score one reply (``text``, or ``error`` for a failed request) against its item."""
+    from groundforge.schemas.codecs import get_codec
+
+    base = {
+        "question_id": item.question_id,
+        "category": item.category,
+        "task": item.task,
+        "answer": text,
+        "error": error,
+    }
+    reply = text if error is None else None
+    if item.is_detection:
+        gts = item.pixel_boxes()
+        preds = [] if reply is None else _parse_all(reply, item, codec, codec_params or {})
+        tp = len(match_boxes(preds, gts, iou_threshold))
+        return Prediction(
+            **base,
+            boxes=[b.to_list() for b in preds],
+            gt_boxes=[b.to_list() for b in gts],
+            frame="pixel",
+            tp=tp,
+            fp=len(preds) - tp,
+            fn=len(gts) - tp,
+        )
+    if codec == "norm1000":
+        found = None if reply is None else extract_box_with_source(reply)
+        iou = (
+            0.0
+            if found is None
+            else max((score_box(found.box, g) for g in item.boxes), default=0.0)
+        )
+        return Prediction(
+            **base,
+            boxes=[] if found is None else [list(found.box)],
+            gt_boxes=[list(g) for g in item.boxes],
+            frame="norm1000",
+            iou=iou,
+            correct=iou >= iou_threshold,
+            pattern=None if found is None else found.source,
+        )
+    gts = item.pixel_boxes()
+    parser = get_codec(codec, **(codec_params or {}))
+    box = None if reply is None else parser.parse_last(reply, item.width, item.height)
+    iou = 0.0 if box is None else max((box.iou(g) for g in gts), default=0.0)
+    return Prediction(
+        **base,
+        boxes=[] if box is None else [box.to_list()],
+        gt_boxes=[g.to_list() for g in gts],
+        frame="pixel",
+        iou=iou,
+        correct=iou >= iou_threshold,
+    )
+
+
+def _parse_all(text: str, item: BenchItem, codec: str, params: dict[str, Any]) -> list[Box]:
+    from groundforge.schemas.codecs import get_codec
+
+    return get_codec(codec, **params).parse(text, item.width, item.height)
+
+
+def _grounding_row(preds: Sequence[Prediction]) -> dict[str, Any]:
+    n = len(preds)
+    correct = sum(bool(p.correct) for p in preds)
+    return {
+        "n": n,
+        "correct": correct,
+        "acc": 100.0 * correct / n if n else None,
+        "miou": sum(p.iou or 0.0 for p in preds) / n if n else None,
+        "failed": sum(p.error is not None for p in preds),
+        "no_box": sum(p.error is None and not p.boxes for p in preds),
+    }
+
+
+def _detection_row(
+    preds: Sequence[Prediction], items: dict[str, BenchItem], iou_threshold: float
+) -> dict[str, Any]:
+    tp = sum(p.tp or 0 for p in preds)
+    n_pred = sum(len(p.boxes) for p in preds)
+    n_gt = sum(len(p.gt_boxes) for p in preds)
+    images = [
+        (
+            [Box.from_list(b) for b in p.gt_boxes],
+            [Box.from_list(b) for b in p.boxes],
+            items[p.question_id].width,
+            items[p.question_id].height,
+        )
+        for p in preds
+    ]
+    return {
+        "n": len(preds),
+        "n_gt": n_gt,
+        "n_pred": n_pred,
+        "tp": tp,
+        "fp": n_pred - tp,
+        "fn": n_gt - tp,
+        **prf(tp, n_pred, n_gt),
+        "ap50": detection_ap(images, iou_threshold),
+        "failed": sum(p.error is not None for p in preds),
+    }
+
+
+def _ordered_categories(
+    categories: Iterable[str], seen: Sequence[str], unseen: Sequence[str]
+) -> list[str]:
+    present = set(categories)
+    known = [c for c in (*seen, *unseen) if c in present]
+    return known + sorted(present - set(known))
+
+
+def summarize(
+    predictions: Sequence[Prediction],
+    items: Sequence[BenchItem],
+    seen: Sequence[str] = SEEN_CATEGORIES,
+    unseen: Sequence[str] = UNSEEN_CATEGORIES,
+    iou_threshold: float = CORRECT_IOU,
+) -> dict[str, Any]:
+    """The summary of scored predictions.
+
+    ``grounding``: per category and for ``seen``, ``unseen`` and ``all`` grounding items
+    (instance-weighted): ``n``, ``correct``, ``acc`` (Acc@IoU>=threshold, %), ``miou`` (0..1),
+    ``failed``, ``no_box``; categories in neither list count in ``all`` and their own row only.
+    ``detection``: per category and ``all``: box counts, ``precision``, ``recall``, ``f1``,
+    ``ap50``. ``failures``: failed requests by kind.
+    """
+    by_id = {item.question_id: item for item in items}
+    grounding = [p for p in predictions if not p.is_detection]
+    detection = [p for p in predictions if p.is_detection]
+    failures: dict[str, int] = {}
+    for p in predictions:
+        if p.error is not None:
+            failures[p.error] = failures.get(p.error, 0) + 1
+    metrics: dict[str, Any] = {
+        "n_items": len(predictions),
+        "n_failed": sum(failures.values()),
+        "failures": dict(sorted(failures.items())),
+        "iou_threshold": iou_threshold,
+        "seen_categories": list(seen),
+        "unseen_categories": list(unseen),
+    }
+    if grounding:
+        cats = _ordered_categories((p.category for p in grounding), seen, unseen)
+        metrics["grounding"] = {
+            "categories": {
+                c: _grounding_row([p for p in grounding if p.category == c]) for c in cats
+            },
+            "seen": _grounding_row([p for p in grounding if p.category in seen]),
+            "unseen": _grounding_row([p for p in grounding if p.category in unseen]),
+            "all": _grounding_row(grounding),
+        }
+    if detection:
+        cats = _ordered_categories((p.category for p in detection), seen, unseen)
+        metrics["detection"] = {
+            "categories": {
+                c: _detection_row([p for p in detection if p.category == c], by_id, iou_threshold)
+                for c in cats
+            },
+            "all": _detection_row(detection, by_id, iou_threshold),
+        }
+    return metrics
+
+
+def evaluate(
+    items: Sequence[BenchItem],
+    backend: Any,
+    codec: str = "norm1000",
+    codec_params: dict[str, Any] | None = None,
+    reasoning: bool = False,
+    suffix: str | None = None,
+    seen: Sequence[str] = SEEN_CATEGORIES,
+    unseen: Sequence[str] = UNSEEN_CATEGORIES,
+    batch_size: int = 8,
+    iou_threshold: float = CORRECT_IOU,
+    progress: Progress | None = None,
+) -> EvalReport:
+    """Ask ``backend`` (anything with ``answer(requests) -> replies``, one reply per request in
+    order) about every item, ``batch_size`` requests at a time, and score the replies.
+
+    ``codec`` is the frame of the model's answers (see the module docstring); ``progress`` is
+    called with ``(done, total)`` after each batch.
+    """
+    from groundforge.schemas.codecs import get_codec
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    get_codec(codec, **(codec_params or {}))  # an unknown codec or bad parameter fails here
+    items = list(items)
+    requests = build_requests(items, reasoning, suffix)
+    predictions: list[Prediction] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        replies = list(backend.answer(requests[start : start + batch_size]))
+        if len(replies) != len(chunk):
+            raise RuntimeError(f"the backend gave {len(replies)} replies to {len(chunk)} requests")
+        for item, reply in zip(chunk, replies, strict=True):
+            ok = reply.error is None and reply.text is not None
+            error = None if ok else (reply.error or "empty")
+            predictions.append(
+                score_reply(item, reply.text, error, codec, codec_params, iou_threshold)
+            )
+        if progress is not None:
+            progress(len(predictions), len(items))
+    metrics = summarize(predictions, items, seen, unseen, iou_threshold)
+    config = {
+        "codec": codec,
+        "codec_params": dict(codec_params or {}),
+        "reasoning": reasoning,
+        "suffix": build_prompt("", reasoning, suffix),
+    }
+    return EvalReport(predictions=predictions, metrics=metrics, config=config)
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def write_report(report: EvalReport, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``metrics.json`` (metrics plus config) and ``predictions.jsonl`` (one row per
+    item) into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path, predictions_path = out / "metrics.json", out / "predictions.jsonl"
+    body = {"config": report.config, **report.metrics}
+    metrics_path.write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n")
+    with predictions_path.open("w") as f:
+        for p in report.predictions:
+            f.write(json.dumps(dataclasses.asdict(p), ensure_ascii=False) + "\n")
+    return metrics_path, predictions_path
+
+
+def read_report(out_dir: str | os.PathLike) -> EvalReport:
+    """The report that :func:`write_report` wrote into ``out_dir``."""
+    out = Path(out_dir)
+    body = json.loads((out / "metrics.json").read_text())
+    config = body.pop("config", {})
+    with (out / "predictions.jsonl").open() as f:
+        predictions = [Prediction(**json.loads(line)) for line in f if line.strip()]
+    return EvalReport(predictions=predictions, metrics=body, config=config)
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def report_tables(report: EvalReport) -> list:
+    """The report as rich tables: grounding (per category, then seen / unseen / all) and, when
+    there are detection items, detection (per category, then all)."""
+    from rich.table import Table
+
+    tables = []
+    grounding = report.metrics.get("grounding")
+    if grounding:
+        table = Table(title="grounding (Acc@0.5, mean IoU)", title_justify="left")
+        for col in ("category", "n", "Acc@0.5 %", "mIoU", "failed", "no box"):
+            table.add_column(col, justify="left" if col == "category" else "right")
+
+        def row(name: str, r: dict[str, Any]) -> list[str]:
+            return [
+                name,
+                str(r["n"]),
+                _fmt(r["acc"]),
+                _fmt(r["miou"], 4),
+                str(r["failed"]),
+                str(r["no_box"]),
+            ]
+
+        for name, r in grounding["categories"].items():
+            table.add_row(*row(name, r))
+        table.add_section()
+        for name in ("seen", "unseen", "all"):
+            table.add_row(*row(name, grounding[name]))
+        tables.append(table)
+    detection = report.metrics.get("detection")
+    if detection:
+        table = Table(title="detection (IoU 0.5)", title_justify="left")
+        for col in ("category", "images", "gt", "pred", "P", "R", "F1", "AP@0.5", "failed"):
+            table.add_column(col, justify="left" if col == "category" else "right")
+
+        def drow(name: str, r: dict[str, Any]) -> list[str]:
+            return [
+                name,
+                str(r["n"]),
+                str(r["n_gt"]),
+                str(r["n_pred"]),
+                *(_fmt(r[k], 4) for k in ("precision", "recall", "f1", "ap50")),
+                str(r["failed"]),
+            ]
+
+        for name, r in detection["categories"].items():
+            table.add_row(*drow(name, r))
+        table.add_section()
+        table.add_row(*drow("all", detection["all"]))
+        tables.append(table)
+    return tables
+
+
+def format_table(report: EvalReport, width: int = 100) -> str:
+    """The report's tables as plain text."""
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
+    for table in report_tables(report):
+        console.print(table)
+    failures = report.metrics.get("failures") or {}
+    if failures:
+        console.print("failed requests: " + ", ".join(f"{k} {n}" for k, n in failures.items()))
+    return console.file.getvalue()
+
+
+# -- the CLI's entry point -------------------------------------------------------------------
+
+
+def make_backend(
+    model: str | None = None,
+    endpoint: str | None = None,
+    served_model: str | None = None,
+    api_key_env: str | None = None,
+    temperature: float = 0.0,
+    max_tokens: int = 256,
+    seed: int | None = 0,
+    batch_size: int = 8,
+    device: str = "cpu",
+    max_pixels: int | None = None,
+    max_concurrency: int = 16,
+    timeout: float = 120.0,
+):
+    """The chat backend of a run: ``model`` (a folder or hub id) runs in this process
+    (:class:`TransformersBackend`), ``endpoint`` is an OpenAI-compatible URL answered by
+    ``served_model`` (:class:`OpenAIBackend`). Exactly one of the two."""
+    from groundforge.annotators.teacher.types import Sampling
+
+    if (model is None) == (endpoint is None):
+        raise ValueError("give exactly one of model (in-process) and endpoint (a served model)")
+    sampling = Sampling(temperature=temperature, top_p=1.0, max_tokens=max_tokens, seed=seed)
+    if model is not None:
+        if served_model is not None or api_key_env is not None:
+            raise ValueError("served_model and api_key_env apply to an endpoint, not to model")
+        from groundforge.annotators.teacher.embedded import TransformersBackend
+
+        return TransformersBackend(
+            str(model), sampling, batch_size=batch_size, device=device, max_pixels=max_pixels
+        )
+    if not served_model:
+        raise ValueError("an endpoint needs served_model: the model name the server answers to")
+    from groundforge.annotators.teacher.client import OpenAIBackend
+    from groundforge.annotators.teacher.types import EndpointSettings
+
+    settings = EndpointSettings(
+        base_url=endpoint,
+        model=served_model,
+        api_key_env=api_key_env,
+        sampling=sampling,
+        max_concurrency=max_concurrency,
+        timeout=timeout,
+    )
+    return OpenAIBackend(settings)
+
+
+def run_eval(
+    bench: str | os.PathLike | None = None,
+    shards: str | os.PathLike | None = None,
+    split: str = "val",
+    model: str | os.PathLike | None = None,
+    endpoint: str | None = None,
+    served_model: str | None = None,
+    api_key_env: str | None = None,
+    codec: str = "norm1000",
+    codec_params: dict[str, Any] | None = None,
+    reasoning: bool = False,
+    max_tokens: int = 256,
+    limit: int | None = None,
+    out_dir: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    shard_format: str = "arrow",
+    temperature: float = 0.0,
+    device: str = "cpu",
+    suffix: str | None = None,
+    seen: Sequence[str] = SEEN_CATEGORIES,
+    unseen: Sequence[str] = UNSEEN_CATEGORIES,
+    progress: Progress | None = None,
+) -> EvalReport:
+    """Evaluate ``model`` (in-process) or ``endpoint`` (+ ``served_model``) on the KVG-Bench
+    parquet ``bench`` or on the ``split`` of our ``shards``; write the report to ``out_dir``
+    when given. Greedy decoding unless ``temperature`` > 0. ``limit`` keeps the first items.
+    With ``codec="qwen25vl"`` and an in-process model, ``codec_params["max_pixels"]`` also sets
+    the processor's pixel budget so the frame the model sees is the one parsed."""
+    from groundforge.schemas.codecs import get_codec
+
+    if (bench is None) == (shards is None):
+        raise ValueError("give exactly one of bench (a KVG-Bench parquet) and shards (our shards)")
+    if (model is None) == (endpoint is None):
+        raise ValueError("give exactly one of model (in-process) and endpoint (a served model)")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    params = dict(codec_params or {})
+    get_codec(codec, **params)  # fail before loading anything
+
+    if bench is not None:
+        items = load_kvg_bench(bench)
+    else:
+        items = load_shard_items(shards, split, shard_format)
+    if limit is not None:
+        items = items[:limit]
+    if not items:
+        raise ValueError(f"no items to evaluate in {bench if bench is not None else shards}")
+
+    max_pixels = params.get("max_pixels") if codec == "qwen25vl" and model is not None else None
+    backend = make_backend(
+        model=None if model is None else str(model),
+        endpoint=endpoint,
+        served_model=served_model,
+        api_key_env=api_key_env,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        device=device,
+        max_pixels=max_pixels,
+    )
+    try:
+        report = evaluate(
+            items,
+            backend,
+            codec=codec,
+            codec_params=params,
+            reasoning=reasoning,
+            suffix=suffix,
+            seen=seen,
+            unseen=unseen,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    finally:
+        close = getattr(backend, "close", None)
+        if close is not None:
+            close()
+    report.config.update(
+        {
+            "bench": None if bench is None else str(bench),
+            "shards": None if shards is None else str(shards),
+            "split": split if shards is not None else None,
+            "model": None if model is None else str(model),
+            "endpoint": endpoint,
+            "served_model": served_model,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "limit": limit,
+        }
+    )
+    if out_dir is not None:
+        write_report(report, out_dir)
+    return report
