@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -144,6 +145,371 @@ def inspect(run_dir: str, samples: int, no_verify: bool) -> None:
 
     ok = inspect_run(run_dir, Console(), samples=samples, verify=not no_verify)
     sys.exit(0 if ok else 1)
+
+
+# -- training, evaluation, export -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _progress(label: str):
+    """A rich progress bar on stderr, fed by ``callback(done, total)``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _overrides(settings: tuple[str, ...]) -> dict:
+    """``--set sft.max_steps=2`` options as config overrides (values read as YAML)."""
+    import yaml
+
+    overrides = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r}: expected FIELD=VALUE, e.g. sft.max_steps=2")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def _train_options(func):
+    options = [
+        click.option(
+            "--data",
+            required=True,
+            type=click.Path(exists=True, file_okay=False),
+            help="A run folder (or its shards/ folder).",
+        ),
+        click.option("--model", required=True, help="Model folder or hub id to start from."),
+        click.option(
+            "--config",
+            "config_path",
+            type=click.Path(exists=True, dir_okay=False),
+            help="train.yaml (defaults: the 7B-class recipe, see the README).",
+        ),
+        click.option("--output", help="Output folder (default: the config's output_dir)."),
+        click.option("--resume", is_flag=True, help="Continue from the last checkpoint in it."),
+        click.option(
+            "--set",
+            "settings",
+            multiple=True,
+            metavar="FIELD=VALUE",
+            help="Override one config field, e.g. --set sft.max_steps=2 (repeatable).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@main.group()
+def train() -> None:
+    """Train on the shards with TRL: `sft` (CoT-SFT), then `grpo` from the SFT output."""
+    import importlib.util
+
+    missing = [m for m in ("trl", "peft", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.ClickException(
+            f"training needs {', '.join(missing)}: pip install 'groundforge[train]'"
+        )
+
+
+@train.command("sft")
+@_train_options
+def train_sft(data, model, config_path, output, resume, settings) -> None:
+    """Stage 1: supervised fine-tuning on the `sft` split (rationale, then answer box)."""
+    from groundforge.trainer.sft import run_sft
+
+    out = run_sft(data, model, config_path, output, _overrides(settings), resume)
+    click.echo(f"model and processor saved to {out} (training log: {out}/train_log.jsonl)")
+
+
+@train.command("grpo")
+@_train_options
+@click.option(
+    "--knowledge",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Knowledge map from `groundforge knowledge probe` (read by the karl_iou reward).",
+)
+def train_grpo(data, model, config_path, output, resume, settings, knowledge) -> None:
+    """Stage 2: GRPO with rule-based rewards on the `grpo` split (else `sft`).
+
+    --model is normally the `train sft` output folder.
+    """
+    from groundforge.trainer.grpo import run_grpo
+
+    out = run_grpo(data, model, config_path, output, knowledge, _overrides(settings), resume)
+    click.echo(f"model and processor saved to {out} (training log: {out}/train_log.jsonl)")
+
+
+def _model_options(func):
+    options = [
+        click.option("--model", help="Model folder or hub id, run in this process."),
+        click.option("--endpoint", help="OpenAI-compatible base URL, e.g. http://HOST:8000/v1."),
+        click.option("--served-model", help="The model name the endpoint answers to."),
+        click.option(
+            "--api-key-env",
+            metavar="VAR",
+            help="Environment variable that holds the endpoint's API key.",
+        ),
+        click.option(
+            "--device", default="cpu", show_default=True, help="torch device for --model."
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _one_model(model: str | None, endpoint: str | None) -> None:
+    if (model is None) == (endpoint is None):
+        raise click.UsageError("give exactly one of --model and --endpoint")
+
+
+@main.command("eval")
+@click.option(
+    "--bench",
+    type=click.Path(exists=True),
+    help="KVG-Bench-format parquet file (or a folder of them).",
+)
+@click.option(
+    "--shards",
+    type=click.Path(exists=True, file_okay=False),
+    help="A run folder (or its shards/) to evaluate on one split instead.",
+)
+@click.option("--split", default="val", show_default=True, help="The split of --shards.")
+@_model_options
+@click.option(
+    "--codec",
+    default="norm1000",
+    show_default=True,
+    type=click.Choice(["norm1000", "qwen25vl", "qwen3vl", "norm01", "pixel"]),
+    help="The frame of the model's answer boxes (norm1000: the reference scorer's).",
+)
+@click.option(
+    "--max-pixels",
+    type=int,
+    help="Pixel budget of the qwen25vl frame (and of an in-process model's processor).",
+)
+@click.option(
+    "--reasoning/--no-reasoning",
+    default=False,
+    show_default=True,
+    help="Ask for <think>...</think><answer>...</answer> replies.",
+)
+@click.option("--max-tokens", default=256, show_default=True, help="Reply length limit.")
+@click.option("--batch-size", default=8, show_default=True, help="Requests per batch.")
+@click.option("--limit", type=int, help="Evaluate the first N items only.")
+@click.option("--out", type=click.Path(file_okay=False), help="Write metrics and predictions.")
+def eval_(
+    bench,
+    shards,
+    split,
+    model,
+    endpoint,
+    served_model,
+    api_key_env,
+    device,
+    codec,
+    max_pixels,
+    reasoning,
+    max_tokens,
+    batch_size,
+    limit,
+    out,
+) -> None:
+    """Score a model on KVG-Bench (Acc@0.5 and mean IoU per category, seen / unseen / all).
+
+    With --shards, on a split of our own shards; `detect` samples get precision, recall, F1 and
+    AP at IoU 0.5. --out writes metrics.json and predictions.jsonl.
+    """
+    from groundforge.outputs.shards import detect_format, shards_folder
+    from groundforge.trainer.evaluate import format_table, run_eval
+
+    if (bench is None) == (shards is None):
+        raise click.UsageError("give exactly one of --bench and --shards")
+    _one_model(model, endpoint)
+    fmt = "arrow"
+    if shards is not None:
+        shards = shards_folder(shards)
+        fmt = detect_format(shards)
+    with _progress("evaluating") as update:
+        report = run_eval(
+            bench=bench,
+            shards=shards,
+            split=split,
+            model=model,
+            endpoint=endpoint,
+            served_model=served_model,
+            api_key_env=api_key_env,
+            codec=codec,
+            codec_params={"max_pixels": max_pixels} if max_pixels else None,
+            reasoning=reasoning,
+            max_tokens=max_tokens,
+            limit=limit,
+            out_dir=out,
+            batch_size=batch_size,
+            shard_format=fmt,
+            device=device,
+            progress=update,
+        )
+    click.echo(format_table(report), nl=False)
+    if out:
+        click.echo(f"metrics.json and predictions.jsonl written to {out}")
+
+
+@main.group()
+def knowledge() -> None:
+    """Measure what a model knows about the entities of the shards."""
+
+
+@knowledge.command("probe")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="A run folder (or its shards/ folder).",
+)
+@_model_options
+@click.option("--out", default="knowledge.json", show_default=True, help="Where to write the map.")
+@click.option("--per-entity", default=50, show_default=True, help="Questions per entity (max).")
+@click.option("--max-pixels", type=int, help="Pixel budget of an in-process Qwen-VL processor.")
+@click.option("--text-model", help="Text embedder for the distractors (folder or hub id).")
+@click.option("--cache", "cache_dir", help="Folder that keeps replies, so a rerun asks nothing.")
+@click.option("--seed", default=0, show_default=True, help="Which crops and option orders.")
+def knowledge_probe(
+    data,
+    model,
+    endpoint,
+    served_model,
+    api_key_env,
+    device,
+    out,
+    per_entity,
+    max_pixels,
+    text_model,
+    cache_dir,
+    seed,
+) -> None:
+    """Ask 4-choice questions about each entity's crops; write the KARL knowledge map.
+
+    Distractors are the most similar entities of the same domain; accuracy per entity gives one
+    of five levels, which `train grpo --knowledge` hands to the karl_iou reward.
+    """
+    from collections import Counter
+
+    from groundforge.trainer.knowledge import run_probe
+
+    _one_model(model, endpoint)
+    with _progress("probing") as update:
+        result = run_probe(
+            data,
+            model=model,
+            endpoint=endpoint,
+            served_model=served_model,
+            api_key_env=api_key_env,
+            out=out,
+            per_entity=per_entity,
+            seed=seed,
+            device=device,
+            max_pixels=max_pixels,
+            text_model=text_model,
+            cache_dir=cache_dir,
+            progress=update,
+        )
+    levels = Counter(result.levels().values())
+    spread = ", ".join(f"level {lv}: {levels[lv]}" for lv in sorted(levels))
+    click.echo(f"{len(result.entities)} entities ({spread}) written to {out}")
+
+
+@main.group()
+def export() -> None:
+    """Write the shards in the formats of other trainers."""
+
+
+def _export_options(func):
+    options = [
+        click.argument("data", type=click.Path(exists=True, file_okay=False)),
+        click.option("--to", "dest", required=True, help="Destination folder."),
+        click.option(
+            "--codec",
+            default="qwen25vl",
+            show_default=True,
+            type=click.Choice(["norm1000", "qwen25vl", "qwen3vl", "norm01", "pixel"]),
+            help="How answer boxes are written (the trained model's family).",
+        ),
+        click.option(
+            "--max-pixels",
+            type=int,
+            help="qwen25vl pixel budget; images are resized to it (e.g. 401408).",
+        ),
+        click.option(
+            "--split", "splits", multiple=True, help="Only these splits (repeatable; default all)."
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _codec_params(codec: str, max_pixels: int | None) -> dict:
+    if max_pixels and codec != "qwen25vl":
+        raise click.UsageError("--max-pixels applies to --codec qwen25vl only")
+    return {"max_pixels": max_pixels} if max_pixels else {}
+
+
+@export.command("llamafactory")
+@_export_options
+@click.option("--name", default="groundforge", show_default=True, help="Dataset name.")
+def export_llamafactory(data, dest, codec, max_pixels, splits, name) -> None:
+    """Sharegpt JSON with <image> placeholders, images/ beside it, and dataset_info.json.
+
+    DATA is a run folder or its shards/ folder.
+    """
+    from groundforge.outputs.export import export_llamafactory as write
+
+    path = write(
+        data,
+        dest,
+        codec=codec,
+        codec_params=_codec_params(codec, max_pixels),
+        splits=list(splits) or None,
+        dataset_name=name,
+    )
+    click.echo(f"wrote {path} and {Path(dest) / 'dataset_info.json'}")
+
+
+@export.command("verl")
+@_export_options
+def export_verl(data, dest, codec, max_pixels, splits) -> None:
+    """One verl parquet per split; score rollouts with groundforge.outputs.verl_reward.
+
+    Set verl's custom_reward_function.path to that module's file and name to compute_score.
+    """
+    from groundforge.outputs.export import export_verl as write
+
+    folder = write(
+        data,
+        dest,
+        codec=codec,
+        codec_params=_codec_params(codec, max_pixels),
+        splits=list(splits) or None,
+    )
+    files = sorted(p.name for p in Path(folder).glob("*.parquet"))
+    click.echo(f"wrote {', '.join(files)} to {folder}")
 
 
 if __name__ == "__main__":

@@ -156,30 +156,11 @@ def user_prompt(question: str, reasoning: bool) -> str:
     return f"{text}{REASONING_INSTRUCTION}" if reasoning else text
 
 
-def shard_format(shards_dir: str | Path) -> str:
-    """``arrow`` or ``parquet``: the format of the shards under ``shards_dir/<split>/``."""
-    from groundforge.outputs.files import list_files
-
-    root = str(shards_dir).rstrip("/")
-    for fmt in ("arrow", "parquet"):
-        if list_files(f"{root}/*/data-*.{fmt}"):
-            return fmt
-    raise FileNotFoundError(f"no data-*.arrow or data-*.parquet shards under {root}/<split>/")
-
-
-def shard_splits(shards_dir: str | Path, fmt: str) -> list[str]:
-    """The splits that have shards on disk, sorted."""
-    from groundforge.outputs.files import list_files
-
-    root = str(shards_dir).rstrip("/")
-    return sorted({p.rstrip("/").rsplit("/", 2)[-2] for p in list_files(f"{root}/*/data-*.{fmt}")})
-
-
 def _samples(shards_dir: str | Path, splits: Sequence[str] | None, fmt: str | None) -> Iterator:
-    from groundforge.outputs.shards import read_samples
+    from groundforge.outputs.shards import detect_format, read_samples, shards_folder
 
-    shards_dir = str(shards_dir)
-    fmt = fmt or shard_format(shards_dir)
+    shards_dir = shards_folder(shards_dir)
+    fmt = fmt or detect_format(shards_dir)
     if splits is None:
         yield from read_samples(shards_dir, fmt=fmt)
         return
@@ -360,17 +341,22 @@ def export_verl(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from groundforge.outputs.shards import read_samples
+    from groundforge.outputs.shards import (
+        detect_format,
+        read_samples,
+        shards_folder,
+        splits_on_disk,
+    )
 
     params = dict(codec_params or {})
     box_codec = get_codec(codec, **params)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     schema = verl_features().arrow_schema
-    shards_dir = str(shards_dir)
-    fmt = fmt or shard_format(shards_dir)
+    shards_dir = shards_folder(shards_dir)
+    fmt = fmt or detect_format(shards_dir)
     if splits is None:
-        splits = shard_splits(shards_dir, fmt)
+        splits = sorted(splits_on_disk(shards_dir, fmt))
 
     for split in splits:
         path = dest / f"{split}.parquet"

@@ -18,8 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -130,7 +132,7 @@ def finalize_shards(
     ``splits`` are the splits the recipe can produce; each exists afterwards, with one 0-row
     shard when no sample reached it. Returns every shard with its rows and sha256.
     """
-    names = sorted(set(splits) | _splits_on_disk(shards_dir, fmt))
+    names = sorted(set(splits) | splits_on_disk(shards_dir, fmt))
     shards: list[ShardFile] = []
     features = hf_features_dict(sample_schema())
     for split in names:
@@ -167,9 +169,27 @@ def finalize_shards(
     return shards
 
 
-def _splits_on_disk(shards_dir: str, fmt: TableFormat) -> set[str]:
+def splits_on_disk(shards_dir: str, fmt: TableFormat) -> set[str]:
+    """The splits that have shards of format ``fmt`` under ``shards_dir``."""
     pattern = FileSystems.join(shards_dir, "*", f"data-*.{EXTENSIONS[fmt]}")
     return {p.rstrip("/").rsplit("/", 2)[-2] for p in list_files(pattern)}
+
+
+def shards_folder(path: str | os.PathLike) -> str:
+    """A run folder's ``shards/``, or ``path`` itself when it is a shards folder."""
+    root = Path(path)
+    return str(root / "shards") if (root / "shards").is_dir() else str(root)
+
+
+def detect_format(shards_dir: str | os.PathLike) -> TableFormat:
+    """``arrow`` or ``parquet``: the format of the shards under ``shards_dir/<split>/``."""
+    for fmt in ("arrow", "parquet"):
+        if splits_on_disk(str(shards_dir), fmt):
+            return fmt
+    raise FileNotFoundError(
+        f"{shards_dir}: no shards here (expected <split>/data-*.arrow or <split>/data-*.parquet);"
+        " give a run folder or its shards/ folder"
+    )
 
 
 def read_samples(shards_dir: str, split: str | None = None, fmt: TableFormat = "arrow"):

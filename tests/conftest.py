@@ -89,3 +89,15 @@ def teacher_server(tiny_vlm_dir: Path, tmp_path_factory: pytest.TempPathFactory)
             proc.wait(timeout=10)
         except Exception:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled demo, run once in process; tests only read it."""
+    from groundforge.examples import demo_recipe_path
+    from groundforge.pipelines.run import run_recipe
+    from groundforge.recipe import load_recipe
+
+    out = tmp_path_factory.mktemp("demo-run")
+    run_recipe(load_recipe(demo_recipe_path()), str(out), [])
+    return out

@@ -31,10 +31,12 @@ RUNNERS = {
 
 
 @pytest.fixture(scope="module")
-def demo_runs(tmp_path_factory) -> dict[str, Path]:
+def demo_runs(demo_run, tmp_path_factory) -> dict[str, Path]:
     recipe = load_recipe(demo_recipe_path())
-    runs = {}
+    runs = {"in_process": demo_run}
     for name, args in RUNNERS.items():
+        if name in runs:
+            continue
         out = tmp_path_factory.mktemp(f"demo-{name}")
         run_recipe(recipe, str(out), args)
         runs[name] = out

@@ -788,5 +788,18 @@ def test_build_rewards_errors_are_clear():
         iou_reward(codec, "dice")
 
 
+def test_rewards_of_your_own_by_import_path():
+    codec = CODECS["pixel"]
+    funcs, weights = build_rewards({"parsable_box": 0.5, "customrewards:char_variety": 2}, codec)
+    assert [f.__name__ for f in funcs] == ["parsable_box", "char_variety"] and weights == [0.5, 2.0]
+    assert funcs[1]([], ["aab", "abcdefgh"]) == [0.25, 1.0]
+    with pytest.raises(ValueError, match="cannot import it"):
+        build_rewards({"customrewards:missing": 1.0}, codec)
+    with pytest.raises(ValueError, match="cannot import it"):
+        build_rewards({"no_such_module_x:f": 1.0}, codec)
+    with pytest.raises(ValueError, match="takes a weight only"):
+        build_rewards({"customrewards:char_variety": {"weight": 1, "tau": 0.5}}, codec)
+
+
 def test_doctests():
     assert doctest.testmod(rewards_module).failed == 0

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from customrewards import char_variety
 from safetensors.torch import load_file
 from test_trainer_data import BUDGET, flag_samples, write_shards
 
@@ -26,7 +27,7 @@ from groundforge.trainer.config import (
 )
 from groundforge.trainer.data import make_codec
 from groundforge.trainer.grpo import reward_spec, run_grpo
-from groundforge.trainer.rewards import build_rewards, completion_text
+from groundforge.trainer.rewards import build_rewards
 from groundforge.trainer.sft import (
     LORA_EXCLUDE,
     TrainError,
@@ -73,11 +74,6 @@ def weights(folder: str | Path) -> dict[str, torch.Tensor]:
 def vision_unchanged(before: dict, after: dict) -> bool:
     names = [n for n in before if is_vision_parameter(n)]
     return bool(names) and all(torch.equal(before[n], after[n]) for n in names)
-
-
-def char_variety(prompts, completions, **columns):
-    """A reward that differs between completions, so GRPO's advantages are not all zero."""
-    return [len(set(completion_text(c))) / 8 for c in completions]
 
 
 def test_doctests():
@@ -274,3 +270,26 @@ def test_grpo_steps_on_cuda(run_dir, tiny_vlm_dir, tmp_path):
     rate = {"steps": steps, "seconds": round(seconds, 2), "steps_per_s": steps / seconds}
     (tmp_path / "gpu_rate.json").write_text(json.dumps(rate))
     print(f"GRPO on {torch.cuda.get_device_name()}: {rate}")
+
+
+def test_bundled_train_configs_are_the_papers_settings():
+    from groundforge.examples import EXAMPLES_DIR
+
+    deep = load_train_config(EXAMPLES_DIR / "train.yaml")
+    assert deep.model_dump(exclude={"sft": {"output_dir"}, "grpo": {"output_dir"}}) == (
+        load_train_config().model_dump(exclude={"sft": {"output_dir"}, "grpo": {"output_dir"}})
+    )
+    karl = load_train_config(EXAMPLES_DIR / "train-karl.yaml").grpo
+    assert (karl.rewards, karl.learning_rate, karl.beta, karl.max_completion_length) == (
+        "karl",
+        5e-7,
+        0.02,
+        1500,
+    )
+    dip = load_train_config(EXAMPLES_DIR / "train-dip-r1.yaml").grpo
+    assert (dip.rewards, dip.num_generations, dip.max_completion_length) == ("dip_r1", 8, 2048)
+    assert list(reward_spec(dip.rewards)) == [
+        "think_look_answer_format",
+        "weighted_precision_recall",
+        "variance_guided_looking",
+    ]

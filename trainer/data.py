@@ -264,8 +264,10 @@ def open_shards(data: Any):
 
     if isinstance(data, DatasetDict):
         return data
+    from groundforge.outputs.shards import shards_folder
+
     root = Path(data)
-    folder = root / "shards" if (root / "shards").is_dir() else root
+    folder = Path(shards_folder(root))
     if (folder / SPLITS_FILE).is_file():
         return load_from_disk(str(folder))
     files = {

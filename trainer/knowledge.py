@@ -379,11 +379,10 @@ def build_items(
     Reads the shards twice (choose, then crop) so that only the chosen crops stay in memory.
     """
     from groundforge.filters.image import open_rgb
-    from groundforge.outputs.export import shard_format
-    from groundforge.outputs.shards import read_samples
+    from groundforge.outputs.shards import detect_format, read_samples
 
     shards_dir = str(shards_dir)
-    fmt = fmt or shard_format(shards_dir)
+    fmt = fmt or detect_format(shards_dir)
     chosen = select_crops(read_samples(shards_dir, fmt=fmt), per_entity, seed)
 
     by_domain: dict[str, list[str]] = defaultdict(list)
@@ -540,12 +539,6 @@ def probe(
     return score_items(items, replies, str(getattr(backend, "model", "")), thresholds, info)
 
 
-def _shards_of(data: str | Path) -> str:
-    """A run folder's ``shards/``, or ``data`` itself when it is the shards folder."""
-    path = Path(data)
-    return str(path / "shards") if (path / "shards").is_dir() else str(path)
-
-
 def run_probe(
     data: str | Path,
     model: str | None = None,
@@ -575,6 +568,7 @@ def run_probe(
     replies so a rerun does not ask twice. Returns the map it wrote.
     """
     from groundforge.annotators.teacher.types import Sampling
+    from groundforge.outputs.shards import shards_folder
 
     sampling = Sampling(temperature=0.0, top_p=1.0, max_tokens=max_tokens, seed=seed)
     cache = None
@@ -620,7 +614,7 @@ def run_probe(
         text_embedder = TextEmbedder(text_model)
     try:
         knowledge = probe(
-            _shards_of(data),
+            shards_folder(data),
             backend,
             per_entity=per_entity,
             seed=seed,

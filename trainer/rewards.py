@@ -82,6 +82,7 @@ such as :data:`DEEPPERCEPTION` into TRL's ``reward_funcs`` and ``reward_weights`
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import numbers
@@ -770,13 +771,30 @@ DIP_R1 = _frozen(
 """DIP-R1: format, weighted precision-recall and variance-guided looking, weight 1 each."""
 
 
+def import_reward(path: str) -> RewardFunc:
+    """A reward function of your own, named ``package.module:function`` (TRL's signature).
+
+    >>> import_reward("groundforge.trainer.rewards:completion_text").__name__
+    'completion_text'
+    """
+    module_name, _, attr = path.partition(":")
+    try:
+        func = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"reward {path!r}: cannot import it ({err})") from None
+    if not callable(func):
+        raise ValueError(f"reward {path!r}: not a function")
+    return func
+
+
 def build_rewards(
     spec: Mapping[str, float | Mapping[str, Any]], codec: BoxCodec
 ) -> tuple[list[RewardFunc], list[float]]:
     """TRL's ``reward_funcs`` and ``reward_weights`` from a spec, in the spec's order.
 
     A spec maps a reward name (a key of :data:`REWARDS`) to its weight, or to a mapping of
-    ``weight`` (default 1.0) and the factory's parameters.
+    ``weight`` (default 1.0) and the factory's parameters. A name ``package.module:function``
+    imports a reward function of your own (weight only).
 
     >>> from groundforge.schemas.codecs import get_codec
     >>> funcs, weights = build_rewards({"iou_giou": {"weight": 2}, "think_answer_format": 0.5},
@@ -789,8 +807,11 @@ def build_rewards(
     funcs: list[RewardFunc] = []
     weights: list[float] = []
     for name, value in spec.items():
-        if name not in REWARDS:
-            raise ValueError(f"unknown reward {name!r}; known: {', '.join(REWARDS)}")
+        if name not in REWARDS and ":" not in name:
+            raise ValueError(
+                f"unknown reward {name!r}; known: {', '.join(REWARDS)}, or a function of yours "
+                "as 'package.module:function'"
+            )
         if isinstance(value, Mapping):
             params = dict(value)
             weight = params.pop("weight", 1.0)
@@ -800,6 +821,12 @@ def build_rewards(
             raise ValueError(f"reward {name!r}: the weight must be a number, got {weight!r}")
         if not math.isfinite(weight):
             raise ValueError(f"reward {name!r}: the weight must be finite, got {weight!r}")
+        if name not in REWARDS:
+            if params:
+                raise ValueError(f"reward {name!r}: a function of yours takes a weight only")
+            funcs.append(import_reward(name))
+            weights.append(float(weight))
+            continue
         factory = REWARDS[name]
         try:
             inspect.signature(factory).bind(codec, **params)

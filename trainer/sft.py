@@ -51,7 +51,7 @@ DATA_CACHE = ".data-cache"
 ADAPTER_DIR = "adapter"
 
 
-class TrainError(RuntimeError):
+class TrainError(ValueError):
     """A training run that cannot start: the message says which setting to change."""
 
 
