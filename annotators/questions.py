@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from groundforge.filters.verdict import Verdict
 from groundforge.recipe import DEFAULT_QUESTION
+from groundforge.scenes.compose import remap_box
 from groundforge.schemas.records import Entity, ImageRecord, KVGSample, Provenance, stable_id
 
 
@@ -46,6 +48,7 @@ def single_entity_sample(
         split=split,
         box_source=record.box_source,
         detector_iou=record.box_ious.get("detector"),
+        candidates=record.candidates,
         provenance=Provenance(
             source_image_ids=(record.image_id,),
             locations=(record.location,),
@@ -88,7 +91,12 @@ def scene_samples(
     )
     samples = []
     for query, similarity in zip(plan.queries, plan.similarities, strict=True):
-        target = scene.entities[query]
+        target, member = scene.entities[query], members[query]
+        size, placement = (member.width, member.height), scene.placements[query]
+        candidates = {
+            name: tuple(replace(d, box=remap_box(d.box, size, placement)) for d in found)
+            for name, found in member.candidates.items()
+        }
         question = question_for(target.name, template)
         samples.append(
             KVGSample(
@@ -103,7 +111,9 @@ def scene_samples(
                 entities=tuple(scene.entities),
                 gt_boxes=(target.box,),
                 split=plan.split,
-                box_source=members[query].box_source,
+                box_source=member.box_source,
+                detector_iou=member.box_ious.get("detector"),
+                candidates=candidates,
                 provenance=provenance,
                 distractors=plan.distractors,
                 distractor_similarity=similarity,

@@ -1,6 +1,6 @@
 """Checks on a teacher rationale before it becomes a CoT-SFT target.
 
-The papers describe no rationale filter; these rules are ours (REFERENCE A, step 5). A rationale
+The papers describe no rationale filter; these rules are ours (the KVG data engine, step 5). A rationale
 is ``<think>reasoning</think><answer>box</answer>``. :func:`check_rationale` drops with the first
 failing reason, in this order (cheap and structural first, so the reason names the root cause):
 
@@ -108,7 +108,7 @@ def check_rationale(
     """Keep a teacher rationale for ``sample`` (target box ``sample.gt_boxes[0]``) or drop it.
 
     Answer boxes are read with ``codec`` in the sample's width and height. Keeps with the think
-    text as ``value`` and metrics ``iou`` and ``chars``.
+    text as ``value`` and metrics ``iou``, ``chars`` and ``box`` (the stated box, in pixels).
     """
     if not sample.gt_boxes:
         raise ValueError(f"sample {sample.sample_id}: no target box to check a rationale against")
@@ -135,4 +135,4 @@ def check_rationale(
         return Verdict.drop(
             "rationale_wrong_box", iou=iou, min_iou=rules.min_iou, box=box.to_list()
         )
-    return Verdict.ok(think, iou=iou, chars=chars)
+    return Verdict.ok(think, iou=iou, chars=chars, box=box.to_list())

@@ -56,6 +56,7 @@ from groundforge.scenes.compose import compose_scene
 from groundforge.scenes.layout import CanvasSpec
 from groundforge.scenes.plan import PlanSettings, PoolItem, ScenePlan, plan_scenes
 from groundforge.scenes.sampling import SceneMix
+from groundforge.schemas.box import Box
 from groundforge.schemas.codecs import get_codec
 from groundforge.schemas.records import ImageRecord, record_key
 from groundforge.sources.read import read_item
@@ -187,6 +188,7 @@ def attach_rationale(pair, codec, rules: RationaleRules, model: str) -> Verdict:
             rationale=verdict.value,
             teacher_model=model,
             teacher_iou=verdict.metrics.get("iou"),
+            teacher_box=Box.from_list(verdict.metrics["box"]),
         ),
         **verdict.metrics,
     )

@@ -18,8 +18,10 @@ from groundforge.schemas.records import (
     Entity,
     ImageRecord,
     KVGSample,
+    MarkedBox,
     Provenance,
     Rejection,
+    RejectionPreview,
 )
 
 _BOX = pa.list_(pa.float64())
@@ -38,6 +40,17 @@ PROVENANCE_TYPE = pa.struct(
         ("recipe_hash", pa.string()),
         ("version", pa.string()),
     ]
+)
+
+_CANDIDATES = pa.list_(
+    pa.struct(
+        [
+            ("annotator", pa.string()),
+            ("box", _BOX),
+            ("score", pa.float64()),
+            ("label", pa.string()),
+        ]
+    )
 )
 
 _SAMPLE_FIELDS = pa.schema(
@@ -62,6 +75,8 @@ _SAMPLE_FIELDS = pa.schema(
         ("student_correct", pa.int32()),
         ("distractors", pa.string()),
         ("distractor_similarity", pa.float64()),
+        ("candidates", _CANDIDATES),
+        ("teacher_box", _BOX),
         ("provenance", PROVENANCE_TYPE),
     ]
 )
@@ -81,19 +96,7 @@ _IMAGE_RECORD_FIELDS = pa.schema(
         ("author", pa.string()),
         ("url", pa.string()),
         ("opaque_box", _BOX),
-        (
-            "candidates",
-            pa.list_(
-                pa.struct(
-                    [
-                        ("annotator", pa.string()),
-                        ("box", _BOX),
-                        ("score", pa.float64()),
-                        ("label", pa.string()),
-                    ]
-                )
-            ),
-        ),
+        ("candidates", _CANDIDATES),
         ("box", _BOX),
         ("box_source", pa.string()),
         ("box_ious", pa.list_(pa.struct([("name", pa.string()), ("iou", pa.float64())]))),
@@ -108,6 +111,23 @@ REJECTION_SCHEMA = pa.schema(
         ("reason", pa.string()),
         ("detail", pa.string()),
         ("source_id", pa.string()),
+    ]
+)
+
+
+PREVIEW_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("image", pa.binary()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        (
+            "boxes",
+            pa.list_(pa.struct([("kind", pa.string()), ("box", _BOX), ("label", pa.string())])),
+        ),
     ]
 )
 
@@ -145,6 +165,31 @@ def _box(values: Any) -> Box:
     return Box.from_list(list(values))
 
 
+def _opt_box(values: Any) -> Box | None:
+    return None if values is None else _box(values)
+
+
+def _opt_list(box: Box | None) -> list[float] | None:
+    return None if box is None else box.to_list()
+
+
+def _candidates_to_rows(candidates: dict[str, tuple[Detection, ...]]) -> list[dict[str, Any]]:
+    return [
+        {"annotator": name, "box": d.box.to_list(), "score": d.score, "label": d.label}
+        for name, dets in sorted(candidates.items())
+        for d in dets
+    ]
+
+
+def _rows_to_candidates(rows: list[dict[str, Any]]) -> dict[str, tuple[Detection, ...]]:
+    candidates: dict[str, list[Detection]] = {}
+    for c in rows:
+        candidates.setdefault(c["annotator"], []).append(
+            Detection(_box(c["box"]), c["score"], c["label"])
+        )
+    return {k: tuple(v) for k, v in candidates.items()}
+
+
 def sample_to_row(s: KVGSample) -> dict[str, Any]:
     p = s.provenance
     return {
@@ -168,6 +213,8 @@ def sample_to_row(s: KVGSample) -> dict[str, Any]:
         "student_correct": s.student_correct,
         "distractors": s.distractors,
         "distractor_similarity": s.distractor_similarity,
+        "candidates": _candidates_to_rows(s.candidates),
+        "teacher_box": _opt_list(s.teacher_box),
         "provenance": {
             "source_image_ids": list(p.source_image_ids),
             "locations": list(p.locations),
@@ -217,6 +264,8 @@ def row_to_sample(row: dict[str, Any]) -> KVGSample:
         student_correct=row["student_correct"],
         distractors=row["distractors"],
         distractor_similarity=row["distractor_similarity"],
+        candidates=_rows_to_candidates(row["candidates"]),
+        teacher_box=_opt_box(row["teacher_box"]),
     )
 
 
@@ -234,13 +283,9 @@ def image_record_to_row(r: ImageRecord) -> dict[str, Any]:
         "license": r.license,
         "author": r.author,
         "url": r.url,
-        "opaque_box": r.opaque_box.to_list() if r.opaque_box is not None else None,
-        "candidates": [
-            {"annotator": name, "box": d.box.to_list(), "score": d.score, "label": d.label}
-            for name, dets in sorted(r.candidates.items())
-            for d in dets
-        ],
-        "box": r.box.to_list() if r.box is not None else None,
+        "opaque_box": _opt_list(r.opaque_box),
+        "candidates": _candidates_to_rows(r.candidates),
+        "box": _opt_list(r.box),
         "box_source": r.box_source,
         "box_ious": [{"name": k, "iou": v} for k, v in sorted(r.box_ious.items())],
         "embedding": list(r.embedding) if r.embedding is not None else None,
@@ -248,11 +293,6 @@ def image_record_to_row(r: ImageRecord) -> dict[str, Any]:
 
 
 def row_to_image_record(row: dict[str, Any]) -> ImageRecord:
-    candidates: dict[str, list[Detection]] = {}
-    for c in row["candidates"]:
-        candidates.setdefault(c["annotator"], []).append(
-            Detection(_box(c["box"]), c["score"], c["label"])
-        )
     return ImageRecord(
         image_id=row["image_id"],
         image=row["image"]["bytes"],
@@ -266,9 +306,9 @@ def row_to_image_record(row: dict[str, Any]) -> ImageRecord:
         license=row["license"],
         author=row["author"],
         url=row["url"],
-        opaque_box=_box(row["opaque_box"]) if row["opaque_box"] is not None else None,
-        candidates={k: tuple(v) for k, v in candidates.items()},
-        box=_box(row["box"]) if row["box"] is not None else None,
+        opaque_box=_opt_box(row["opaque_box"]),
+        candidates=_rows_to_candidates(row["candidates"]),
+        box=_opt_box(row["box"]),
         box_source=row["box_source"],
         box_ious={x["name"]: x["iou"] for x in row["box_ious"]},
         embedding=tuple(row["embedding"]) if row["embedding"] is not None else None,
@@ -287,3 +327,29 @@ def rejection_to_row(r: Rejection) -> dict[str, Any]:
 
 def row_to_rejection(row: dict[str, Any]) -> Rejection:
     return Rejection(**{k: row[k] for k in REJECTION_SCHEMA.names})
+
+
+def preview_to_row(r: RejectionPreview) -> dict[str, Any]:
+    return {
+        "item_id": r.item_id,
+        "stage": r.stage,
+        "reason": r.reason,
+        "detail": r.detail,
+        "image": r.image,
+        "width": r.width,
+        "height": r.height,
+        "boxes": [{"kind": b.kind, "box": b.box.to_list(), "label": b.label} for b in r.boxes],
+    }
+
+
+def row_to_preview(row: dict[str, Any]) -> RejectionPreview:
+    return RejectionPreview(
+        item_id=row["item_id"],
+        stage=row["stage"],
+        reason=row["reason"],
+        detail=row["detail"],
+        image=row["image"],
+        width=row["width"],
+        height=row["height"],
+        boxes=tuple(MarkedBox(b["kind"], _box(b["box"]), b["label"]) for b in row["boxes"]),
+    )

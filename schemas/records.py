@@ -116,6 +116,8 @@ class KVGSample:
     ``distractors`` says how the other entities of a composed scene were chosen (``hard``: the
     target's nearest look-alikes, ``easy``: at random; None for a single-entity image) and
     ``distractor_similarity`` is their mean similarity to the target: a difficulty signal.
+    ``candidates`` are the annotators' proposals for the target (by annotator name) and
+    ``teacher_box`` the box the teacher's rationale states, both in this image's pixels.
     """
 
     sample_id: str
@@ -139,6 +141,8 @@ class KVGSample:
     student_correct: int | None = None
     distractors: str | None = None
     distractor_similarity: float | None = None
+    candidates: dict[str, tuple[Detection, ...]] = field(default_factory=dict)
+    teacher_box: Box | None = None
 
 
 @dataclass(frozen=True)
@@ -150,3 +154,30 @@ class Rejection:
     reason: str
     detail: str = "{}"
     source_id: str = ""
+
+
+@dataclass(frozen=True)
+class MarkedBox:
+    """A box to draw on a preview: ``kind`` is ``gt`` (the trusted or target box),
+    ``candidate`` (an annotator's proposal; ``label`` names the annotator) or ``cause`` (a box
+    the drop's reason points at, e.g. the rationale's stated box)."""
+
+    kind: str
+    box: Box
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class RejectionPreview:
+    """A look at one dropped item for the report: ``image`` is a small JPEG of the item's image
+    (None when the item had no decodable image), ``width``/``height`` its size, and every box
+    in ``boxes`` is in that thumbnail's pixels."""
+
+    item_id: str
+    stage: str
+    reason: str
+    detail: str = "{}"
+    image: bytes | None = None
+    width: int = 0
+    height: int = 0
+    boxes: tuple[MarkedBox, ...] = ()

@@ -275,18 +275,18 @@ def test_grpo_steps_on_cuda(run_dir, tiny_vlm_dir, tmp_path):
 def test_bundled_train_configs_are_the_papers_settings():
     from groundforge.examples import EXAMPLES_DIR
 
-    deep = load_train_config(EXAMPLES_DIR / "train.yaml")
+    deep = load_train_config(EXAMPLES_DIR / "train" / "deepperception.yaml")
     assert deep.model_dump(exclude={"sft": {"output_dir"}, "grpo": {"output_dir"}}) == (
         load_train_config().model_dump(exclude={"sft": {"output_dir"}, "grpo": {"output_dir"}})
     )
-    karl = load_train_config(EXAMPLES_DIR / "train-karl.yaml").grpo
+    karl = load_train_config(EXAMPLES_DIR / "train" / "karl.yaml").grpo
     assert (karl.rewards, karl.learning_rate, karl.beta, karl.max_completion_length) == (
         "karl",
         5e-7,
         0.02,
         1500,
     )
-    dip = load_train_config(EXAMPLES_DIR / "train-dip-r1.yaml").grpo
+    dip = load_train_config(EXAMPLES_DIR / "train" / "dip-r1.yaml").grpo
     assert (dip.rewards, dip.num_generations, dip.max_completion_length) == ("dip_r1", 8, 2048)
     assert list(reward_spec(dip.rewards)) == [
         "think_look_answer_format",

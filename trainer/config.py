@@ -13,7 +13,7 @@
       rewards: deepperception   # a preset, or {name: weight, name: {weight: .., param: ..}}
       output_dir: runs/grpo
 
-Defaults are REFERENCE A's for 7B-class models; settings the papers leave open are marked
+Defaults are the DeepPerception paper's for 7B-class models; settings the papers leave open are marked
 *ours*. Field names follow ``transformers.TrainingArguments`` where one exists, so they mean
 what they mean there. Errors name the file and the field.
 """
@@ -100,7 +100,7 @@ class StageSettings(_Strict):
 
 
 class SFTSettings(StageSettings):
-    """Stage 1, CoT-SFT: 1 epoch, batch 16, cosine, warmup 0.1, lr 1e-6 to 5e-6 (REFERENCE A)."""
+    """Stage 1, CoT-SFT: 1 epoch, batch 16, cosine, warmup 0.1, lr 1e-6 to 5e-6 (DeepPerception)."""
 
     learning_rate: float = Field(2e-6, gt=0)
     # *ours*: the loss covers the answer only, as in LLaMA-Factory (the papers' SFT tool); with
@@ -110,7 +110,7 @@ class SFTSettings(StageSettings):
 
 class GRPOSettings(StageSettings):
     """Stage 2, GRPO: 4 samples per prompt, lr 1e-6, 2 epochs, completions up to 512 tokens,
-    temperature 1.0, KL weight 0.04 against the stage-1 model (REFERENCE A; KARL: lr 5e-7,
+    temperature 1.0, KL weight 0.04 against the stage-1 model (DeepPerception; KARL: lr 5e-7,
     beta 0.02, 1,500 tokens)."""
 
     learning_rate: float = Field(1e-6, gt=0)
@@ -161,7 +161,7 @@ class TrainConfig(_Strict):
     seed: int = 42
     # Box codec; None derives it from the model type (qwen2_vl, qwen2_5_vl, qwen3_vl).
     codec: Literal["pixel", "norm1000", "qwen25vl", "qwen3vl", "norm01"] | None = None
-    # Pixel budget of every image (REFERENCE A: 401,408 = 512 x 28 x 28).
+    # Pixel budget of every image (DeepPerception and KARL: 401,408 = 512 x 28 x 28).
     max_pixels: int = Field(401_408, ge=28 * 28)
     min_pixels: int | None = Field(None, ge=1)  # None: the processor's own
     system_prompt: str | None = None

@@ -43,7 +43,7 @@ from groundforge.trainer.evaluate import REASONING_SUFFIX
 
 _LOG = logging.getLogger(__name__)
 
-# The suffix asking for <think> and <answer> (REFERENCE A); the evaluation's own, so a model is
+# The suffix asking for <think> and <answer> (DeepPerception); the evaluation's own, so a model is
 # scored on the prompt it was trained with.
 REASONING_INSTRUCTION = REASONING_SUFFIX
 

@@ -6,8 +6,8 @@ resized to. ``grpo.rewards`` is a preset name (``deepperception``, ``karl``, ``d
 spec ``{name: weight | {weight: .., param: ..}}``. KARL's reward reads ``knowledge_level``, joined
 from the knowledge map (:mod:`groundforge.trainer.knowledge`) given as ``knowledge_map``.
 
-The data is the ``grpo`` split (the items the SFT model gets right only some of the time, REFERENCE
-A step 6), or the ``sft`` split when the run has none (``grpo.fallback_split``).
+The data is the ``grpo`` split (the items the SFT model gets right only some of the time), or the
+``sft`` split when the run has none (``grpo.fallback_split``).
 """
 
 from __future__ import annotations

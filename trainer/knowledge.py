@@ -1,7 +1,7 @@
 """The KARL knowledge probe: how well does a model already know each entity of the shards?
 
 KARL scales the GRPO grounding reward by how well the base model knows the queried entity
-(REFERENCE A, "KARL variant"). The probe measures it with a multiple-choice recognition test:
+(the KARL paper). The probe measures it with a multiple-choice recognition test:
 
 1. **Single-entity images are cropped out of the shards.** Every named entity of every sample
    (scene samples list all their entities, single-entity samples their one) gives a crop of its
@@ -62,7 +62,7 @@ from groundforge.schemas.records import stable_id
 
 _LOG = logging.getLogger(__name__)
 
-# Lower bounds of levels 0..3; below the last is level 4 (REFERENCE A, KARL).
+# Lower bounds of levels 0..3; below the last is level 4 (the KARL paper).
 THRESHOLDS: tuple[float, ...] = (0.7, 0.45, 0.3, 0.1)
 NUM_CHOICES = 4
 LETTERS = "ABCD"
