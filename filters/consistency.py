@@ -2,7 +2,7 @@
 
 For a single-entity image the detector (Grounding DINO, prompted with the super-category) finds
 *an* object tightly but cannot tell which fine-grained entity it is; the MLLM grounder names the
-entity but draws looser boxes. A box is trusted only where both agree (the KVG data engine, step 2), and
+entity but draws looser boxes. A box is trusted only where both agree (data engine step 2), and
 the box kept is the detector's: it carries the tighter localisation, while the grounder's role is
 to pick which candidate is the entity.
 """

@@ -1,6 +1,6 @@
 """Difficulty by pass@k: how often the CoT-SFT student finds the target, and the split it decides.
 
-the KVG data engine, step 6: sample the SFT model 4 times per item and keep for RL (GRPO) the items it gets
+Data engine step 6: sample the SFT model 4 times per item and keep for RL (GRPO) the items it gets
 right 1 to 3 times. Those are the items whose reward varies within a group of rollouts; an item
 always or never solved gives every rollout the same reward and so no learning signal.
 """

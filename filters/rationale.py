@@ -1,6 +1,6 @@
 """Checks on a teacher rationale before it becomes a CoT-SFT target.
 
-The papers describe no rationale filter; these rules are ours (the KVG data engine, step 5). A rationale
+The papers describe no rationale filter; these rules are ours (data engine step 5). A rationale
 is ``<think>reasoning</think><answer>box</answer>``. :func:`check_rationale` drops with the first
 failing reason, in this order (cheap and structural first, so the reason names the root cause):
 

@@ -13,7 +13,7 @@
       rewards: deepperception   # a preset, or {name: weight, name: {weight: .., param: ..}}
       output_dir: runs/grpo
 
-Defaults are the DeepPerception paper's for 7B-class models; settings the papers leave open are marked
+Defaults are DeepPerception's for 7B-class models; settings the papers leave open are marked
 *ours*. Field names follow ``transformers.TrainingArguments`` where one exists, so they mean
 what they mean there. Errors name the file and the field.
 """
