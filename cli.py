@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -29,14 +30,23 @@ def _configure_logging(verbose: bool) -> None:
 
 def _run(recipe_path: Path | None, recipe, out: str, beam_args: tuple[str, ...]) -> None:
     from rich.console import Console
+    from rich.live import Live
+    from rich.spinner import Spinner
 
-    from groundforge.outputs.console import print_funnel
+    from groundforge.outputs.console import funnel_table, print_funnel
     from groundforge.pipelines.run import run_recipe
 
     console = Console(stderr=True)
     where = f" from {recipe_path}" if recipe_path else ""
-    with console.status(f"running {recipe.name}{where} -> {out}"):
-        result = run_recipe(recipe, out, beam_args)
+    title = f"running {recipe.name}{where} -> {out}"
+    started = time.monotonic()
+    with Live(Spinner("dots", title), console=console, transient=True) as live:
+
+        def show(stages: list[dict]) -> None:
+            elapsed = time.monotonic() - started
+            live.update(funnel_table(stages, title=f"{title} ({elapsed:.0f} s)"))
+
+        result = run_recipe(recipe, out, beam_args, progress=show)
     print_funnel(result.manifest, console)
     console.print(
         f"[bold]{result.manifest['samples']}[/] samples in {out}/shards "

@@ -8,18 +8,28 @@ from rich.console import Console
 from rich.table import Table
 
 
-def funnel_table(stages: list[dict[str, Any]]) -> Table:
-    table = Table(title="stage funnel", title_justify="left")
+def funnel_table(
+    stages: list[dict[str, Any]],
+    seconds: dict[str, float] | None = None,
+    title: str = "stage funnel",
+) -> Table:
+    """In / kept / dropped by reason per stage, and busy seconds when ``seconds`` is given."""
+    table = Table(title=title, title_justify="left")
     table.add_column("stage")
     table.add_column("in", justify="right")
     table.add_column("kept", justify="right")
     table.add_column("dropped", justify="right")
+    if seconds:
+        table.add_column("busy s", justify="right")
     table.add_column("reasons")
     for s in stages:
         dropped = sum(s["dropped"].values())
         by_count = sorted(s["dropped"].items(), key=lambda x: -x[1])
         reasons = ", ".join(f"{r} {n}" for r, n in by_count)
-        table.add_row(s["stage"], str(s["in"]), str(s["kept"]), str(dropped), reasons)
+        counts = [s["stage"], str(s["in"]), str(s["kept"]), str(dropped)]
+        if seconds:
+            counts.append(f"{seconds.get(s['stage'], 0.0):.1f}")
+        table.add_row(*counts, reasons)
     return table
 
 
@@ -36,9 +46,15 @@ def models_table(models: dict[str, dict[str, Any]]) -> Table:
 
 
 def print_funnel(manifest: dict[str, Any], console: Console) -> None:
-    console.print(funnel_table(manifest["stages"]))
+    timing = manifest.get("timing") or {}
+    console.print(funnel_table(manifest["stages"], timing.get("stage_seconds")))
     if manifest.get("models"):
         console.print(models_table(manifest["models"]))
+    if "wall_seconds" in timing:
+        console.print(
+            f"{timing['wall_seconds']:.1f} s in all; busy s = time spent in a stage's work, summed "
+            "over workers"
+        )
 
 
 def _box_text(box: list[float]) -> str:

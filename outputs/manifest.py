@@ -51,6 +51,7 @@ def build_manifest(
     rejection_reasons: Counter,
     runner: dict[str, Any],
     models: dict[str, Any] | None = None,
+    timing: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     splits: Counter = Counter()
     for s in shards:
@@ -64,6 +65,7 @@ def build_manifest(
         "splits": dict(sorted(splits.items())),
         "stages": funnel,
         "models": models or {},
+        "timing": timing or {},
         "rejections": {
             "path": "rejections.parquet",
             "rows": sum(rejection_reasons.values()),

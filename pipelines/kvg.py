@@ -43,8 +43,10 @@ from groundforge.filters.output import check_sample
 from groundforge.filters.rationale import RationaleRules, check_rationale
 from groundforge.filters.split import entity_split
 from groundforge.filters.verdict import Verdict
+from groundforge.outputs.previews import WritePreviews
 from groundforge.outputs.rejections import WriteRejections
 from groundforge.outputs.shards import WriteShards
+from groundforge.pipelines.metrics import model_namespace
 from groundforge.pipelines.stage import apply_check
 from groundforge.recipe import (
     DetectorConfig,
@@ -63,6 +65,7 @@ from groundforge.sources.read import read_item
 
 SHARDS_DIR = "shards"
 REJECTIONS_FILE = "rejections.parquet"
+PREVIEWS_FILE = "rejection_previews.parquet"
 CACHE_DIR = "cache"
 
 
@@ -305,25 +308,35 @@ def make_sample(record: ImageRecord, recipe: Recipe, recipe_hash: str) -> Verdic
 class KVGGraph:
     """Builds the graph on a pipeline and remembers its stages in order (the funnel's rows).
 
-    ``model_threads`` caps torch threads of in-process models (1 with several worker processes).
+    ``model_threads`` caps torch threads of in-process models (1 with several worker processes);
+    with ``progress_dir`` every stage writes its live counts there.
     """
 
     recipe: Recipe
     out_dir: str
     model_threads: int | None = None
+    progress_dir: str | None = None
     stages: list[str] = field(default_factory=list)
     chat_roles: list[str] = field(default_factory=list)
     _rejected: list = field(default_factory=list)
+    _previews: list = field(default_factory=list)
 
     def _stage(self, pcoll, name, check, **side_inputs):
-        kept, rejected = apply_check(pcoll, name, check, **side_inputs)
+        out = apply_check(pcoll, name, check, self.progress_dir, **side_inputs)
         self.stages.append(name)
-        self._rejected.append(rejected)
-        return kept
+        self._rejected.append(out.rejected)
+        self._previews.append(out.previews)
+        return out.kept
 
     def _detect(self, records):
         handler = detector_handler(self.recipe.boxes.detector, self.model_threads)
-        main, other = records | "detector" >> RunInference(handler).with_exception_handling()
+        main, other = (
+            records
+            | "detector"
+            >> RunInference(
+                handler, metrics_namespace=model_namespace("detect")
+            ).with_exception_handling()
+        )
         failed = other.failed_inferences | "failed batches" >> beam.FlatMap(_failed_batch)
         predictions = (main, failed) | "detector results" >> beam.Flatten()
         return self._stage(predictions, "detect", attach_detections)
@@ -334,7 +347,13 @@ class KVGGraph:
             role, cfg, FileSystems.join(self.out_dir, CACHE_DIR), self.model_threads
         )
         handler = ChatModelHandler(settings)
-        main, other = jobs | f"{role} model" >> RunInference(handler).with_exception_handling()
+        main, other = (
+            jobs
+            | f"{role} model"
+            >> RunInference(
+                handler, metrics_namespace=model_namespace(role)
+            ).with_exception_handling()
+        )
         failed = other.failed_inferences | f"{role} failed batches" >> beam.FlatMap(_failed_jobs)
         answered = (main, failed) | f"{role} results" >> beam.Flatten()
         self.chat_roles.append(role)
@@ -414,7 +433,13 @@ class KVGGraph:
             )
         )
         handler = ImageEmbeddingHandler(embedder)
-        main, other = records | "embedder" >> RunInference(handler).with_exception_handling()
+        main, other = (
+            records
+            | "embedder"
+            >> RunInference(
+                handler, metrics_namespace=model_namespace("embed")
+            ).with_exception_handling()
+        )
         failed = other.failed_inferences | "embed failed batches" >> beam.FlatMap(
             lambda failure: (PredictionResult(r, None) for r in failure[0])
         )
@@ -583,5 +608,10 @@ class KVGGraph:
             self._rejected
             | "all rejections" >> beam.Flatten()
             | "write rejections" >> WriteRejections(FileSystems.join(self.out_dir, REJECTIONS_FILE))
+        )
+        _ = (
+            self._previews
+            | "all drop examples" >> beam.Flatten()
+            | "write previews" >> WritePreviews(FileSystems.join(self.out_dir, PREVIEWS_FILE))
         )
         return self.stages

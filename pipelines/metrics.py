@@ -1,4 +1,10 @@
-"""The stage funnel, read back from Beam's counters after a run."""
+"""The stage funnel and the time spent in each stage, read back from Beam's metrics after a run.
+
+A stage's busy time is the time its check took (``busy_us``) plus, for a stage fed by a model,
+the model's batch latencies (RunInference's ``inference_batch_latency_micro_secs`` in the
+namespace :func:`model_namespace` gives it), summed over all workers: where the run's work went,
+not wall-clock time.
+"""
 
 from __future__ import annotations
 
@@ -36,6 +42,15 @@ class StageCount:
             "kept": self.kept,
             "dropped": dict(sorted(self.dropped.items())),
         }
+
+
+MODEL_PREFIX = "model:"
+LATENCY = "inference_batch_latency_micro_secs"
+
+
+def model_namespace(stage: str) -> str:
+    """The metrics namespace of the model that feeds ``stage``."""
+    return MODEL_PREFIX + stage
 
 
 def _counters(result, prefix: str) -> dict[str, dict[str, int]]:
@@ -82,3 +97,18 @@ def read_chat_counts(result, roles: list[str]) -> dict[str, dict]:
             "failed": _with_prefix(v, "failed_"),
         }
     return counts
+
+
+def read_stage_seconds(result, stages: list[str]) -> dict[str, float]:
+    """Busy seconds of every stage in ``stages`` (see the module docstring)."""
+    busy = _counters(result, NAMESPACE_PREFIX)
+    model_us: dict[str, int] = defaultdict(int)
+    for dist in result.metrics().query(MetricsFilter())["distributions"]:
+        ns, name = dist.key.metric.namespace, dist.key.metric.name
+        if ns.startswith(MODEL_PREFIX) and name == LATENCY:
+            value = dist.committed if dist.committed is not None else dist.attempted
+            model_us[ns[len(MODEL_PREFIX) :]] += int(value.sum if value else 0)
+    return {
+        stage: round((busy.get(stage, {}).get("busy_us", 0) + model_us.get(stage, 0)) / 1e6, 3)
+        for stage in stages
+    }

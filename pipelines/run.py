@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import tempfile
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,22 +19,36 @@ from apache_beam.io.filesystems import FileSystems
 from groundforge.outputs.card import render_card
 from groundforge.outputs.files import list_files, write_text
 from groundforge.outputs.manifest import build_manifest, write_manifest
+from groundforge.outputs.previews import ensure_previews
 from groundforge.outputs.rejections import ensure_rejections, read_rejections
 from groundforge.outputs.shards import finalize_shards
-from groundforge.pipelines.kvg import REJECTIONS_FILE, SHARDS_DIR, KVGGraph, splits_for
-from groundforge.pipelines.metrics import StageCount, read_chat_counts, read_funnel
+from groundforge.pipelines.kvg import (
+    PREVIEWS_FILE,
+    REJECTIONS_FILE,
+    SHARDS_DIR,
+    KVGGraph,
+    splits_for,
+)
+from groundforge.pipelines.metrics import (
+    StageCount,
+    read_chat_counts,
+    read_funnel,
+    read_stage_seconds,
+)
 from groundforge.pipelines.options import (
     describe_runner,
     is_multi_process,
     pipeline_options,
     unknown_options,
 )
+from groundforge.pipelines.progress import ProgressWatcher, shows_progress
 from groundforge.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 CARD_FILE = "README.md"
+REPORT_FILE = "report.html"
 
 
 class FunnelMismatch(RuntimeError):
@@ -48,7 +67,7 @@ def _clear_previous(out_dir: str) -> None:
     stale = list_files(FileSystems.join(out_dir, SHARDS_DIR, "**"))
     stale += [
         p
-        for name in (REJECTIONS_FILE, MANIFEST_FILE, CARD_FILE)
+        for name in (REJECTIONS_FILE, PREVIEWS_FILE, MANIFEST_FILE, CARD_FILE, REPORT_FILE)
         for p in list_files(FileSystems.join(out_dir, name))
     ]
     if stale:
@@ -85,8 +104,17 @@ def check_api_keys(recipe: Recipe) -> None:
             )
 
 
-def run_recipe(recipe: Recipe, out_dir: str, beam_args: list[str] | tuple[str, ...] = ()):
-    """Run ``recipe`` into ``out_dir`` and return the manifest and funnel."""
+def run_recipe(
+    recipe: Recipe,
+    out_dir: str,
+    beam_args: list[str] | tuple[str, ...] = (),
+    progress: Callable[[list[dict[str, Any]]], None] | None = None,
+):
+    """Run ``recipe`` into ``out_dir`` and return the manifest and funnel.
+
+    ``progress``, when given, receives every half second the live counts of every stage
+    (``{"stage", "in", "kept", "dropped"}`` dicts, in stage order) on local runners.
+    """
     check_api_keys(recipe)
     options = pipeline_options(beam_args)
     for flag in unknown_options(options):
@@ -94,12 +122,34 @@ def run_recipe(recipe: Recipe, out_dir: str, beam_args: list[str] | tuple[str, .
             "%s is not a Beam pipeline option any loaded runner knows; check the spelling", flag
         )
     _clear_previous(out_dir)
-    # Several worker processes on a few cores oversubscribe torch's thread pool badly.
-    graph = KVGGraph(recipe, out_dir, model_threads=1 if is_multi_process(options) else None)
-    pipeline = beam.Pipeline(options=options)
-    stages = graph.build(pipeline)
-    result = pipeline.run()
-    result.wait_until_finish()
+    started = time.perf_counter()
+    watched = progress is not None and shows_progress(options)
+    progress_dir = tempfile.mkdtemp(prefix="groundforge-progress-") if watched else None
+    try:
+        # Several worker processes on a few cores oversubscribe torch's thread pool badly.
+        graph = KVGGraph(
+            recipe,
+            out_dir,
+            model_threads=1 if is_multi_process(options) else None,
+            progress_dir=progress_dir,
+        )
+        pipeline = beam.Pipeline(options=options)
+        stages = graph.build(pipeline)
+        watcher = (
+            ProgressWatcher(progress_dir, stages, progress)
+            if progress_dir
+            else contextlib.nullcontext()
+        )
+        with watcher:
+            result = pipeline.run()
+            result.wait_until_finish()
+    finally:
+        if progress_dir:
+            shutil.rmtree(progress_dir, ignore_errors=True)
+    timing = {
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "stage_seconds": read_stage_seconds(result, stages),
+    }
 
     funnel = read_funnel(result, stages)
     models = read_chat_counts(result, graph.chat_roles)
@@ -107,6 +157,7 @@ def run_recipe(recipe: Recipe, out_dir: str, beam_args: list[str] | tuple[str, .
     shards = finalize_shards(FileSystems.join(out_dir, SHARDS_DIR), splits_for(recipe), fmt)
     rejections_path = FileSystems.join(out_dir, REJECTIONS_FILE)
     ensure_rejections(rejections_path)
+    ensure_previews(FileSystems.join(out_dir, PREVIEWS_FILE))
     by_stage = Counter((r.stage, r.reason) for r in read_rejections(rejections_path))
     check_funnel(funnel, by_stage)
     kept = funnel[-1].kept if funnel else 0
@@ -124,6 +175,7 @@ def run_recipe(recipe: Recipe, out_dir: str, beam_args: list[str] | tuple[str, .
         rejection_reasons=Counter(f"{stage}/{reason}" for (stage, reason) in by_stage.elements()),
         runner=describe_runner(options, beam_args),
         models=models,
+        timing=timing,
     )
     write_manifest(FileSystems.join(out_dir, MANIFEST_FILE), manifest)
     write_text(FileSystems.join(out_dir, CARD_FILE), render_card(manifest))

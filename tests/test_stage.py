@@ -21,7 +21,7 @@ def parity(item: SourceItem) -> Verdict:
 def test_stage_counts_routes_and_survives_exceptions():
     items = [SourceItem(str(i), f"/loc/{i}", "d") for i in range(20)]
     p = beam.Pipeline()
-    kept, rejected = apply_check(p | beam.Create(items), "parity", parity)
+    kept, rejected, _ = apply_check(p | beam.Create(items), "parity", parity)
     apply_check(kept, "second", lambda x: Verdict.ok())
     assert_that(
         kept | "ids" >> beam.Map(lambda x: x.item_id),
