@@ -13,6 +13,14 @@ def _funnel_table(stages: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _tally(counts: dict[str, int], what: str) -> str:
+    if not counts:
+        return f"No {what} recorded."
+    lines = [f"| {what} | rows |", "|---|---:|"]
+    lines += [f"| {name} | {n} |" for name, n in counts.items()]
+    return "\n".join(lines)
+
+
 def render_card(manifest: dict[str, Any]) -> str:
     """Markdown for a run folder, from its manifest."""
     recipe = manifest["recipe"]
@@ -31,6 +39,16 @@ def render_card(manifest: dict[str, Any]) -> str:
             'ds = load_dataset("parquet", data_files={"sft": "shards/sft/*.parquet"})\n```'
         )
     license_note = source.get("license") or "as given per sample in `provenance.licenses`"
+    provenance = manifest.get("provenance") or {}
+    layers = ["box from " + recipe["boxes"]["method"]]
+    for section, text in (
+        ("scenes", "composed scenes of look-alike entities"),
+        ("grounder", "boxes checked against an MLLM grounder"),
+        ("teacher", "teacher rationales checked against the answer box"),
+        ("student", "a `grpo` split of items the student solves 1 to k-1 times"),
+    ):
+        if recipe.get(section) and (recipe[section].get("enabled", True)):
+            layers.append(text)
     return f"""---
 pretty_name: {recipe["name"]}
 task_categories:
@@ -57,20 +75,43 @@ image, and `entities` lists every named instance it shows.
 
 ## How it was made
 
-Source: `{source["kind"]}` at `{source["path"]}`. Boxes: {recipe["boxes"]["method"]}
-(a box known from the source wins). Stage funnel:
+Source: `{source["kind"]}` at `{source["path"]}`. Steps: {"; ".join(layers)} (a box known
+from the source wins). Stage funnel:
 
 {_funnel_table(manifest["stages"])}
 
-Every dropped item is listed with its reason in `rejections.parquet`; shard checksums are in
-`manifest.json`.
+Every dropped item is listed with its reason in `rejections.parquet`, with a few examples of
+each reason (thumbnails and boxes) in `rejection_previews.parquet`; `report.html` shows samples,
+drops and distributions in a browser. Shard checksums are in `manifest.json`.
 
 ## Licence and sources
 
 Licence: {license_note}. Each row carries its source image ids, locations, licences and authors in
-`provenance`.
+`provenance`; a composed scene carries those of every image in it.
 
-## Use
+{_tally(provenance.get("licenses", {}), "licence")}
+
+{_tally(provenance.get("sources", {}), "source")}
+
+## Intended use
+
+Training and evaluating multimodal LLMs on knowledge-intensive visual grounding: given an image
+and an entity's name, answer with the entity's box, ideally after reasoning about what tells it
+apart from its look-alikes. Not for identifying people, and not a benchmark: `val` is a held-out
+split for checking a training run, not a measurement of general ability.
+
+## Load
 
 {load}
+
+## Train
+
+```bash
+groundforge train sft  --data . --model Qwen/Qwen2.5-VL-7B-Instruct --output runs/sft
+groundforge train grpo --data . --model runs/sft --output runs/grpo
+groundforge eval --shards . --split val --model runs/grpo --codec qwen25vl --max-pixels 401408
+```
+
+Or export it: `groundforge export llamafactory . --to lf` (LLaMA-Factory) and
+`groundforge export verl . --to verl` (verl).
 """

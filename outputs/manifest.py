@@ -52,6 +52,7 @@ def build_manifest(
     runner: dict[str, Any],
     models: dict[str, Any] | None = None,
     timing: dict[str, Any] | None = None,
+    provenance: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, Any]:
     splits: Counter = Counter()
     for s in shards:
@@ -66,6 +67,7 @@ def build_manifest(
         "stages": funnel,
         "models": models or {},
         "timing": timing or {},
+        "provenance": provenance or {"licenses": {}, "sources": {}},
         "rejections": {
             "path": "rejections.parquet",
             "rows": sum(rejection_reasons.values()),

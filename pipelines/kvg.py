@@ -46,7 +46,7 @@ from groundforge.filters.verdict import Verdict
 from groundforge.outputs.previews import WritePreviews
 from groundforge.outputs.rejections import WriteRejections
 from groundforge.outputs.shards import WriteShards
-from groundforge.pipelines.metrics import model_namespace
+from groundforge.pipelines.metrics import TallyProvenance, model_namespace
 from groundforge.pipelines.stage import apply_check
 from groundforge.recipe import (
     DetectorConfig,
@@ -599,6 +599,7 @@ class KVGGraph:
         if recipe.student is not None:
             samples = self._examine(samples)
         samples = self._stage(samples, "output", check_sample)
+        _ = samples | "tally provenance" >> beam.ParDo(TallyProvenance())
         _ = samples | "write shards" >> WriteShards(
             FileSystems.join(self.out_dir, SHARDS_DIR),
             recipe.output.format,

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import apache_beam as beam
+from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 
 from groundforge.annotators.teacher.handler import METRICS_PREFIX as CHAT_PREFIX
@@ -45,6 +47,7 @@ class StageCount:
 
 
 MODEL_PREFIX = "model:"
+PROVENANCE_PREFIX = "provenance:"
 LATENCY = "inference_batch_latency_micro_secs"
 
 
@@ -111,4 +114,24 @@ def read_stage_seconds(result, stages: list[str]) -> dict[str, float]:
     return {
         stage: round((busy.get(stage, {}).get("busy_us", 0) + model_us.get(stage, 0)) / 1e6, 3)
         for stage in stages
+    }
+
+
+class TallyProvenance(beam.DoFn):
+    """Count the rows carrying each licence and each source (a row counts once per value)."""
+
+    def process(self, sample):
+        p = sample.provenance
+        for kind, values in (("license", p.licenses), ("source", p.sources)):
+            for value in sorted({v or "unknown" for v in values}):
+                Metrics.counter(PROVENANCE_PREFIX + kind, value).inc()
+        return []
+
+
+def read_provenance(result) -> dict[str, dict[str, int]]:
+    """Rows per licence and per source, most common first."""
+    values = _counters(result, PROVENANCE_PREFIX)
+    return {
+        f"{kind}s": dict(sorted(values.get(kind, {}).items(), key=lambda kv: (-kv[1], kv[0])))
+        for kind in ("license", "source")
     }

@@ -33,6 +33,7 @@ from groundforge.pipelines.metrics import (
     StageCount,
     read_chat_counts,
     read_funnel,
+    read_provenance,
     read_stage_seconds,
 )
 from groundforge.pipelines.options import (
@@ -176,6 +177,7 @@ def run_recipe(
         runner=describe_runner(options, beam_args),
         models=models,
         timing=timing,
+        provenance=read_provenance(result),
     )
     write_manifest(FileSystems.join(out_dir, MANIFEST_FILE), manifest)
     write_text(FileSystems.join(out_dir, CARD_FILE), render_card(manifest))

@@ -163,3 +163,21 @@ def test_progress_files_sum_over_workers(tmp_path):
 )
 def test_progress_only_where_workers_share_the_disk(args, shown):
     assert shows_progress(PipelineOptions(args)) is shown
+
+
+def test_dataset_card_tells_counts_licences_and_use(demo_run):
+    import re
+
+    manifest = json.loads((demo_run / "manifest.json").read_text())
+    card = (demo_run / "README.md").read_text()
+    for split, rows in manifest["splits"].items():
+        assert f"| {split} | {rows} |" in card
+    for stage in manifest["stages"]:
+        assert f"| {stage['stage']} | {stage['in']} | {stage['kept']} |" in card
+    licences = manifest["provenance"]["licenses"]
+    # Every demo row comes from openclipart flags under one dedication.
+    assert sum(licences.values()) == manifest["samples"] and len(licences) == 1
+    (licence,) = licences
+    assert re.search(rf"\| {re.escape(licence)} \| {manifest['samples']} \|", card)
+    for heading in ("## Intended use", "## Load", "## Train", "load_from_disk"):
+        assert heading in card
