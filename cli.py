@@ -53,6 +53,7 @@ def _run(recipe_path: Path | None, recipe, out: str, beam_args: tuple[str, ...])
         f"({', '.join(f'{k}: {v}' for k, v in result.manifest['splits'].items())}); "
         f"{result.manifest['rejections']['rows']} rejections in {out}/rejections.parquet"
     )
+    console.print(f"report: {Path(out) / 'report.html'}")
 
 
 class _Group(click.Group):
@@ -141,6 +142,36 @@ def serve_teacher(model: str, host: str, port: int, device: str) -> None:
 
     click.echo(f"serving {model} at http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
     run_server(model, host, port, device)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--out", type=click.Path(dir_okay=False), help="Where to write (RUN_DIR/report.html)."
+)
+@click.option(
+    "--per-group",
+    default=12,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Samples shown per domain and split.",
+)
+@click.option(
+    "--thumb",
+    default=320,
+    show_default=True,
+    type=click.IntRange(min=16),
+    help="Longest side of a thumbnail, in pixels.",
+)
+def report(run_dir: str, out: str | None, per_group: int, thumb: int) -> None:
+    """Write a run folder's report: one self-contained HTML file (no network needed).
+
+    Funnel, a gallery of samples with their boxes, dropped examples by reason, distributions and
+    filters. Runs write it themselves; use this to redo it with other settings.
+    """
+    from groundforge.outputs.report import write_report
+
+    click.echo(write_report(run_dir, out, per_group=per_group, thumb=thumb))
 
 
 @main.command()

@@ -61,9 +61,12 @@ def list_files(pattern: str) -> list[str]:
     return sorted(m.path for m in result.metadata_list)
 
 
-def write_text(path: str, text: str) -> None:
-    with FileSystems.create(path, mime_type="text/plain", compression_type=_RAW) as f:
+def write_text(path: str, text: str, mime_type: str = "text/plain") -> None:
+    """Write ``text`` as UTF-8, atomically: a reader never sees a half-written file."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with FileSystems.create(tmp, mime_type=mime_type, compression_type=_RAW) as f:
         f.write(text.encode("utf-8"))
+    FileSystems.rename([tmp], [path])
 
 
 def read_text(path: str) -> str:

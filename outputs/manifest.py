@@ -11,6 +11,7 @@ from typing import Any
 
 from groundforge import __version__
 from groundforge.outputs.files import read_text, write_text
+from groundforge.outputs.rejections import REJECTIONS_FILE
 from groundforge.outputs.shards import ShardFile
 
 TRACKED_PACKAGES = (
@@ -69,7 +70,7 @@ def build_manifest(
         "timing": timing or {},
         "provenance": provenance or {"licenses": {}, "sources": {}},
         "rejections": {
-            "path": "rejections.parquet",
+            "path": REJECTIONS_FILE,
             "rows": sum(rejection_reasons.values()),
             "by_reason": dict(sorted(rejection_reasons.items())),
         },

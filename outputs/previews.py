@@ -26,6 +26,7 @@ from groundforge.schemas.records import (
     RejectionPreview,
 )
 
+PREVIEWS_FILE = "rejection_previews.parquet"
 THUMB_SIDE = 320
 # A drop may be a decompression bomb: never decode more than this many pixels for a preview.
 MAX_PREVIEW_PIXELS = 40_000_000

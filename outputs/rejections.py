@@ -9,6 +9,8 @@ from groundforge.outputs.files import read_table, write_table
 from groundforge.schemas.arrow import REJECTION_SCHEMA, rejection_to_row, row_to_rejection
 from groundforge.schemas.records import Rejection
 
+REJECTIONS_FILE = "rejections.parquet"
+
 
 def _sort_key(r: Rejection) -> tuple[str, str, str, str]:
     return (r.stage, r.reason, r.item_id, r.source_id)

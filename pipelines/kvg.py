@@ -43,8 +43,8 @@ from groundforge.filters.output import check_sample
 from groundforge.filters.rationale import RationaleRules, check_rationale
 from groundforge.filters.split import entity_split
 from groundforge.filters.verdict import Verdict
-from groundforge.outputs.previews import WritePreviews
-from groundforge.outputs.rejections import WriteRejections
+from groundforge.outputs.previews import PREVIEWS_FILE, WritePreviews
+from groundforge.outputs.rejections import REJECTIONS_FILE, WriteRejections
 from groundforge.outputs.shards import WriteShards
 from groundforge.pipelines.metrics import TallyProvenance, model_namespace
 from groundforge.pipelines.stage import apply_check
@@ -64,8 +64,6 @@ from groundforge.schemas.records import ImageRecord, record_key
 from groundforge.sources.read import read_item
 
 SHARDS_DIR = "shards"
-REJECTIONS_FILE = "rejections.parquet"
-PREVIEWS_FILE = "rejection_previews.parquet"
 CACHE_DIR = "cache"
 
 

@@ -19,16 +19,11 @@ from apache_beam.io.filesystems import FileSystems
 from groundforge.outputs.card import render_card
 from groundforge.outputs.files import list_files, write_text
 from groundforge.outputs.manifest import build_manifest, write_manifest
-from groundforge.outputs.previews import ensure_previews
-from groundforge.outputs.rejections import ensure_rejections, read_rejections
+from groundforge.outputs.previews import PREVIEWS_FILE, ensure_previews
+from groundforge.outputs.rejections import REJECTIONS_FILE, ensure_rejections, read_rejections
+from groundforge.outputs.report import REPORT_FILE, write_report
 from groundforge.outputs.shards import finalize_shards
-from groundforge.pipelines.kvg import (
-    PREVIEWS_FILE,
-    REJECTIONS_FILE,
-    SHARDS_DIR,
-    KVGGraph,
-    splits_for,
-)
+from groundforge.pipelines.kvg import SHARDS_DIR, KVGGraph, splits_for
 from groundforge.pipelines.metrics import (
     StageCount,
     read_chat_counts,
@@ -49,7 +44,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 CARD_FILE = "README.md"
-REPORT_FILE = "report.html"
 
 
 class FunnelMismatch(RuntimeError):
@@ -181,4 +175,5 @@ def run_recipe(
     )
     write_manifest(FileSystems.join(out_dir, MANIFEST_FILE), manifest)
     write_text(FileSystems.join(out_dir, CARD_FILE), render_card(manifest))
+    write_report(out_dir)
     return RunResult(out_dir, manifest, funnel)

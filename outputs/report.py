@@ -1,0 +1,420 @@
+"""A self-contained HTML report of a run folder: funnel, sample gallery, rejections, distributions.
+
+The page has no external resource (images are data URIs, CSS and JS are inline), so it can be
+mailed, archived or opened from a bucket. Its size depends on the gallery's ``per_group`` and the
+number of (domain, split) groups, never on the number of rows: the shards are streamed once, and
+only the chosen samples keep their image bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import heapq
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from groundforge.outputs.previews import PREVIEWS_FILE, read_previews, thumbnail
+from groundforge.outputs.rejections import REJECTIONS_FILE
+from groundforge.schemas.box import Box
+from groundforge.schemas.records import KVGSample, RejectionPreview
+
+REPORT_FILE = "report.html"
+COLORS = {"gt": "#00c853", "candidate": "#ff9100", "teacher": "#d500f9", "cause": "#ff1744"}
+LEGEND = (
+    ("gt", "ground truth"),
+    ("candidate", "annotator candidate"),
+    ("teacher", "teacher's stated box"),
+    ("cause", "cause of the drop"),
+)
+DETAILS_PER_REASON = 5
+PREVIEWS_PER_REASON = 6
+CHART_WIDTH = 360
+HIST_BINS = 20
+
+
+@dataclass(frozen=True)
+class Rect:
+    """A box to draw over an image, already in the frame of the image as displayed."""
+
+    kind: str
+    x: float
+    y: float
+    w: float
+    h: float
+    label: str = ""
+
+    @property
+    def color(self) -> str:
+        return COLORS.get(self.kind, COLORS["cause"])
+
+
+def _rect(kind: str, box: Box, sx: float, sy: float, label: str = "") -> Rect:
+    return Rect(kind, box.x1 * sx, box.y1 * sy, box.width * sx, box.height * sy, label)
+
+
+@dataclass(frozen=True)
+class Bar:
+    label: str
+    value: float
+    width: float
+
+
+@dataclass(frozen=True)
+class Chart:
+    key: str
+    title: str
+    bars: tuple[Bar, ...]
+
+
+def chart(key: str, title: str, rows: list[tuple[str, float]]) -> Chart:
+    """Horizontal bars of ``(label, value)`` rows, widths relative to the largest value."""
+    top = max((v for _, v in rows), default=0) or 1
+    return Chart(key, title, tuple(Bar(label, v, CHART_WIDTH * v / top) for label, v in rows))
+
+
+def _unit_bin(value: float) -> int:
+    return min(HIST_BINS - 1, max(0, int(value * HIST_BINS)))
+
+
+def _unit_rows(counts: Counter) -> list[tuple[str, float]]:
+    step = 1 / HIST_BINS
+    return [(f"{i * step:.2f}-{(i + 1) * step:.2f}", counts[i]) for i in range(HIST_BINS)]
+
+
+def _discrete_rows(counts: Counter) -> list[tuple[str, float]]:
+    return [(str(n), c) for n, c in sorted(counts.items())]
+
+
+def _length_rows(lengths: Counter) -> list[tuple[str, float]]:
+    """Re-bin exact lengths into at most ``HIST_BINS`` equal-width bins over their range."""
+    lo, hi = min(lengths), max(lengths)
+    step = max(1, -(-(hi - lo + 1) // HIST_BINS))
+    bins: Counter = Counter()
+    for length, n in lengths.items():
+        bins[(length - lo) // step] += n
+    return [(f"{lo + i * step}-{lo + (i + 1) * step - 1}", bins[i]) for i in range(max(bins) + 1)]
+
+
+@dataclass
+class Distributions:
+    """Counters over every sample of a run, updated one sample at a time (no image kept)."""
+
+    targets: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    boxes_per_image: Counter = field(default_factory=Counter)
+    box_size: Counter = field(default_factory=Counter)
+    teacher_iou: Counter = field(default_factory=Counter)
+    detector_iou: Counter = field(default_factory=Counter)
+    rationale_chars: Counter = field(default_factory=Counter)
+    k: Counter = field(default_factory=Counter)
+    layout: Counter = field(default_factory=Counter)
+
+    def add(self, s: KVGSample) -> None:
+        self.targets[s.domain].add(s.target)
+        self.boxes_per_image[len(s.gt_boxes)] += 1
+        image_area = s.width * s.height
+        for box in s.gt_boxes:
+            if image_area > 0:
+                self.box_size[_unit_bin(box.area / image_area)] += 1
+        if s.teacher_iou is not None:
+            self.teacher_iou[_unit_bin(s.teacher_iou)] += 1
+        if s.detector_iou is not None:
+            self.detector_iou[_unit_bin(s.detector_iou)] += 1
+        if s.rationale:
+            self.rationale_chars[len(s.rationale)] += 1
+        self.k[len(s.entities)] += 1
+        self.layout[s.provenance.layout] += 1
+
+    def charts(self) -> list[Chart]:
+        """The charts that have data, in reading order."""
+        entities = [(d, len(t)) for d, t in sorted(self.targets.items())]
+        charts = [
+            chart("entities", "distinct entities per domain", entities),
+            chart("boxes", "ground-truth boxes per image", _discrete_rows(self.boxes_per_image)),
+        ]
+        if self.box_size:
+            charts.append(chart("box_size", "box area / image area", _unit_rows(self.box_size)))
+        if self.teacher_iou:
+            charts.append(chart("teacher_iou", "teacher IoU", _unit_rows(self.teacher_iou)))
+        if self.detector_iou:
+            charts.append(chart("detector_iou", "detector IoU", _unit_rows(self.detector_iou)))
+        if self.rationale_chars:
+            lengths = _length_rows(self.rationale_chars)
+            charts.append(chart("rationale", "rationale length (chars)", lengths))
+        charts.append(chart("k", "entities per scene (k)", _discrete_rows(self.k)))
+        charts.append(chart("layout", "scene layout", sorted(self.layout.items())))
+        return charts
+
+
+def sample_rank(sample_id: str) -> int:
+    """A sample's place in the gallery's deterministic pick: smaller is picked first."""
+    return int.from_bytes(hashlib.sha256(sample_id.encode()).digest(), "big")
+
+
+class GalleryPicker:
+    """The ``per_group`` samples of smallest :func:`sample_rank` per (domain, split), kept in a
+    bounded max-heap per group so that only the chosen samples' images are ever held."""
+
+    def __init__(self, per_group: int):
+        self.per_group = per_group
+        self.heaps: dict[tuple[str, str], list] = defaultdict(list)
+        self.sizes: Counter = Counter()
+        self._seq = 0
+
+    def add(self, s: KVGSample) -> None:
+        group = (s.domain, s.split)
+        self.sizes[group] += 1
+        if self.per_group <= 0:
+            return
+        heap = self.heaps[group]
+        # The sequence number breaks ties so two samples are never compared.
+        entry = (-sample_rank(s.sample_id), self._seq, s)
+        self._seq += 1
+        if len(heap) < self.per_group:
+            heapq.heappush(heap, entry)
+        elif entry[0] > heap[0][0]:
+            heapq.heapreplace(heap, entry)
+
+    def groups(self) -> list[tuple[tuple[str, str], list[KVGSample]]]:
+        """Every group seen, sorted, with its chosen samples in pick order."""
+        return [
+            (group, [e[2] for e in sorted(self.heaps[group], key=lambda e: (-e[0], e[1]))])
+            for group in sorted(self.sizes)
+        ]
+
+
+def _data_uri(data: bytes) -> str:
+    mime = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def sample_card(s: KVGSample, thumb: int) -> dict[str, Any]:
+    """What the template shows of one accepted sample; ``uri`` is None when its image does not
+    decode (the card still shows its text and boxes, so one bad row does not hide the rest)."""
+    made = thumbnail(s.image, thumb)
+    width, height = max(1, s.width), max(1, s.height)
+    if made is None:
+        scale = min(1.0, thumb / max(width, height))
+        uri, tw, th = None, max(1, round(width * scale)), max(1, round(height * scale))
+    else:
+        jpeg, tw, th = made
+        uri = _data_uri(jpeg)
+    sx, sy = tw / width, th / height
+    rects = [
+        _rect("candidate", d.box, sx, sy, name)
+        for name, detections in sorted(s.candidates.items())
+        for d in detections
+    ]
+    if s.teacher_box is not None:
+        rects.append(_rect("teacher", s.teacher_box, sx, sy, s.teacher_model or "teacher"))
+    rects.extend(_rect("gt", b, sx, sy, s.target) for b in s.gt_boxes)
+    difficulty = None
+    if s.student_k and s.student_correct is not None:
+        difficulty = s.student_correct / s.student_k
+    return {
+        "s": s,
+        "uri": uri,
+        "w": tw,
+        "h": th,
+        "rects": rects,
+        "k": len(s.entities),
+        "teacher_iou": _fmt(s.teacher_iou),
+        "detector_iou": _fmt(s.detector_iou),
+        "difficulty": _fmt(difficulty),
+    }
+
+
+def _pretty(detail: str) -> str:
+    try:
+        return json.dumps(json.loads(detail), indent=2, sort_keys=True, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return detail
+
+
+def preview_card(p: RejectionPreview) -> dict[str, Any]:
+    """What the template shows of one rejection preview (its boxes are in its image's pixels)."""
+    return {
+        "p": p,
+        "uri": _data_uri(p.image) if p.image else None,
+        "w": p.width,
+        "h": p.height,
+        "rects": [_rect(b.kind, b.box, 1, 1, b.label) for b in p.boxes],
+        "detail": _pretty(p.detail),
+    }
+
+
+def read_rejection_groups(path: str) -> tuple[Counter, dict[tuple[str, str], list[str]]]:
+    """Rows per (stage, reason) and a few of their details, reading the table batch by batch."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
+    counts: Counter = Counter()
+    details: dict[tuple[str, str], list[str]] = defaultdict(list)
+    if not FileSystems.exists(path):
+        return counts, details
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
+        table = pq.ParquetFile(pa.PythonFile(raw, mode="r"))
+        for batch in table.iter_batches(columns=["stage", "reason", "detail"]):
+            for row in batch.to_pylist():
+                key = (row["stage"], row["reason"])
+                counts[key] += 1
+                if len(details[key]) < DETAILS_PER_REASON:
+                    details[key].append(_pretty(row["detail"]))
+    return counts, details
+
+
+def previews_by_reason(path: str) -> dict[tuple[str, str], list[RejectionPreview]]:
+    """The run's rejection previews by (stage, reason); empty for runs that wrote none."""
+    from apache_beam.io.filesystems import FileSystems
+
+    found: dict[tuple[str, str], list[RejectionPreview]] = defaultdict(list)
+    if not FileSystems.exists(path):
+        return found
+    for preview in read_previews(path):
+        group = found[(preview.stage, preview.reason)]
+        if len(group) < PREVIEWS_PER_REASON:
+            group.append(preview)
+    return found
+
+
+def funnel_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifest's stages with the bar geometry of the funnel chart and busy seconds."""
+    stages = manifest.get("stages") or []
+    busy = (manifest.get("timing") or {}).get("stage_seconds") or {}
+    top = max((s["in"] for s in stages), default=0) or 1
+    rows = []
+    for s in stages:
+        dropped = sum(s.get("dropped", {}).values())
+        rows.append(
+            {
+                "stage": s["stage"],
+                "in": s["in"],
+                "kept": s["kept"],
+                "dropped": dropped,
+                "reasons": ", ".join(f"{r} {n}" for r, n in s.get("dropped", {}).items()),
+                "busy": _fmt(busy.get(s["stage"]), 1),
+                "kept_w": CHART_WIDTH * s["kept"] / top,
+                "dropped_w": CHART_WIDTH * dropped / top,
+            }
+        )
+    return rows
+
+
+def _environment():
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def render_report(run_dir: str, per_group: int = 12, thumb: int = 320) -> str:
+    """The report page of a run folder, as HTML text."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from groundforge.outputs.files import read_text
+    from groundforge.outputs.shards import detect_format, read_samples, shards_folder
+
+    manifest_path = FileSystems.join(run_dir, "manifest.json")
+    manifest = json.loads(read_text(manifest_path)) if FileSystems.exists(manifest_path) else {}
+    picker, dist = GalleryPicker(per_group), Distributions()
+    shards = shards_folder(run_dir)
+    try:
+        fmt = detect_format(shards)
+    except FileNotFoundError:
+        fmt = None
+    if fmt is not None:
+        for sample in read_samples(shards, fmt=fmt):
+            picker.add(sample)
+            dist.add(sample)
+    groups = [
+        {
+            "domain": domain,
+            "split": split,
+            "size": picker.sizes[(domain, split)],
+            "cards": [sample_card(s, thumb) for s in chosen],
+        }
+        for (domain, split), chosen in picker.groups()
+    ]
+    # Rejections follow the pipeline's stage order; stages the manifest does not list go last.
+    stage_order = {st["stage"]: i for i, st in enumerate(manifest.get("stages") or [])}
+    counts, details = read_rejection_groups(FileSystems.join(run_dir, REJECTIONS_FILE))
+    previews = previews_by_reason(FileSystems.join(run_dir, PREVIEWS_FILE))
+    reasons = [
+        {
+            "stage": stage,
+            "reason": reason,
+            "count": n,
+            "previews": [preview_card(p) for p in previews.get((stage, reason), [])],
+            "details": details[(stage, reason)],
+        }
+        for (stage, reason), n in sorted(
+            counts.items(), key=lambda kv: (stage_order.get(kv[0][0], len(stage_order)), kv[0])
+        )
+        if n > 0
+    ]
+    recipe = manifest.get("recipe") or {}
+    timing = manifest.get("timing") or {}
+    splits = manifest.get("splits")
+    if not splits:
+        splits = Counter()
+        for (_, split), n in picker.sizes.items():
+            splits[split] += n
+    return (
+        _environment()
+        .get_template("report.html.j2")
+        .render(
+            name=recipe.get("name") or Path(run_dir.rstrip("/")).name,
+            domain=recipe.get("domain") or ", ".join(sorted(dist.targets)) or "-",
+            version=manifest.get("groundforge_version", "-"),
+            created_at=manifest.get("created_at", "-"),
+            samples=manifest.get("samples", sum(picker.sizes.values())),
+            splits=splits,
+            fmt=manifest.get("format") or fmt or "-",
+            wall_seconds=timing.get("wall_seconds"),
+            funnel=funnel_rows(manifest),
+            has_timing=bool(timing.get("stage_seconds")),
+            models=sorted((manifest.get("models") or {}).items()),
+            groups=groups,
+            per_group=per_group,
+            domains=sorted({d for d, _ in picker.sizes}),
+            split_names=sorted({s for _, s in picker.sizes}),
+            reasons=reasons,
+            reason_names=sorted({r["reason"] for r in reasons}),
+            charts=dist.charts() if picker.sizes else [],
+            colors=COLORS,
+            legend=LEGEND,
+            chart_width=CHART_WIDTH,
+        )
+    )
+
+
+def write_report(
+    run_dir: str, out: str | None = None, per_group: int = 12, thumb: int = 320
+) -> str:
+    """Write ``report.html`` (or ``out``) for a run folder, which may be in a bucket; returns the
+    path written.
+
+    ``per_group`` samples per (domain, split) are shown, picked by smallest sha256 of their id;
+    thumbnails are at most ``thumb`` pixels on their longest side.
+    """
+    from apache_beam.io.filesystems import FileSystems
+
+    from groundforge.outputs.files import write_text
+
+    path = out or FileSystems.join(str(run_dir), REPORT_FILE)
+    write_text(path, render_report(str(run_dir), per_group=per_group, thumb=thumb), "text/html")
+    return path
