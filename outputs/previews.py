@@ -27,6 +27,7 @@ from groundforge.schemas.records import (
 )
 
 PREVIEWS_FILE = "rejection_previews.parquet"
+PREVIEWS_PER_REASON = 6
 THUMB_SIDE = 320
 # A drop may be a decompression bomb: never decode more than this many pixels for a preview.
 MAX_PREVIEW_PIXELS = 40_000_000
@@ -131,7 +132,7 @@ def _write(group, path: str) -> int:
 class WritePreviews(beam.PTransform):
     """Keep ``per_reason`` drops of each (stage, reason) and write their previews to ``path``."""
 
-    def __init__(self, path: str, per_reason: int = 6, side: int = THUMB_SIDE):
+    def __init__(self, path: str, per_reason: int = PREVIEWS_PER_REASON, side: int = THUMB_SIDE):
         super().__init__()
         self.path, self.per_reason, self.side = path, per_reason, side
 

@@ -17,7 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from groundforge.outputs.previews import PREVIEWS_FILE, read_previews, thumbnail
+from groundforge.outputs.previews import (
+    PREVIEWS_FILE,
+    PREVIEWS_PER_REASON,
+    read_previews,
+    thumbnail,
+)
 from groundforge.outputs.rejections import REJECTIONS_FILE
 from groundforge.schemas.box import Box
 from groundforge.schemas.records import KVGSample, RejectionPreview
@@ -31,7 +36,6 @@ LEGEND = (
     ("cause", "cause of the drop"),
 )
 DETAILS_PER_REASON = 5
-PREVIEWS_PER_REASON = 6
 CHART_WIDTH = 360
 HIST_BINS = 20
 
