@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -191,28 +190,6 @@ def inspect(run_dir: str, samples: int, no_verify: bool) -> None:
 # -- training, evaluation, export -----------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _progress(label: str):
-    """A rich progress bar on stderr, fed by ``callback(done, total)``."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-        task = bar.add_task(label, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
-
-
 def _overrides(settings: tuple[str, ...]) -> dict:
     """``--set sft.max_steps=2`` options as config overrides (values read as YAML)."""
     import yaml
@@ -377,6 +354,7 @@ def eval_(
     With --shards, on a split of our own shards; `detect` samples get precision, recall, F1 and
     AP at IoU 0.5. --out writes metrics.json and predictions.jsonl.
     """
+    from groundforge.outputs.console import progress_bar
     from groundforge.outputs.shards import detect_format, shards_folder
     from groundforge.trainer.evaluate import format_table, run_eval
 
@@ -387,7 +365,7 @@ def eval_(
     if shards is not None:
         shards = shards_folder(shards)
         fmt = detect_format(shards)
-    with _progress("evaluating") as update:
+    with progress_bar("evaluating") as update:
         report = run_eval(
             bench=bench,
             shards=shards,
@@ -452,10 +430,11 @@ def knowledge_probe(
     """
     from collections import Counter
 
+    from groundforge.outputs.console import progress_bar
     from groundforge.trainer.knowledge import run_probe
 
     _one_model(model, endpoint)
-    with _progress("probing") as update:
+    with progress_bar("probing") as update:
         result = run_probe(
             data,
             model=model,
@@ -551,6 +530,15 @@ def export_verl(data, dest, codec, max_pixels, splits) -> None:
     )
     files = sorted(p.name for p in Path(folder).glob("*.parquet"))
     click.echo(f"wrote {', '.join(files)} to {folder}")
+
+
+def _add_crawl() -> None:
+    from groundforge.sources.crawl.cli import crawl
+
+    main.add_command(crawl)
+
+
+_add_crawl()
 
 
 if __name__ == "__main__":

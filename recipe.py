@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from groundforge.yamlfile import describe_errors, read_yaml
 
 DEFAULT_QUESTION = (
     "Find and give the bounding box of <|object_ref_start|>{entity}<|object_ref_end|>"
@@ -59,8 +60,35 @@ class HFDatasetSourceConfig(_Strict):
     license: str = ""
 
 
+class CocoSourceConfig(_Strict):
+    """A COCO instances JSON file and the folder holding its images; ``categories`` names the
+    categories to keep (all when left out). ``iscrowd`` annotations become ignore regions."""
+
+    kind: Literal["coco"]
+    annotations: str
+    images: str
+    categories: list[str] | None = Field(None, min_length=1)
+    license: str = ""
+
+
+class OdgtSourceConfig(_Strict):
+    """A CrowdHuman ``.odgt`` file (one JSON object per line) and the folder of ``<ID>.jpg``
+    images; ``box`` picks the ground truth (``fbox``, ``vbox`` or ``hbox``) and ``tag`` the
+    annotations read (``mask`` regions are always read, as ignore regions)."""
+
+    kind: Literal["odgt"]
+    annotations: str
+    images: str
+    box: Literal["full", "visible", "head"] = "full"
+    tag: str = Field("person", min_length=1)
+    license: str = ""
+
+
+ANNOTATION_SOURCES = (CocoSourceConfig, OdgtSourceConfig)
+
 SourceConfig = Annotated[
-    ImageFolderSourceConfig | HFDatasetSourceConfig, Field(discriminator="kind")
+    ImageFolderSourceConfig | HFDatasetSourceConfig | CocoSourceConfig | OdgtSourceConfig,
+    Field(discriminator="kind"),
 ]
 
 
@@ -352,6 +380,15 @@ def _resolve_paths(data: dict, base: Path) -> dict:
         # A hub name ("org/name") has no local folder: keep it as written.
         if local.exists() or source.get("kind") == "image_folder":
             data["source"] = {**source, "path": str(local.resolve())}
+    if isinstance(source, dict) and source.get("kind") in ("coco", "odgt"):
+        data["source"] = {
+            **source,
+            **{
+                key: str(_local(source[key], base).resolve())
+                for key in ("annotations", "images")
+                if isinstance(source.get(key), str) and "://" not in source[key]
+            },
+        }
     boxes = data.get("boxes")
     if isinstance(boxes, dict) and isinstance(boxes.get("detector"), dict):
         data["boxes"] = {**boxes, "detector": _resolve_model_section(boxes["detector"], base)}
@@ -377,14 +414,6 @@ def _resolve_paths(data: dict, base: Path) -> dict:
     return data
 
 
-def _describe(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        lines.append(f"  {where}: {e['msg']}")
-    return "\n".join(lines)
-
-
 def parse_recipe(data: dict, base: Path, origin: str = "<recipe>") -> Recipe:
     """Validate a recipe given as a dict; relative paths resolve against ``base``."""
     if not isinstance(data, dict):
@@ -392,18 +421,11 @@ def parse_recipe(data: dict, base: Path, origin: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(_resolve_paths(data, base))
     except ValidationError as err:
-        raise RecipeError(f"{origin}: invalid recipe\n{_describe(err)}") from None
+        raise RecipeError(f"{origin}: invalid recipe\n{describe_errors(err)}") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a YAML recipe file."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise RecipeError(f"{path}: cannot read the recipe ({err.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    data = read_yaml(path, RecipeError, "recipe")
     return parse_recipe(data, path.parent, str(path))

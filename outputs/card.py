@@ -21,6 +21,13 @@ def _tally(counts: dict[str, int], what: str) -> str:
     return "\n".join(lines)
 
 
+def _source_place(source: dict[str, Any]) -> str:
+    # Annotation sources name two places, an annotation file and an image folder.
+    if "annotations" in source:
+        return f"`{source['annotations']}` (images in `{source['images']}`)"
+    return f"`{source['path']}`"
+
+
 def render_card(manifest: dict[str, Any]) -> str:
     """Markdown for a run folder, from its manifest."""
     recipe = manifest["recipe"]
@@ -75,7 +82,7 @@ image, and `entities` lists every named instance it shows.
 
 ## How it was made
 
-Source: `{source["kind"]}` at `{source["path"]}`. Steps: {"; ".join(layers)} (a box known
+Source: `{source["kind"]}` at {_source_place(source)}. Steps: {"; ".join(layers)} (a box known
 from the source wins). Stage funnel:
 
 {_funnel_table(manifest["stages"])}

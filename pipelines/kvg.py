@@ -39,6 +39,7 @@ from groundforge.filters.dedup import (
 from groundforge.filters.detection import check_agreement, check_box_bounds, resolve_box
 from groundforge.filters.difficulty import SplitRule, count_correct, split_by_difficulty
 from groundforge.filters.image import ImageLimits, check_image
+from groundforge.filters.instances import check_instances
 from groundforge.filters.output import check_sample
 from groundforge.filters.rationale import RationaleRules, check_rationale
 from groundforge.filters.split import entity_split
@@ -49,9 +50,12 @@ from groundforge.outputs.shards import WriteShards
 from groundforge.pipelines.metrics import TallyProvenance, model_namespace
 from groundforge.pipelines.stage import apply_check
 from groundforge.recipe import (
+    ANNOTATION_SOURCES,
+    CocoSourceConfig,
     DetectorConfig,
     HFDatasetSourceConfig,
     ImageFolderSourceConfig,
+    OdgtSourceConfig,
     Recipe,
 )
 from groundforge.scenes.compose import compose_scene
@@ -103,6 +107,28 @@ def make_source(recipe: Recipe):
             box_format=cfg.box_format,
             box_scale=cfg.box_scale,
             id_column=cfg.id_column,
+            license=cfg.license,
+        )
+    if isinstance(cfg, CocoSourceConfig):
+        from groundforge.sources.annotations import CocoSource
+
+        categories = tuple(cfg.categories) if cfg.categories is not None else None
+        return CocoSource(
+            annotations=cfg.annotations,
+            images=cfg.images,
+            domain=recipe.domain,
+            categories=categories,
+            license=cfg.license,
+        )
+    if isinstance(cfg, OdgtSourceConfig):
+        from groundforge.sources.annotations import OdgtSource
+
+        return OdgtSource(
+            annotations=cfg.annotations,
+            images=cfg.images,
+            domain=recipe.domain,
+            box=cfg.box,
+            tag=cfg.tag,
             license=cfg.license,
         )
     raise TypeError(f"no source for {type(cfg).__name__}")
@@ -536,6 +562,8 @@ class KVGGraph:
         records = self._stage(items, "read", read_item)
         limits = ImageLimits(min_side=recipe.images.min_side, max_pixels=recipe.images.max_pixels)
         records = self._stage(records, "image", partial(check_image, limits=limits))
+        if isinstance(recipe.source, ANNOTATION_SOURCES):
+            records = self._stage(records, "instances", check_instances)
         if needs_embedding(recipe):
             records = self._embed(records)
         if recipe.decontaminate is not None:

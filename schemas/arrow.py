@@ -17,6 +17,7 @@ from groundforge.schemas.records import (
     Detection,
     Entity,
     ImageRecord,
+    Instance,
     KVGSample,
     MarkedBox,
     Provenance,
@@ -52,6 +53,20 @@ _CANDIDATES = pa.list_(
         ]
     )
 )
+
+_INSTANCES = pa.list_(
+    pa.struct(
+        [
+            ("box", _BOX),
+            ("label", pa.string()),
+            ("full", _BOX),
+            ("visible", _BOX),
+            ("ignore", pa.bool_()),
+        ]
+    )
+)
+
+_REASON_COUNTS = pa.list_(pa.struct([("reason", pa.string()), ("count", pa.int64())]))
 
 _SAMPLE_FIELDS = pa.schema(
     [
@@ -101,6 +116,8 @@ _IMAGE_RECORD_FIELDS = pa.schema(
         ("box_source", pa.string()),
         ("box_ious", pa.list_(pa.struct([("name", pa.string()), ("iou", pa.float64())]))),
         ("embedding", pa.list_(pa.float32())),
+        ("instances", _INSTANCES),
+        ("dropped_instances", _REASON_COUNTS),
     ]
 )
 
@@ -188,6 +205,28 @@ def _rows_to_candidates(rows: list[dict[str, Any]]) -> dict[str, tuple[Detection
             Detection(_box(c["box"]), c["score"], c["label"])
         )
     return {k: tuple(v) for k, v in candidates.items()}
+
+
+def _instances_to_rows(instances: tuple[Instance, ...]) -> list[dict[str, Any]]:
+    return [
+        {
+            "box": i.box.to_list(),
+            "label": i.label,
+            "full": _opt_list(i.full),
+            "visible": _opt_list(i.visible),
+            "ignore": i.ignore,
+        }
+        for i in instances
+    ]
+
+
+def _rows_to_instances(rows: list[dict[str, Any]]) -> tuple[Instance, ...]:
+    return tuple(
+        Instance(
+            _box(i["box"]), i["label"], _opt_box(i["full"]), _opt_box(i["visible"]), i["ignore"]
+        )
+        for i in rows
+    )
 
 
 def sample_to_row(s: KVGSample) -> dict[str, Any]:
@@ -289,6 +328,10 @@ def image_record_to_row(r: ImageRecord) -> dict[str, Any]:
         "box_source": r.box_source,
         "box_ious": [{"name": k, "iou": v} for k, v in sorted(r.box_ious.items())],
         "embedding": list(r.embedding) if r.embedding is not None else None,
+        "instances": _instances_to_rows(r.instances),
+        "dropped_instances": [
+            {"reason": k, "count": v} for k, v in sorted(r.dropped_instances.items())
+        ],
     }
 
 
@@ -312,6 +355,8 @@ def row_to_image_record(row: dict[str, Any]) -> ImageRecord:
         box_source=row["box_source"],
         box_ious={x["name"]: x["iou"] for x in row["box_ious"]},
         embedding=tuple(row["embedding"]) if row["embedding"] is not None else None,
+        instances=_rows_to_instances(row["instances"]),
+        dropped_instances={x["reason"]: x["count"] for x in row["dropped_instances"]},
     )
 
 

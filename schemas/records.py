@@ -21,10 +21,31 @@ def stable_id(*parts: Any) -> str:
 
 
 @dataclass(frozen=True)
+class Instance:
+    """One annotated object of an image (crowd detection), in the image's pixels.
+
+    ``box`` is the ground truth the recipe chose; ``full`` (the whole extent, occluded parts
+    included, so it may reach past the image edge) and ``visible`` (the visible part) are the
+    annotation's other boxes, when it has them. An ``ignore`` instance (an ignore region, COCO's
+    ``iscrowd``) is neither a truth nor a false positive.
+    """
+
+    box: Box
+    label: str = ""
+    full: Box | None = None
+    visible: Box | None = None
+    ignore: bool = False
+
+
+@dataclass(frozen=True)
 class SourceItem:
     """A pointer to one image before it is read: a file path, a URL or a dataset row.
 
     ``data`` carries the bytes when the source already holds them (a dataset row).
+    ``instances`` are the annotated objects (``boxes`` stays the non-ignored truths among them);
+    ``dropped_instances`` counts, by reason, the annotations of this image that could not become
+    instances. ``error`` says why the source could not make a usable item of its entry (a
+    malformed annotation line): :func:`groundforge.sources.read.read_item` drops such an item.
     """
 
     item_id: str
@@ -37,6 +58,9 @@ class SourceItem:
     author: str = ""
     url: str = ""
     data: bytes | None = None
+    instances: tuple[Instance, ...] = ()
+    dropped_instances: dict[str, int] = field(default_factory=dict)
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -60,6 +84,7 @@ class ImageRecord:
     ``candidates`` holds each annotator's proposals by annotator name; ``box`` is the box the
     pipeline decided to trust (``box_source`` says which one). ``embedding`` is the image's
     L2-normalised vector from the run's image embedder (dedup, distractor choice), when computed.
+    ``instances`` and ``dropped_instances`` are as on :class:`SourceItem`, carried through.
     """
 
     image_id: str
@@ -80,6 +105,8 @@ class ImageRecord:
     box_source: str = ""
     box_ious: dict[str, float] = field(default_factory=dict)
     embedding: tuple[float, ...] | None = None
+    instances: tuple[Instance, ...] = ()
+    dropped_instances: dict[str, int] = field(default_factory=dict)
 
 
 def record_key(record: ImageRecord) -> str:

@@ -7,6 +7,8 @@ registered). Nothing is decoded here: width and height stay 0 until
 
 Drop reasons, each with ``location`` and (for read failures) ``error`` in the metrics:
 
+- ``bad_annotation``: the source could not describe the item (``item.error``: a malformed
+  annotation line, an annotation naming an image that is not listed); nothing is read.
 - ``missing_image``: no bytes and nothing to read (no location, or the location is a dataset row,
   ``<dataset>#<split>/<index>``, whose image is empty).
 - ``not_found``: nothing exists at the location.
@@ -72,6 +74,8 @@ def read_item(item: SourceItem) -> Verdict:
     >>> read_item(SourceItem("b", "", "flag")).reason
     'missing_image'
     """
+    if item.error:
+        return Verdict.drop("bad_annotation", location=item.location, error=item.error)
     data = item.data
     if data is None:
         if not item.location or is_dataset_row(item.location):
@@ -93,5 +97,7 @@ def read_item(item: SourceItem) -> Verdict:
         license=item.license,
         author=item.author,
         url=item.url,
+        instances=item.instances,
+        dropped_instances=item.dropped_instances,
     )
     return Verdict.ok(record)

@@ -14,7 +14,7 @@ from groundforge.schemas.arrow import (
     sample_to_row,
 )
 from groundforge.schemas.box import Box
-from groundforge.schemas.records import Detection, ImageRecord, Rejection
+from groundforge.schemas.records import Detection, ImageRecord, Instance, Rejection
 
 
 def roundtrip(rows, schema):
@@ -49,6 +49,32 @@ def test_image_record_roundtrip_through_arrow():
         box_ious={"detector": 0.25},
     )
     row = roundtrip([image_record_to_row(rec)], image_record_schema())[0]
+    assert row_to_image_record(row) == rec
+
+
+def test_image_record_with_instances_roundtrip_through_arrow():
+    rec = ImageRecord(
+        image_id="crowd",
+        image=b"\xff\xd8",
+        width=80,
+        height=64,
+        domain="person",
+        entity="person",
+        boxes=(Box(0, 5, 20, 55),),
+        source="odgt",
+        location="/Images/crowd.jpg",
+        instances=(
+            Instance(Box(0, 5, 20, 55), "person", Box(-10, 5, 20, 55), Box(2, 10, 18, 40)),
+            Instance(Box(14, 10, 22, 18), "person", visible=Box(14, 10, 22, 16)),
+            Instance(Box(0, 0, 8, 8), "mask", ignore=True),
+        ),
+        dropped_instances={"outside_image": 1, "degenerate": 2},
+    )
+    row = roundtrip([image_record_to_row(rec)], image_record_schema())[0]
+    assert row["dropped_instances"] == [
+        {"reason": "degenerate", "count": 2},
+        {"reason": "outside_image", "count": 1},
+    ]
     assert row_to_image_record(row) == rec
 
 

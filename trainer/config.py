@@ -25,10 +25,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from groundforge.trainer.data import REASONING_INSTRUCTION
+from groundforge.yamlfile import describe_errors, read_yaml
 
 REWARD_PRESETS = ("deepperception", "karl", "dip_r1")
 # transformers' SchedulerType values (those that need no extra scheduler arguments).
@@ -211,14 +211,6 @@ def merge_overrides(data: dict, overrides: Mapping[str, Any] | None) -> dict:
     return merged
 
 
-def _describe(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        lines.append(f"  {where}: {e['msg']}")
-    return "\n".join(lines)
-
-
 def parse_train_config(
     data: Mapping[str, Any] | None,
     overrides: Mapping[str, Any] | None = None,
@@ -233,7 +225,9 @@ def parse_train_config(
     try:
         return TrainConfig.model_validate(merged)
     except ValidationError as err:
-        raise TrainConfigError(f"{origin}: invalid training config\n{_describe(err)}") from None
+        raise TrainConfigError(
+            f"{origin}: invalid training config\n{describe_errors(err)}"
+        ) from None
 
 
 def load_train_config(
@@ -246,14 +240,7 @@ def load_train_config(
     if path is None:
         return parse_train_config({}, overrides, "<defaults>")
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise TrainConfigError(
-            f"{path}: cannot read the training config ({err.strerror})"
-        ) from None
-    except yaml.YAMLError as err:
-        raise TrainConfigError(f"{path}: not valid YAML: {err}") from None
+    data = read_yaml(path, TrainConfigError, "training config")
     if isinstance(data, dict):
         for stage in ("sft", "grpo"):
             section = data.get(stage)
