@@ -23,6 +23,7 @@ from groundforge.schemas.records import (
     Provenance,
     Rejection,
     RejectionPreview,
+    UncertainRegion,
 )
 
 _BOX = pa.list_(pa.float64())
@@ -92,6 +93,8 @@ _SAMPLE_FIELDS = pa.schema(
         ("distractor_similarity", pa.float64()),
         ("candidates", _CANDIDATES),
         ("teacher_box", _BOX),
+        ("uncertain_regions", pa.list_(pa.struct([("box", _BOX), ("reason", pa.string())]))),
+        ("ignore_regions", pa.list_(_BOX)),
         ("provenance", PROVENANCE_TYPE),
     ]
 )
@@ -254,6 +257,10 @@ def sample_to_row(s: KVGSample) -> dict[str, Any]:
         "distractor_similarity": s.distractor_similarity,
         "candidates": _candidates_to_rows(s.candidates),
         "teacher_box": _opt_list(s.teacher_box),
+        "uncertain_regions": [
+            {"box": r.box.to_list(), "reason": r.reason} for r in s.uncertain_regions
+        ],
+        "ignore_regions": [b.to_list() for b in s.ignore_regions],
         "provenance": {
             "source_image_ids": list(p.source_image_ids),
             "locations": list(p.locations),
@@ -305,6 +312,10 @@ def row_to_sample(row: dict[str, Any]) -> KVGSample:
         distractor_similarity=row["distractor_similarity"],
         candidates=_rows_to_candidates(row["candidates"]),
         teacher_box=_opt_box(row["teacher_box"]),
+        uncertain_regions=tuple(
+            UncertainRegion(_box(r["box"]), r["reason"]) for r in row["uncertain_regions"]
+        ),
+        ignore_regions=tuple(_box(b) for b in row["ignore_regions"]),
     )
 
 

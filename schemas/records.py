@@ -38,6 +38,16 @@ class Instance:
 
 
 @dataclass(frozen=True)
+class UncertainRegion:
+    """A place of a crowded image where a detector is unsure, and why: ``missed`` (a truth no
+    confident candidate found), ``weak`` (found with a low IoU), ``occluded`` (a truth mostly
+    hidden) or ``false_positive`` (a confident candidate matching no truth)."""
+
+    box: Box
+    reason: str
+
+
+@dataclass(frozen=True)
 class SourceItem:
     """A pointer to one image before it is read: a file path, a URL or a dataset row.
 
@@ -144,7 +154,9 @@ class KVGSample:
     target's nearest look-alikes, ``easy``: at random; None for a single-entity image) and
     ``distractor_similarity`` is their mean similarity to the target: a difficulty signal.
     ``candidates`` are the annotators' proposals for the target (by annotator name) and
-    ``teacher_box`` the box the teacher's rationale states, both in this image's pixels.
+    ``teacher_box`` the box the teacher's rationale states, both in this image's pixels. A
+    ``detect`` sample's ``gt_boxes`` are every instance; its ``ignore_regions`` are neither
+    truths nor false positives and ``uncertain_regions`` are where a detector hesitates.
     """
 
     sample_id: str
@@ -170,6 +182,8 @@ class KVGSample:
     distractor_similarity: float | None = None
     candidates: dict[str, tuple[Detection, ...]] = field(default_factory=dict)
     teacher_box: Box | None = None
+    uncertain_regions: tuple[UncertainRegion, ...] = ()
+    ignore_regions: tuple[Box, ...] = ()
 
 
 @dataclass(frozen=True)

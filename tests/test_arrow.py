@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pyarrow as pa
 from samples import make_sample
 
@@ -14,7 +16,13 @@ from groundforge.schemas.arrow import (
     sample_to_row,
 )
 from groundforge.schemas.box import Box
-from groundforge.schemas.records import Detection, ImageRecord, Instance, Rejection
+from groundforge.schemas.records import (
+    Detection,
+    ImageRecord,
+    Instance,
+    Rejection,
+    UncertainRegion,
+)
 
 
 def roundtrip(rows, schema):
@@ -23,6 +31,14 @@ def roundtrip(rows, schema):
 
 def test_sample_roundtrip_through_arrow():
     samples = [make_sample(i) for i in range(4)]
+    samples[1] = replace(
+        samples[1],
+        task="detect",
+        candidates={"detector": (Detection(Box(1, 1, 3, 3), 0.5, "person"),)},
+        teacher_box=Box(1, 1, 4, 4),
+        uncertain_regions=(UncertainRegion(Box(2, 2, 5, 5), "missed"),),
+        ignore_regions=(Box(0, 0, 1, 1), Box(6, 4, 8, 6)),
+    )
     back = [
         row_to_sample(r) for r in roundtrip([sample_to_row(s) for s in samples], sample_schema())
     ]
