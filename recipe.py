@@ -303,6 +303,26 @@ class SamplesConfig(_Strict):
         return self
 
 
+DEFAULT_DETECT_QUESTION = "Find every {label} in the image and give their bounding boxes."
+
+
+class DetectConfig(_Strict):
+    """``task: detect`` samples: every instance of ``label`` in an image (crowd detection)."""
+
+    label: str = Field(min_length=1)
+    question_template: str = DEFAULT_DETECT_QUESTION
+    # Smaller instances are too small to ask for: they become ignore regions.
+    min_box_side: float = Field(8.0, ge=0)
+    # Images with more instances give answers too long to train on; they are dropped.
+    max_instances: int = Field(100, ge=1)
+
+    @model_validator(mode="after")
+    def _has_label_slot(self) -> DetectConfig:
+        if "{label}" not in self.question_template:
+            raise ValueError("detect.question_template must contain {label}")
+        return self
+
+
 class SplitConfig(_Strict):
     """Held-out entities: a stable hash of the entity name sends ``val_fraction`` of them to val;
     every entity of a domain in ``val_domains`` is held out too (unseen-domain evaluation)."""
@@ -331,11 +351,28 @@ class Recipe(_Strict):
     dedup: DedupConfig = DedupConfig()
     decontaminate: DecontaminateConfig | None = None
     scenes: ScenesConfig | None = None
+    detect: DetectConfig | None = None
     grounder: GrounderConfig | None = None
     teacher: TeacherConfig | None = None
     student: StudentConfig | None = None
     split: SplitConfig = SplitConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _detect_alone(self) -> Recipe:
+        if self.detect is None:
+            return self
+        clash = [
+            name
+            for name in ("scenes", "grounder", "teacher", "student")
+            if getattr(self, name) is not None and (name != "scenes" or getattr(self, name).enabled)
+        ]
+        if clash:
+            raise ValueError(
+                f"detect: detection samples come from annotated instances and cannot be combined "
+                f"with {', '.join(clash)} (KVG sections); remove them or the detect section"
+            )
+        return self
 
     @model_validator(mode="after")
     def _grounder_needs_detector(self) -> Recipe:

@@ -1,4 +1,5 @@
-"""Turn a record with a trusted box into a KVG sample: the question and its answer."""
+"""Turn records into samples: a KVG question about one entity (single images and scenes), or a
+detection question about every instance of a class."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from groundforge.recipe import DEFAULT_QUESTION
 from groundforge.scenes.compose import remap_box
 from groundforge.schemas.records import Entity, ImageRecord, KVGSample, Provenance, stable_id
 
+DETECT_TASK = "detect"
+
 
 def question_for(entity: str, template: str = DEFAULT_QUESTION) -> str:
     """The grounding question for one entity.
@@ -18,6 +21,21 @@ def question_for(entity: str, template: str = DEFAULT_QUESTION) -> str:
     'Find and give the bounding box of <|object_ref_start|>Chad<|object_ref_end|>'
     """
     return template.replace("{entity}", entity)
+
+
+def record_provenance(record: ImageRecord, recipe_hash: str, version: str) -> Provenance:
+    """Where a sample made of one whole image came from."""
+    return Provenance(
+        source_image_ids=(record.image_id,),
+        locations=(record.location,),
+        sources=(record.source,),
+        licenses=(record.license,),
+        authors=(record.author,),
+        urls=(record.url,),
+        layout="single",
+        recipe_hash=recipe_hash,
+        version=version,
+    )
 
 
 def single_entity_sample(
@@ -49,17 +67,7 @@ def single_entity_sample(
         box_source=record.box_source,
         detector_iou=record.box_ious.get("detector"),
         candidates=record.candidates,
-        provenance=Provenance(
-            source_image_ids=(record.image_id,),
-            locations=(record.location,),
-            sources=(record.source,),
-            licenses=(record.license,),
-            authors=(record.author,),
-            urls=(record.url,),
-            layout="single",
-            recipe_hash=recipe_hash,
-            version=version,
-        ),
+        provenance=record_provenance(record, recipe_hash, version),
     )
     return Verdict.ok(sample)
 
@@ -120,3 +128,48 @@ def scene_samples(
             )
         )
     return samples
+
+
+def detection_sample(
+    record: ImageRecord,
+    split: str,
+    label: str,
+    template: str,
+    min_box_side: float = 0.0,
+    max_instances: int = 100,
+    recipe_hash: str = "",
+    version: str = "",
+) -> Verdict:
+    """One ``detect`` sample asking for every instance of ``label`` in the record's image.
+
+    Truths are the record's non-ignore instances; ignore instances, and truths with a side below
+    ``min_box_side``, become ``ignore_regions`` (neither to be found nor false positives). Drops
+    ``no_instances`` (nothing left to find) and ``too_many_instances``.
+    """
+    truths, ignore = [], []
+    for inst in record.instances:
+        small = min(inst.box.width, inst.box.height) < min_box_side
+        (ignore if inst.ignore or small else truths).append(inst.box)
+    if not truths:
+        return Verdict.drop("no_instances", ignored=len(ignore))
+    if len(truths) > max_instances:
+        return Verdict.drop("too_many_instances", count=len(truths), max_instances=max_instances)
+    question = template.replace("{label}", label)
+    sample = KVGSample(
+        sample_id=stable_id(DETECT_TASK, record.image_id, question),
+        image=record.image,
+        width=record.width,
+        height=record.height,
+        domain=record.domain,
+        task=DETECT_TASK,
+        question=question,
+        target=label,
+        entities=tuple(Entity(label, box) for box in truths),
+        gt_boxes=tuple(truths),
+        split=split,
+        box_source="known",
+        candidates=record.candidates,
+        ignore_regions=tuple(ignore),
+        provenance=record_provenance(record, recipe_hash, version),
+    )
+    return Verdict.ok(sample, instances=len(truths), ignored=len(ignore))

@@ -17,7 +17,11 @@ from apache_beam.ml.inference.base import PredictionResult, RunInference
 from groundforge import __version__
 from groundforge.annotators.embed import ImageEmbeddingHandler, make_image_embedder
 from groundforge.annotators.foreground import ForegroundAnnotator
-from groundforge.annotators.questions import scene_samples, single_entity_sample
+from groundforge.annotators.questions import (
+    detection_sample,
+    scene_samples,
+    single_entity_sample,
+)
 from groundforge.annotators.teacher.handler import ChatBackendSettings, ChatModelHandler
 from groundforge.annotators.teacher.jobs import (
     grounding_job,
@@ -317,6 +321,29 @@ def split_of(record: ImageRecord, recipe: Recipe) -> str:
     return entity_split(record.entity, record.domain, cfg.val_fraction, cfg.seed, cfg.val_domains)
 
 
+def make_detection_sample(record: ImageRecord, recipe: Recipe, recipe_hash: str) -> Verdict:
+    cfg = recipe.detect
+    # Every image of a crowd holds the same class: split by image, not by entity.
+    cfg_split = recipe.split
+    split = entity_split(
+        record.image_id,
+        record.domain,
+        cfg_split.val_fraction,
+        cfg_split.seed,
+        cfg_split.val_domains,
+    )
+    return detection_sample(
+        record,
+        split,
+        label=cfg.label,
+        template=cfg.question_template,
+        min_box_side=cfg.min_box_side,
+        max_instances=cfg.max_instances,
+        recipe_hash=recipe_hash,
+        version=__version__,
+    )
+
+
 def make_sample(record: ImageRecord, recipe: Recipe, recipe_hash: str) -> Verdict:
     split = split_of(record, recipe)
     return single_entity_sample(
@@ -550,27 +577,9 @@ class KVGGraph:
             )
         )
 
-    def build(self, p: beam.Pipeline) -> list[str]:
+    def _kvg_samples(self, records):
+        """Boxes, checks and KVG samples (single images or scenes), then teacher and student."""
         recipe, boxes = self.recipe, self.recipe.boxes
-        source = make_source(recipe)
-        items = (
-            p
-            | "partitions" >> beam.Create(source.partitions())
-            | "spread" >> beam.Reshuffle()
-            | "list items" >> beam.FlatMap(source.items)
-        )
-        records = self._stage(items, "read", read_item)
-        limits = ImageLimits(min_side=recipe.images.min_side, max_pixels=recipe.images.max_pixels)
-        records = self._stage(records, "image", partial(check_image, limits=limits))
-        if isinstance(recipe.source, ANNOTATION_SOURCES):
-            records = self._stage(records, "instances", check_instances)
-        if needs_embedding(recipe):
-            records = self._embed(records)
-        if recipe.decontaminate is not None:
-            records = self._decontaminate(records)
-        if recipe.dedup.enabled:
-            records = self._dedup(records)
-
         methods = {boxes.method, boxes.agree_with} - {None}
         if "foreground" in methods:
             annotate = ForegroundAnnotator(
@@ -624,6 +633,36 @@ class KVGGraph:
             samples = self._teach(samples)
         if recipe.student is not None:
             samples = self._examine(samples)
+        return samples
+
+    def build(self, p: beam.Pipeline) -> list[str]:
+        recipe = self.recipe
+        source = make_source(recipe)
+        items = (
+            p
+            | "partitions" >> beam.Create(source.partitions())
+            | "spread" >> beam.Reshuffle()
+            | "list items" >> beam.FlatMap(source.items)
+        )
+        records = self._stage(items, "read", read_item)
+        limits = ImageLimits(min_side=recipe.images.min_side, max_pixels=recipe.images.max_pixels)
+        records = self._stage(records, "image", partial(check_image, limits=limits))
+        if isinstance(recipe.source, ANNOTATION_SOURCES):
+            records = self._stage(records, "instances", check_instances)
+        if needs_embedding(recipe):
+            records = self._embed(records)
+        if recipe.decontaminate is not None:
+            records = self._decontaminate(records)
+        if recipe.dedup.enabled:
+            records = self._dedup(records)
+        if recipe.detect is not None:
+            samples = self._stage(
+                records,
+                "detect_sample",
+                partial(make_detection_sample, recipe=recipe, recipe_hash=recipe.digest()),
+            )
+        else:
+            samples = self._kvg_samples(records)
         samples = self._stage(samples, "output", check_sample)
         _ = samples | "tally provenance" >> beam.ParDo(TallyProvenance())
         _ = samples | "write shards" >> WriteShards(

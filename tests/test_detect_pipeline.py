@@ -1,0 +1,99 @@
+"""``task: detect`` end to end on CrowdHuman-style annotations: every instance of a class per
+image, ignore regions kept apart, and shards the DIP-R1 rewards read."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+from test_annotations import CROWD, person, write_odgt
+
+from groundforge.outputs.shards import read_samples
+from groundforge.pipelines.run import run_recipe
+from groundforge.recipe import RecipeError, parse_recipe
+from groundforge.schemas.box import Box
+from groundforge.trainer.data import build_grpo_dataset, make_codec
+from groundforge.trainer.rewards import think_look_answer_format, weighted_precision_recall
+
+FOUR = [person([8 + 14 * i, 4, 10, 30], [8 + 14 * i, 4, 10, 30], [8, 4, 5, 5]) for i in range(4)]
+
+
+def detect_recipe(path, max_instances: int = 3, **extra) -> dict:
+    return {
+        "name": "crowd",
+        "domain": "person",
+        "source": {"kind": "odgt", "annotations": path.name, "images": "Images"},
+        "detect": {"label": "person", "min_box_side": 6, "max_instances": max_instances},
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def crowd_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crowd")
+    lines = [
+        {"ID": "crowd", "gtboxes": CROWD["gtboxes"]},
+        {"ID": "four", "gtboxes": FOUR},
+        # Only a person smaller than min_box_side: nothing left to ask for.
+        {"ID": "tiny", "gtboxes": [person([10, 10, 4, 4], [10, 10, 4, 4], [10, 10, 2, 2])]},
+    ]
+    path, _ = write_odgt(root, lines, {"crowd": (80, 64), "four": (70, 40), "tiny": (64, 48)})
+    out = root / "out"
+    result = run_recipe(parse_recipe(detect_recipe(path), root), str(out))
+    return out, result
+
+
+def test_detect_samples_hold_every_instance_and_the_ignore_regions(crowd_run):
+    out, result = crowd_run
+    assert [s.stage for s in result.funnel] == [
+        "read",
+        "image",
+        "instances",
+        "dedup",
+        "detect_sample",
+        "output",
+    ]
+    assert all(s.balanced for s in result.funnel)
+    rejections = pq.read_table(out / "rejections.parquet").to_pylist()
+    assert Counter((r["stage"], r["reason"]) for r in rejections) == {
+        ("detect_sample", "no_instances"): 1,
+        ("detect_sample", "too_many_instances"): 1,
+    }
+    (sample,) = read_samples(str(out / "shards"))
+    assert sample.task == "detect" and sample.target == "person"
+    assert sample.question == "Find every person in the image and give their bounding boxes."
+    assert sample.gt_boxes == (Box(10, 10, 30, 50), Box(40, 5, 60, 45))
+    # The ignored person and the mask region (clipped to the 80x64 image).
+    assert set(sample.ignore_regions) == {Box(60, 10, 70, 40), Box(0, 50, 30, 60)}
+    assert [e.box for e in sample.entities] == list(sample.gt_boxes)
+
+
+def test_dip_r1_rewards_read_the_detect_shards(crowd_run):
+    out, _ = crowd_run
+    codec = make_codec("pixel")
+    view = build_grpo_dataset(out, codec, max_pixels=None, split="sft")
+    row = view[0]
+    columns = {k: [row[k]] for k in ("task", "gt_boxes", "width", "height", "sample_id")}
+    boxes = ", ".join(str([round(v) for v in b]) for b in row["gt_boxes"])
+    perfect = f"<think>two people</think><look>[40, 5, 60, 45]</look><answer>[{boxes}]</answer>"
+    half = "<think>one</think><look>[40, 5, 60, 45]</look><answer>[[10, 10, 30, 50]]</answer>"
+    pr = weighted_precision_recall(codec)
+    fmt = think_look_answer_format(codec)
+    assert pr([row["prompt"]], [perfect], **columns) == [1.0]
+    assert pr([row["prompt"]], [half], **columns) == [0.75]
+    assert fmt([row["prompt"]], [perfect], **columns) == [1.0]
+
+
+def test_detect_does_not_mix_with_kvg_sections(tmp_path):
+    path = tmp_path / "a.odgt"
+    with pytest.raises(RecipeError, match="detect: .*teacher"):
+        parse_recipe(
+            detect_recipe(path, teacher={"model": "m", "base_url": "http://127.0.0.1:1/v1"}),
+            tmp_path,
+        )
+    with pytest.raises(RecipeError, match="must contain {label}"):
+        parse_recipe(
+            {**detect_recipe(path), "detect": {"label": "person", "question_template": "boxes?"}},
+            tmp_path,
+        )
