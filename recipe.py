@@ -303,6 +303,45 @@ class SamplesConfig(_Strict):
         return self
 
 
+class CrowdConfig(_Strict):
+    """Synthetic crowds for ``detect`` recipes: single-entity images (their trusted boxes cut
+    out) pasted many to a canvas with a controlled overlap, so some are partly hidden.
+
+    Per domain and split, ``per_image`` x images crowds are made; each holds ``count`` instances
+    (repeating images when there are fewer), whose long side is ``scale`` of the canvas's, with a
+    mean covered fraction near ``overlap``; instances less visible than ``min_visible`` become
+    ignore regions.
+    """
+
+    width: int = Field(640, ge=32)
+    height: int = Field(480, ge=32)
+    count: tuple[int, int] = (8, 20)
+    scale: tuple[float, float] = (0.15, 0.35)
+    overlap: float = Field(0.3, ge=0, lt=1)
+    min_visible: float = Field(0.1, ge=0, le=1)
+    background: tuple[int, int, int] = (255, 255, 255)
+    per_image: float = Field(0.5, gt=0)
+    seed: str = "groundforge"
+
+    def spec(self):
+        from groundforge.scenes.crowd import CrowdSpec
+
+        return CrowdSpec(
+            width=self.width,
+            height=self.height,
+            count=self.count,
+            scale=self.scale,
+            overlap=self.overlap,
+            background=self.background,
+            min_visible=self.min_visible,
+        )
+
+    @model_validator(mode="after")
+    def _valid_spec(self) -> CrowdConfig:
+        self.spec()  # CrowdSpec checks the ranges and says which one is wrong
+        return self
+
+
 DEFAULT_DETECT_QUESTION = "Find every {label} in the image and give their bounding boxes."
 
 
@@ -352,6 +391,7 @@ class Recipe(_Strict):
     decontaminate: DecontaminateConfig | None = None
     scenes: ScenesConfig | None = None
     detect: DetectConfig | None = None
+    crowd: CrowdConfig | None = None
     grounder: GrounderConfig | None = None
     teacher: TeacherConfig | None = None
     student: StudentConfig | None = None
@@ -360,6 +400,8 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _detect_alone(self) -> Recipe:
+        if self.crowd is not None and self.detect is None:
+            raise ValueError("crowd: synthetic crowds make detect samples; add a detect section")
         if self.detect is None:
             return self
         clash = [

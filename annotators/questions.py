@@ -38,6 +38,23 @@ def record_provenance(record: ImageRecord, recipe_hash: str, version: str) -> Pr
     )
 
 
+def members_provenance(
+    members: Sequence[ImageRecord], layout: str, recipe_hash: str, version: str
+) -> Provenance:
+    """Where a sample made of several images (a scene, a crowd) came from, member by member."""
+    return Provenance(
+        source_image_ids=tuple(m.image_id for m in members),
+        locations=tuple(m.location for m in members),
+        sources=tuple(m.source for m in members),
+        licenses=tuple(m.license for m in members),
+        authors=tuple(m.author for m in members),
+        urls=tuple(m.url for m in members),
+        layout=layout,
+        recipe_hash=recipe_hash,
+        version=version,
+    )
+
+
 def single_entity_sample(
     record: ImageRecord,
     split: str,
@@ -86,17 +103,7 @@ def scene_samples(
     ``scene`` is a :class:`groundforge.scenes.compose.Scene`, ``plan`` its
     :class:`groundforge.scenes.plan.ScenePlan`, ``members`` the records in canvas order.
     """
-    provenance = Provenance(
-        source_image_ids=tuple(scene.source_image_ids),
-        locations=tuple(m.location for m in members),
-        sources=tuple(m.source for m in members),
-        licenses=tuple(m.license for m in members),
-        authors=tuple(m.author for m in members),
-        urls=tuple(m.url for m in members),
-        layout=scene.layout,
-        recipe_hash=recipe_hash,
-        version=version,
-    )
+    provenance = members_provenance(members, scene.layout, recipe_hash, version)
     samples = []
     for query, similarity in zip(plan.queries, plan.similarities, strict=True):
         target, member = scene.entities[query], members[query]
@@ -139,12 +146,14 @@ def detection_sample(
     max_instances: int = 100,
     recipe_hash: str = "",
     version: str = "",
+    provenance: Provenance | None = None,
 ) -> Verdict:
     """One ``detect`` sample asking for every instance of ``label`` in the record's image.
 
     Truths are the record's non-ignore instances; ignore instances, and truths with a side below
     ``min_box_side``, become ``ignore_regions`` (neither to be found nor false positives). Drops
-    ``no_instances`` (nothing left to find) and ``too_many_instances``.
+    ``no_instances`` (nothing left to find) and ``too_many_instances``. ``provenance`` replaces the
+    record's own (a crowd composed of several images).
     """
     truths, ignore = [], []
     for inst in record.instances:
@@ -170,6 +179,6 @@ def detection_sample(
         box_source="known",
         candidates=record.candidates,
         ignore_regions=tuple(ignore),
-        provenance=record_provenance(record, recipe_hash, version),
+        provenance=provenance or record_provenance(record, recipe_hash, version),
     )
     return Verdict.ok(sample, instances=len(truths), ignored=len(ignore))

@@ -28,13 +28,24 @@ from groundforge.schemas.box import Box
 from groundforge.schemas.records import KVGSample, RejectionPreview
 
 REPORT_FILE = "report.html"
-COLORS = {"gt": "#00c853", "candidate": "#ff9100", "teacher": "#d500f9", "cause": "#ff1744"}
+COLORS = {
+    "gt": "#00c853",
+    "candidate": "#ff9100",
+    "teacher": "#d500f9",
+    "uncertain": "#2979ff",
+    "ignore": "#9e9e9e",
+    "cause": "#ff1744",
+}
 LEGEND = (
     ("gt", "ground truth"),
     ("candidate", "annotator candidate"),
     ("teacher", "teacher's stated box"),
+    ("uncertain", "uncertain region (detect)"),
+    ("ignore", "ignore region (detect)"),
     ("cause", "cause of the drop"),
 )
+# Kinds that only samples have, and the one only drops have.
+SAMPLE_ONLY = ("teacher", "uncertain", "ignore")
 DETAILS_PER_REASON = 5
 CHART_WIDTH = 360
 HIST_BINS = 20
@@ -218,6 +229,8 @@ def sample_card(s: KVGSample, thumb: int) -> dict[str, Any]:
     ]
     if s.teacher_box is not None:
         rects.append(_rect("teacher", s.teacher_box, sx, sy, s.teacher_model or "teacher"))
+    rects.extend(_rect("ignore", b, sx, sy, "ignore") for b in s.ignore_regions)
+    rects.extend(_rect("uncertain", r.box, sx, sy, r.reason) for r in s.uncertain_regions)
     rects.extend(_rect("gt", b, sx, sy, s.target) for b in s.gt_boxes)
     difficulty = None
     if s.student_k and s.student_correct is not None:
@@ -401,6 +414,8 @@ def render_report(run_dir: str, per_group: int = 12, thumb: int = 320) -> str:
             charts=dist.charts() if picker.sizes else [],
             colors=COLORS,
             legend=LEGEND,
+            sample_only=SAMPLE_ONLY,
+            detect=any(st["stage"] == "detect_sample" for st in manifest.get("stages") or []),
             chart_width=CHART_WIDTH,
         )
     )

@@ -19,6 +19,7 @@ from groundforge.annotators.embed import ImageEmbeddingHandler, make_image_embed
 from groundforge.annotators.foreground import ForegroundAnnotator
 from groundforge.annotators.questions import (
     detection_sample,
+    members_provenance,
     scene_samples,
     single_entity_sample,
 )
@@ -63,12 +64,13 @@ from groundforge.recipe import (
     Recipe,
 )
 from groundforge.scenes.compose import compose_scene
+from groundforge.scenes.crowd import compose_crowd, plan_crowds
 from groundforge.scenes.layout import CanvasSpec
 from groundforge.scenes.plan import PlanSettings, PoolItem, ScenePlan, plan_scenes
 from groundforge.scenes.sampling import SceneMix
 from groundforge.schemas.box import Box
 from groundforge.schemas.codecs import get_codec
-from groundforge.schemas.records import ImageRecord, record_key
+from groundforge.schemas.records import ImageRecord, record_key, sha256_hex
 from groundforge.sources.read import read_item
 
 SHARDS_DIR = "shards"
@@ -249,12 +251,13 @@ def attach_embedding(prediction: PredictionResult) -> Verdict:
     return Verdict.ok(replace(prediction.example, embedding=tuple(prediction.inference)))
 
 
-def in_a_scene(record: ImageRecord, used: set[str]) -> Verdict:
-    """Every image is the target of its own scenes unless its pool (domain and split) holds
-    fewer than two entities: then no scene can be made of it."""
+def in_a_plan(record: ImageRecord, used: set[str], reason: str) -> Verdict:
+    """Keep the images some plan uses. In scenes every image is the target of its own scenes
+    unless its pool (domain and split) holds fewer than two entities; crowds draw from their
+    pool at random, so some images may stay out."""
     if record_key(record) in used:
         return Verdict.ok()
-    return Verdict.drop("scene_pool_too_small")
+    return Verdict.drop(reason)
 
 
 def pool_item(record: ImageRecord, recipe: Recipe) -> PoolItem:
@@ -302,6 +305,44 @@ def compose_planned(keyed, spec: CanvasSpec) -> Verdict:
         return Verdict.drop("scene_member_missing", expected=len(plan.members), found=len(members))
     scene = compose_scene(members, plan.layout, spec, plan.seed)
     return Verdict.ok((scene, plan, tuple(members)))
+
+
+def compose_planned_crowd(keyed, spec, label: str) -> Verdict:
+    """Compose one planned crowd; the result is an image record whose instances are the crowd's."""
+    _, grouped = keyed
+    (plan,) = grouped["plan"]
+    members = [record for _, record in sorted(grouped["members"], key=lambda m: m[0])]
+    if len(members) != len(plan.members):
+        return Verdict.drop("crowd_member_missing", expected=len(plan.members), found=len(members))
+    crowd = compose_crowd(members, spec, plan.seed, label)
+    record = ImageRecord(
+        image_id=sha256_hex(crowd.image),
+        image=crowd.image,
+        width=crowd.width,
+        height=crowd.height,
+        domain=plan.domain,
+        entity=label,
+        source="crowd",
+        location=f"crowd:{plan.scene_id}",
+        instances=crowd.instances,
+    )
+    return Verdict.ok((record, plan, tuple(members)), instances=len(crowd.instances))
+
+
+def crowd_detection_sample(composed, recipe: Recipe, recipe_hash: str) -> Verdict:
+    record, plan, members = composed
+    cfg = recipe.detect
+    return detection_sample(
+        record,
+        plan.split,
+        label=cfg.label,
+        template=cfg.question_template,
+        min_box_side=cfg.min_box_side,
+        max_instances=cfg.max_instances,
+        recipe_hash=recipe_hash,
+        version=__version__,
+        provenance=members_provenance(members, "crowd", recipe_hash, __version__),
+    )
 
 
 def _consistency(pair, codec, min_iou: float, min_score: float) -> Verdict:
@@ -543,19 +584,7 @@ class KVGGraph:
             | "all pool items" >> beam.combiners.ToList()
             | "plan scenes" >> beam.FlatMap(plan_all, settings=settings, cfg=cfg)
         )
-        used = (
-            plans
-            | "members" >> beam.FlatMap(lambda plan: plan.members)
-            | "used keys" >> beam.combiners.ToSet()
-        )
-        records = self._stage(records, "scene_pool", in_a_scene, used=beam.pvalue.AsSingleton(used))
-        keyed = records | "key records" >> beam.Map(lambda r: (record_key(r), r))
-        wanted = plans | "wanted members" >> beam.FlatMap(_wanted)
-        members = (
-            {"record": keyed, "want": wanted}
-            | "join members" >> beam.CoGroupByKey()
-            | "route members" >> beam.FlatMap(_route)
-        )
+        members = self._join_plans(records, plans, "scene_pool", "scene_pool_too_small")
         by_scene = plans | "key plans" >> beam.Map(lambda plan: (plan.scene_id, plan))
         spec = CanvasSpec(
             cell_size=cfg.cell_size,
@@ -577,8 +606,8 @@ class KVGGraph:
             )
         )
 
-    def _kvg_samples(self, records):
-        """Boxes, checks and KVG samples (single images or scenes), then teacher and student."""
+    def _boxes(self, records):
+        """The trusted box of each single-entity image: annotators, then the box checks."""
         recipe, boxes = self.recipe, self.recipe.boxes
         methods = {boxes.method, boxes.agree_with} - {None}
         if "foreground" in methods:
@@ -623,6 +652,56 @@ class KVGGraph:
                 max_aspect=boxes.max_aspect,
             ),
         )
+        return records
+
+    def _join_plans(self, records, plans, pool_stage: str, unused: str):
+        """Route each record to the plans (scenes, crowds) that use it; drop the unused ones at
+        ``pool_stage``. Yields ``(plan_id, (slot, record))``."""
+        used = (
+            plans
+            | f"{pool_stage} members" >> beam.FlatMap(lambda plan: plan.members)
+            | f"{pool_stage} used keys" >> beam.combiners.ToSet()
+        )
+        records = self._stage(
+            records,
+            pool_stage,
+            partial(in_a_plan, reason=unused),
+            used=beam.pvalue.AsSingleton(used),
+        )
+        keyed = records | f"{pool_stage} key records" >> beam.Map(lambda r: (record_key(r), r))
+        wanted = plans | f"{pool_stage} wanted members" >> beam.FlatMap(_wanted)
+        return (
+            {"record": keyed, "want": wanted}
+            | f"{pool_stage} join members" >> beam.CoGroupByKey()
+            | f"{pool_stage} route members" >> beam.FlatMap(_route)
+        )
+
+    def _crowds(self, records):
+        """Synthetic crowds of the boxed records, one detect sample each."""
+        recipe, cfg = self.recipe, self.recipe.crowd
+        spec = cfg.spec()
+        plans = (
+            records
+            | "crowd pool items" >> beam.Map(pool_item, recipe=recipe)
+            | "all crowd pool items" >> beam.combiners.ToList()
+            | "plan crowds" >> beam.FlatMap(plan_crowds, spec, cfg.per_image, cfg.seed)
+        )
+        members = self._join_plans(records, plans, "crowd_pool", "not_in_a_crowd")
+        by_crowd = plans | "key crowds" >> beam.Map(lambda plan: (plan.scene_id, plan))
+        crowds = self._stage(
+            {"plan": by_crowd, "members": members} | "gather crowds" >> beam.CoGroupByKey(),
+            "compose_crowd",
+            partial(compose_planned_crowd, spec=spec, label=recipe.detect.label),
+        )
+        return self._stage(
+            crowds,
+            "detect_sample",
+            partial(crowd_detection_sample, recipe=recipe, recipe_hash=recipe.digest()),
+        )
+
+    def _kvg_samples(self, records):
+        """KVG samples (single images or scenes) of boxed records, then teacher and student."""
+        recipe = self.recipe
         if recipe.scenes is not None and recipe.scenes.enabled:
             samples = self._scenes(records)
         else:
@@ -655,14 +734,16 @@ class KVGGraph:
             records = self._decontaminate(records)
         if recipe.dedup.enabled:
             records = self._dedup(records)
-        if recipe.detect is not None:
+        if recipe.crowd is not None:
+            samples = self._crowds(self._boxes(records))
+        elif recipe.detect is not None:
             samples = self._stage(
                 records,
                 "detect_sample",
                 partial(make_detection_sample, recipe=recipe, recipe_hash=recipe.digest()),
             )
         else:
-            samples = self._kvg_samples(records)
+            samples = self._kvg_samples(self._boxes(records))
         samples = self._stage(samples, "output", check_sample)
         _ = samples | "tally provenance" >> beam.ParDo(TallyProvenance())
         _ = samples | "write shards" >> WriteShards(

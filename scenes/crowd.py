@@ -35,8 +35,9 @@ from PIL import Image
 
 from groundforge.filters.image import PNG_COMPRESS_LEVEL, open_rgb
 from groundforge.scenes.compose import RESAMPLE
+from groundforge.scenes.plan import PoolItem
 from groundforge.schemas.box import Box, mask_box
-from groundforge.schemas.records import ImageRecord, Instance
+from groundforge.schemas.records import ImageRecord, Instance, stable_id
 
 # How far (as a share of the target) a position's covered amount may miss the best position's
 # and still be drawn: a larger slack gives more varied crowds, and the miss is made up by the
@@ -250,3 +251,36 @@ def _add_to_integral(integral: np.ndarray, change: np.ndarray, x: int, y: int) -
     integral[y + 1 : y + h + 1, x + w + 1 :] += partial[:, -1:]
     integral[y + h + 1 :, x + 1 : x + w + 1] += partial[-1:, :]
     integral[y + h + 1 :, x + w + 1 :] += partial[-1, -1]
+
+
+@dataclass(frozen=True)
+class CrowdPlan:
+    """One crowd to compose: the pool item keys it may draw from (in a stable order)."""
+
+    scene_id: str
+    domain: str
+    split: str
+    members: tuple[str, ...]
+    seed: str
+
+
+def plan_crowds(items: Sequence[PoolItem], spec: CrowdSpec, per_image: float, seed: str):
+    """Crowds for a run: per (domain, split), ``round(per_image x items)`` crowds (at least one),
+    each drawing up to ``spec.count[1]`` distinct items, so held-out entities never mix with
+    training ones. The same items and seed give the same plans whatever their order.
+
+    >>> items = [PoolItem(f"k{i}", f"i{i}", "flag", "sft", f"e{i}") for i in range(6)]
+    >>> [len(p.members) for p in plan_crowds(items, CrowdSpec(count=(2, 4)), 0.5, "s")]
+    [4, 4, 4]
+    """
+    groups: dict[tuple[str, str], list[PoolItem]] = {}
+    for item in sorted(items, key=lambda i: i.key):
+        groups.setdefault((item.domain, item.split), []).append(item)
+    plans = []
+    for (domain, split), group in sorted(groups.items()):
+        rng = random.Random(f"{seed}|{domain}|{split}")
+        for n in range(max(1, round(per_image * len(group)))):
+            chosen = rng.sample(group, min(len(group), spec.count[1]))
+            scene_id = stable_id("crowd", seed, domain, split, n, [c.key for c in chosen])
+            plans.append(CrowdPlan(scene_id, domain, split, tuple(c.key for c in chosen), scene_id))
+    return plans

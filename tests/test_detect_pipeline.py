@@ -97,3 +97,15 @@ def test_detect_does_not_mix_with_kvg_sections(tmp_path):
             {**detect_recipe(path), "detect": {"label": "person", "question_template": "boxes?"}},
             tmp_path,
         )
+
+
+def test_the_report_draws_ignore_regions(crowd_run):
+    import re
+
+    out, _ = crowd_run
+    html = (out / "report.html").read_text()
+    gallery = html.split('<section id="rejections">')[0]
+    (sample,) = read_samples(str(out / "shards"))
+    assert len(re.findall(r'class="box-ignore"', gallery)) == len(sample.ignore_regions) == 2
+    assert len(re.findall(r'class="box-gt"', gallery)) == len(sample.gt_boxes)
+    assert "ignore region (detect)" in html
