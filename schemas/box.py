@@ -145,3 +145,58 @@ def iou_matrix(a: Sequence[Box], b: Sequence[Box]) -> np.ndarray:
     union = area_a[:, None] + area_b[None, :] - inter
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(union > 0, inter / union, 0.0)
+
+
+def coverage_matrix(regions: Sequence[Box], boxes: Sequence[Box]) -> np.ndarray:
+    """How much of each box each region covers: ``area(regions[j] n boxes[k]) / area(boxes[k])``,
+    shape ``(len(regions), len(boxes))``; 0 for a box without area.
+
+    >>> coverage_matrix([Box(0, 0, 5, 10)], [Box(0, 0, 10, 10), Box(20, 0, 30, 10)]).tolist()
+    [[0.5, 0.0]]
+    """
+    pa, pb = as_array(regions), as_array(boxes)
+    if not len(pa) or not len(pb):
+        return np.zeros((len(pa), len(pb)))
+    w = np.minimum(pa[:, None, 2], pb[None, :, 2]) - np.maximum(pa[:, None, 0], pb[None, :, 0])
+    h = np.minimum(pa[:, None, 3], pb[None, :, 3]) - np.maximum(pa[:, None, 1], pb[None, :, 1])
+    inter = np.clip(w, 0, None) * np.clip(h, 0, None)
+    area = np.clip(pb[:, 2] - pb[:, 0], 0, None) * np.clip(pb[:, 3] - pb[:, 1], 0, None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(area[None, :] > 0, inter / area[None, :], 0.0)
+
+
+def match_boxes(
+    preds: Sequence[Box], truths: Sequence[Box], min_iou: float = 0.5
+) -> list[tuple[int, int, float]]:
+    """One-to-one matching of predicted and true boxes: ``(pred index, truth index, IoU)``.
+
+    Only pairs with IoU >= ``min_iou`` may match. Objective: the largest number of matches, ties
+    broken by the largest total IoU of the matched pairs. Solved exactly by
+    ``scipy.optimize.linear_sum_assignment`` on the weight ``K + IoU`` for allowed pairs and 0 for
+    the others: with ``K = min(n, m) + 1`` larger than any total IoU, one more match always
+    outweighs any gain in IoU, and pairs under the threshold never displace an allowed one.
+    Sorted by pred index.
+
+    >>> match_boxes([Box(0, 0, 10, 10), Box(50, 50, 60, 60)], [Box(1, 0, 11, 10)])
+    [(0, 0, 0.8181818181818182)]
+    >>> match_boxes([Box(0, 0, 10, 10)], [Box(5, 0, 15, 10)])   # IoU 1/3: no match
+    []
+    >>> preds = [Box(30, 0, 130, 100), Box(0, 0, 90, 100)]   # a greedy pass would match 1 pair
+    >>> [(p, t) for p, t, _ in match_boxes(preds, [Box(0, 0, 100, 100), Box(60, 0, 160, 100)])]
+    [(0, 1), (1, 0)]
+    """
+    if not 0 < min_iou <= 1:
+        raise ValueError(f"min_iou must be in (0, 1], got {min_iou}")
+    ious = iou_matrix(preds, truths)
+    allowed = ious >= min_iou
+    if not allowed.any():
+        return []
+    from scipy.optimize import linear_sum_assignment
+
+    big = min(ious.shape) + 1.0
+    rows, cols = linear_sum_assignment(np.where(allowed, big + ious, 0.0), maximize=True)
+    return sorted(
+        (int(r), int(c), float(ious[r, c]))
+        for r, c in zip(rows, cols, strict=True)
+        if allowed[r, c]
+    )

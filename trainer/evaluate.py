@@ -35,12 +35,12 @@ box gets the same IoU in the 0..1000 frame, in pixels or in a resized frame.
 **Detection rows** (items with ``task == "detect"``: many answer boxes, the reply a box list) are
 scored with the DIP-R1 metrics instead: every box the codec reads from the reply (for
 ``norm1000`` too: there is no reference scorer for lists), matched one-to-one with the answer boxes
-by the Hungarian algorithm (:func:`match_boxes`), gives precision, recall and F1 at IoU 0.5
-(micro-averaged over boxes), and pycocotools' COCOeval gives AP@0.5 (:func:`detection_ap`).
-COCOeval ranks detections by score and a chat model gives none, so each box gets a **rank-based
-pseudo-score** ``1 / (1 + rank)`` (its 0-based position in the reply): a model's earlier boxes are
-taken as its more confident ones; boxes of equal rank in different images tie and pycocotools
-breaks ties in item order (a stable sort).
+by the Hungarian algorithm (:func:`groundforge.schemas.box.match_boxes`), gives precision, recall
+and F1 at IoU 0.5 (micro-averaged over boxes), and pycocotools' COCOeval gives AP@0.5
+(:func:`detection_ap`). COCOeval ranks detections by score and a chat model gives none, so each
+box gets a **rank-based pseudo-score** ``1 / (1 + rank)`` (its 0-based position in the reply):
+a model's earlier boxes are taken as its more confident ones; boxes of equal rank in different
+images tie and pycocotools breaks ties in item order (a stable sort).
 
 Heavy libraries (torch, transformers, pyarrow, PIL, scipy, pycocotools, Beam) are imported inside
 the functions that need them.
@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from groundforge.schemas.box import Box
+from groundforge.schemas.box import Box, match_boxes
 
 Quad = tuple[float, float, float, float]
 
@@ -322,33 +322,6 @@ def load_shard_items(
 
 
 # -- detection metrics -----------------------------------------------------------------------
-
-
-def match_boxes(
-    preds: Sequence[Box], gts: Sequence[Box], iou_threshold: float = CORRECT_IOU
-) -> list[tuple[int, int, float]]:
-    """One-to-one matches ``(pred index, gt index, iou)`` at IoU >= ``iou_threshold``.
-
-    Hungarian assignment (``scipy.optimize.linear_sum_assignment``) that first maximises the
-    number of pairs above the threshold, then their total IoU (weight ``K + iou`` for a pair
-    above it with ``K`` larger than any match count, 0 otherwise).
-    """
-    if not preds or not gts:
-        return []
-    import numpy as np
-    from scipy.optimize import linear_sum_assignment
-
-    from groundforge.schemas.box import iou_matrix
-
-    ious = iou_matrix(preds, gts)
-    big = min(len(preds), len(gts)) + 1.0
-    weights = np.where(ious >= iou_threshold, big + ious, 0.0)
-    rows, cols = linear_sum_assignment(weights, maximize=True)
-    return [
-        (int(r), int(c), float(ious[r, c]))
-        for r, c in zip(rows, cols, strict=True)
-        if ious[r, c] >= iou_threshold
-    ]
 
 
 def _ratio(num: float, den: float, empty: float) -> float:

@@ -44,7 +44,9 @@ an answer block exists, so a truncated answer cannot fall back onto boxes in the
   ``<think>T</think><look>R</look><answer>A</answer>`` (in order, each tag once, T non-blank,
   only whitespace around), R parses to at least one region and A is a box list: at least one
   box, or the explicit empty list (``[]``, optionally fenced, or what the codec renders for no
-  boxes, which is the empty string for ``norm1000``); else 0.
+  boxes, which is the empty string for ``norm1000``); else 0
+  (:func:`groundforge.schemas.answer.parse_detection_reply`, which the teacher-rationale check
+  shares).
 - ``weighted_precision_recall``: M = the one-to-one matches of :func:`match_boxes` at
   IoU >= ``iou`` (0.5); P = M / predictions, R = M / truths; reward = lam * P + (1 - lam) * R
   (lam = 0.5). 1 if both are empty; 0 if the answer is no box list, if there are no predictions
@@ -92,9 +94,9 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
-from groundforge.schemas.box import Box, as_array, iou_matrix
+from groundforge.schemas.answer import box_list, parse_detection_reply, tags_once
+from groundforge.schemas.box import Box, coverage_matrix, match_boxes
 from groundforge.schemas.codecs import BoxCodec
 
 __all__ = [
@@ -128,10 +130,6 @@ IOU_VARIANTS = ("continuous", "thresholded", "squared", "giou")
 _ANSWER_BLOCK = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL | re.IGNORECASE)
 _LOOK_BLOCK = re.compile(r"<look>(.*?)(?:</look>|<answer>|$)", re.DOTALL | re.IGNORECASE)
 _THINK_ANSWER = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
-_THINK_LOOK_ANSWER = re.compile(
-    r"\s*<think>(.*?)</think>\s*<look>(.*?)</look>\s*<answer>(.*?)</answer>\s*", re.DOTALL
-)
-_FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
 _MISSING = object()
 
 
@@ -202,30 +200,8 @@ def answer_text(text: str, require_answer: bool = True) -> str | None:
     return None if require_answer else text
 
 
-def _is_empty_list(answer: str, codec: BoxCodec, width: int, height: int) -> bool:
-    """True when the answer is an explicit empty box list: ``[]`` (optionally in a code fence,
-    any whitespace) or exactly what the codec renders for no boxes."""
-    compact = re.sub(r"\s+", "", _FENCE.sub("", answer.strip()))
-    rendered = re.sub(r"\s+", "", codec.render_many([], width, height))
-    return compact in ("[]", rendered)
-
-
-def _box_list(answer: str | None, codec: BoxCodec, width: int, height: int) -> list[Box] | None:
-    """The answer's boxes, ``[]`` for an explicit empty list, None when it is no box list."""
-    if answer is None:
-        return None
-    boxes = codec.parse(answer, width, height)
-    if boxes:
-        return boxes
-    return [] if _is_empty_list(answer, codec, width, height) else None
-
-
 def _look_regions(text: str, codec: BoxCodec, width: int, height: int) -> list[Box]:
     return [box for block in _LOOK_BLOCK.findall(text) for box in codec.parse(block, width, height)]
-
-
-def _tags_once(text: str, names: Sequence[str]) -> bool:
-    return all(text.count(f"<{n}>") == 1 and text.count(f"</{n}>") == 1 for n in names)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,57 +219,6 @@ def _as_boxes(values: object) -> list[Box]:
     if values is None:
         return []
     return [_as_box(v) for v in values]  # type: ignore[union-attr]
-
-
-def match_boxes(
-    pred: Sequence[Box | Sequence[float]],
-    truth: Sequence[Box | Sequence[float]],
-    min_iou: float = 0.5,
-) -> list[tuple[int, int, float]]:
-    """One-to-one matching of predicted and true boxes: ``(pred index, truth index, IoU)``.
-
-    Only pairs with IoU >= ``min_iou`` may match. Objective: the largest number of matches,
-    ties broken by the largest total IoU of the matched pairs (solved exactly with
-    ``scipy.optimize.linear_sum_assignment`` on the weight ``K + IoU`` for allowed pairs and 0
-    for the others, K = min(n, m) + 1 being larger than any total IoU). Sorted by pred index.
-
-    >>> match_boxes([Box(0, 0, 10, 10), Box(50, 50, 60, 60)], [Box(1, 0, 11, 10)], 0.5)
-    [(0, 0, 0.8181818181818182)]
-    >>> match_boxes([Box(0, 0, 10, 10)], [Box(5, 0, 15, 10)], 0.5)   # IoU 1/3: no match
-    []
-    """
-    if not 0 < min_iou <= 1:
-        raise ValueError(f"min_iou must be in (0, 1], got {min_iou}")
-    pred_boxes, truth_boxes = _as_boxes(pred), _as_boxes(truth)
-    ious = iou_matrix(pred_boxes, truth_boxes)
-    allowed = ious >= min_iou
-    if not allowed.any():
-        return []
-    big = min(ious.shape) + 1.0
-    weight = np.where(allowed, big + ious, 0.0)
-    rows, cols = linear_sum_assignment(weight, maximize=True)
-    return sorted(
-        (int(r), int(c), float(ious[r, c]))
-        for r, c in zip(rows, cols, strict=True)
-        if allowed[r, c]
-    )
-
-
-def coverage_matrix(regions: Sequence[Box], boxes: Sequence[Box]) -> np.ndarray:
-    """``cov[j, k] = area(regions[j] n boxes[k]) / area(boxes[k])`` (0 for an empty box).
-
-    >>> coverage_matrix([Box(0, 0, 5, 10)], [Box(0, 0, 10, 10), Box(20, 0, 30, 10)]).tolist()
-    [[0.5, 0.0]]
-    """
-    pa, pb = as_array(regions), as_array(boxes)
-    if not len(pa) or not len(pb):
-        return np.zeros((len(pa), len(pb)))
-    w = np.minimum(pa[:, None, 2], pb[None, :, 2]) - np.maximum(pa[:, None, 0], pb[None, :, 0])
-    h = np.minimum(pa[:, None, 3], pb[None, :, 3]) - np.maximum(pa[:, None, 1], pb[None, :, 1])
-    inter = np.clip(w, 0, None) * np.clip(h, 0, None)
-    area = np.clip(pb[:, 2] - pb[:, 0], 0, None) * np.clip(pb[:, 3] - pb[:, 1], 0, None)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(area[None, :] > 0, inter / area[None, :], 0.0)
 
 
 def _giou(a: Box, b: Box) -> float:
@@ -398,7 +323,7 @@ def think_answer_format(prompts: object, completions: Sequence[object], **column
         m = _THINK_ANSWER.fullmatch(text)
         ok = (
             m is not None
-            and _tags_once(text, ("think", "answer"))
+            and tags_once(text, ("think", "answer"))
             and bool(m.group(1).strip())
             and bool(m.group(2).strip())
         )
@@ -561,17 +486,8 @@ def think_look_answer_format(codec: BoxCodec) -> RewardFunc:
             if not rows.applies(i, DETECT):
                 out.append(None)
                 continue
-            m = _THINK_LOOK_ANSWER.fullmatch(text)
-            ok = m is not None and _tags_once(text, ("think", "look", "answer"))
-            if ok:
-                think, look, answer = m.groups()  # type: ignore[union-attr]
-                width, height = rows.size(i)
-                ok = (
-                    bool(think.strip())
-                    and bool(codec.parse(look, width, height))
-                    and _box_list(answer, codec, width, height) is not None
-                )
-            out.append(1.0 if ok else 0.0)
+            reply = parse_detection_reply(text, codec, *rows.size(i))
+            out.append(0.0 if reply is None else 1.0)
         return out
 
     return _named(reward, "think_look_answer_format", think_look_answer_format.__doc__ or "")
@@ -611,7 +527,7 @@ def weighted_precision_recall(
                 out.append(None)
                 continue
             width, height = rows.size(i)
-            pred = _box_list(answer_text(text, require_answer), codec, width, height)
+            pred = box_list(answer_text(text, require_answer), codec, width, height)
             out.append(float(_precision_recall(pred, rows.truths(i), iou, lam)))
         return out
 
@@ -678,7 +594,7 @@ def variance_guided_looking(
         hits = np.zeros((len(members), len(truths)), dtype=bool)
         for r, i in enumerate(members):
             width, height = rows.size(i)
-            pred = _box_list(answer_text(rows.texts[i], require_answer), codec, width, height)
+            pred = box_list(answer_text(rows.texts[i], require_answer), codec, width, height)
             for _, k, _ in match_boxes(pred or [], truths, iou):
                 hits[r, k] = True
         p = hits.mean(axis=0) if len(truths) else np.zeros(0)

@@ -11,6 +11,7 @@ from apache_beam.ml.inference.base import PredictionResult
 from groundforge.annotators.teacher.handler import ChatJob
 from groundforge.annotators.teacher.prompts import (
     PromptTemplate,
+    detection_rationale_prompt,
     grounding_prompt,
     rationale_prompt,
 )
@@ -34,11 +35,9 @@ def grounding_job(record: ImageRecord, template: PromptTemplate, codec) -> ChatJ
     return ChatJob(record.image_id, (request,), context=record)
 
 
-def rationale_job(
-    sample: KVGSample, template: PromptTemplate, codec, knowledge=None, system: str | None = None
+def _teacher_job(
+    sample: KVGSample, prompt: str, template: PromptTemplate, system: str | None
 ) -> ChatJob:
-    """Ask the teacher for the reasoning that finds the sample's target."""
-    prompt = rationale_prompt(sample, codec, template, knowledge)
     request = TeacherRequest(
         item_id=sample.sample_id,
         prompt=prompt,
@@ -48,6 +47,23 @@ def rationale_job(
         system=system,
     )
     return ChatJob(sample.sample_id, (request,), context=sample)
+
+
+def rationale_job(
+    sample: KVGSample, template: PromptTemplate, codec, knowledge=None, system: str | None = None
+) -> ChatJob:
+    """Ask the teacher for the reasoning that finds the sample's target."""
+    prompt = rationale_prompt(sample, codec, template, knowledge)
+    return _teacher_job(sample, prompt, template, system)
+
+
+def detection_rationale_job(
+    sample: KVGSample, template: PromptTemplate, codec, system: str | None = None
+) -> ChatJob:
+    """Ask the teacher for the think / look / answer reasoning that finds every instance of a
+    ``detect`` sample's class."""
+    prompt = detection_rationale_prompt(sample, codec, template)
+    return _teacher_job(sample, prompt, template, system)
 
 
 def student_job(sample: KVGSample, k: int, suffix: str | None = None) -> ChatJob:

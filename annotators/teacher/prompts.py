@@ -10,6 +10,11 @@ Variables of ``kvg_rationale``: ``domain``, ``question``, ``width``, ``height``,
 ``codec_hint``, ``entities`` (list of ``{index, name, box, known}``; ``known`` is False for an
 entity without a name, whose ``name`` is then ``unknown object N``), ``target`` (``{name, box}``)
 and ``knowledge`` (list of ``{name, description, attributes}``, empty when none is given).
+Variables of ``detect_rationale``: ``domain``, ``label`` (the class), ``question``, ``width``,
+``height``, ``codec_name``, ``codec_hint``, ``boxes`` (list of ``{index, box}``, every truth),
+``uncertain`` (list of ``{index, box, reason}``, ``reason`` one of ``missed``, ``weak``,
+``occluded``, ``false_positive``), ``ignore_regions`` (list of boxes) and ``answer`` (every truth
+as the answer is written: one list, each box labelled with the class).
 Variables of ``grounding``: ``entity``, ``domain``, ``codec_name``, ``codec_hint``.
 A codec's hint (:func:`codec_hint`, all of them in :data:`CODEC_HINTS`) describes its box format
 in words.
@@ -31,7 +36,7 @@ from groundforge.annotators.teacher.knowledge import Knowledge, KnowledgeEntry
 from groundforge.schemas.codecs import BoxCodec
 from groundforge.schemas.records import KVGSample
 
-BUILTIN_TEMPLATES = ("kvg_rationale", "grounding")
+BUILTIN_TEMPLATES = ("kvg_rationale", "detect_rationale", "grounding")
 
 # How each codec writes a box, in words the model can follow. ``{extent}`` is filled with the
 # frame's size in pixels when the image size is known (pixel frames only).
@@ -203,6 +208,51 @@ def rationale_prompt(
             "box": codec.render(sample.gt_boxes[0], width, height),
         },
         knowledge=list(snippets.values()),
+    )
+
+
+def detection_rationale_prompt(sample: KVGSample, codec: BoxCodec, template: PromptTemplate) -> str:
+    """The teacher prompt asking for the think / look / answer rationale that finds every
+    instance of a ``detect`` sample's class (``sample.target``): every truth, the uncertain
+    regions with their reasons and the ignore regions, each rendered with ``codec``.
+
+    >>> from groundforge.schemas.box import Box
+    >>> from groundforge.schemas.codecs import get_codec
+    >>> from groundforge.schemas.records import Provenance, UncertainRegion
+    >>> sample = KVGSample("s", b"", 640, 480, "person", "detect", "Find every person.",
+    ...                    "person", (), (Box(64, 48, 128, 240),), "sft", Provenance(),
+    ...                    uncertain_regions=(UncertainRegion(Box(64, 48, 128, 240), "weak"),))
+    >>> prompt = detection_rationale_prompt(sample, get_codec("pixel"),
+    ...                                     load_template("detect_rationale"))
+    >>> "- [64, 48, 128, 240]: hard to outline" in prompt
+    True
+    """
+    label = sample.target.strip()
+    if not label:
+        raise ValueError(f"sample {sample.sample_id}: a detection rationale needs the class name")
+    width, height = sample.width, sample.height
+    return template.render(
+        domain=sample.domain,
+        label=label,
+        question=sample.question,
+        width=width,
+        height=height,
+        codec_name=codec.name,
+        codec_hint=codec_hint(codec, width, height),
+        boxes=[
+            {"index": index, "box": codec.render(box, width, height)}
+            for index, box in enumerate(sample.gt_boxes, start=1)
+        ],
+        uncertain=[
+            {
+                "index": index,
+                "box": codec.render(region.box, width, height),
+                "reason": region.reason,
+            }
+            for index, region in enumerate(sample.uncertain_regions, start=1)
+        ],
+        ignore_regions=[codec.render(box, width, height) for box in sample.ignore_regions],
+        answer=codec.render_many(sample.gt_boxes, width, height, [label] * len(sample.gt_boxes)),
     )
 
 
