@@ -175,19 +175,25 @@ class ChatModelConfig(_Strict):
 
 
 class RationaleConfig(_Strict):
-    """The checks a teacher rationale must pass (see ``filters/rationale.py``)."""
+    """The checks a teacher rationale must pass (``filters/rationale.py``; for ``detect``
+    recipes ``filters/detect_rationale.py``: precision and recall of the stated boxes, and a
+    look step that covers an uncertain region when there is one)."""
 
     min_iou: float = Field(0.5, ge=0, le=1)
     min_chars: int = Field(40, ge=0)
     max_chars: int = Field(6000, ge=1)
     leak_phrases: list[str] | None = None
     require_target: bool = True
+    min_precision: float = Field(0.8, ge=0, le=1)
+    min_recall: float = Field(0.8, ge=0, le=1)
+    require_look_uncertain: bool = True
 
 
 class TeacherConfig(ChatModelConfig):
     """The teacher that writes knowledge-grounded rationales for each sample."""
 
-    prompt: str = "kvg_rationale"
+    # None: kvg_rationale, or detect_rationale in a detect recipe.
+    prompt: str | None = None
     system: str | None = None
     knowledge: str | None = None
     rationale: RationaleConfig = RationaleConfig()
@@ -354,6 +360,14 @@ class DetectConfig(_Strict):
     min_box_side: float = Field(8.0, ge=0)
     # Images with more instances give answers too long to train on; they are dropped.
     max_instances: int = Field(100, ge=1)
+    # Uncertain regions: truths less visible than this share of their full box are `occluded`;
+    # with boxes.detector set, the detector's candidates (score >= uncertain_min_score) matched
+    # to the truths mark `missed` (no match at uncertain_match_iou), `weak` (IoU below
+    # uncertain_weak_iou) and `false_positive` (a candidate matching no truth) regions.
+    occluded_below: float = Field(0.5, ge=0, le=1)
+    uncertain_min_score: float = Field(0.3, ge=0, le=1)
+    uncertain_match_iou: float = Field(0.5, gt=0, le=1)
+    uncertain_weak_iou: float = Field(0.7, gt=0, le=1)
 
     @model_validator(mode="after")
     def _has_label_slot(self) -> DetectConfig:
@@ -406,7 +420,7 @@ class Recipe(_Strict):
             return self
         clash = [
             name
-            for name in ("scenes", "grounder", "teacher", "student")
+            for name in ("scenes", "grounder", "student")
             if getattr(self, name) is not None and (name != "scenes" or getattr(self, name).enabled)
         ]
         if clash:

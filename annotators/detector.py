@@ -148,7 +148,8 @@ class LoadedDetector:
 
 
 class GroundingDinoHandler(ModelHandler[ImageRecord, PredictionResult, LoadedDetector]):
-    """Grounding DINO boxes for :class:`ImageRecord` batches (see the module docstring).
+    """Grounding DINO boxes for batches of :class:`ImageRecord` (or of ``detect`` samples: only
+    ``image`` and ``domain`` are read) (see the module docstring).
 
     ``model`` is a hub id or a local folder. ``labels`` maps a domain to its label phrases; a
     domain without an entry is prompted with its own name. ``num_threads`` sets torch's
@@ -226,7 +227,8 @@ class GroundingDinoHandler(ModelHandler[ImageRecord, PredictionResult, LoadedDet
             try:
                 images[i] = open_rgb(record.image)
             except Exception as err:  # one bad image must not fail its batch
-                _LOG.warning("detector: cannot decode image %s: %s", record.image_id, err)
+                name = getattr(record, "image_id", None) or getattr(record, "sample_id", "")
+                _LOG.warning("detector: cannot decode image %s: %s", name, err)
         found: dict[int, tuple[Detection, ...]] = {}
         if images:
             try:

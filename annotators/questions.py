@@ -9,7 +9,15 @@ from dataclasses import replace
 from groundforge.filters.verdict import Verdict
 from groundforge.recipe import DEFAULT_QUESTION
 from groundforge.scenes.compose import remap_box
-from groundforge.schemas.records import Entity, ImageRecord, KVGSample, Provenance, stable_id
+from groundforge.schemas.records import (
+    Entity,
+    ImageRecord,
+    Instance,
+    KVGSample,
+    Provenance,
+    UncertainRegion,
+    stable_id,
+)
 
 DETECT_TASK = "detect"
 
@@ -144,6 +152,7 @@ def detection_sample(
     template: str,
     min_box_side: float = 0.0,
     max_instances: int = 100,
+    occluded_below: float = 0.0,
     recipe_hash: str = "",
     version: str = "",
     provenance: Provenance | None = None,
@@ -152,13 +161,16 @@ def detection_sample(
 
     Truths are the record's non-ignore instances; ignore instances, and truths with a side below
     ``min_box_side``, become ``ignore_regions`` (neither to be found nor false positives). Drops
-    ``no_instances`` (nothing left to find) and ``too_many_instances``. ``provenance`` replaces the
-    record's own (a crowd composed of several images).
+    ``no_instances`` (nothing left to find) and ``too_many_instances``. Truths whose visible box
+    covers less than ``occluded_below`` of their full box become ``occluded`` uncertain regions.
+    ``provenance`` replaces the record's own (a crowd composed of several images).
     """
-    truths, ignore = [], []
+    truths, ignore, occluded = [], [], []
     for inst in record.instances:
         small = min(inst.box.width, inst.box.height) < min_box_side
         (ignore if inst.ignore or small else truths).append(inst.box)
+        if not (inst.ignore or small) and visible_share(inst) < occluded_below:
+            occluded.append(UncertainRegion(inst.box, "occluded"))
     if not truths:
         return Verdict.drop("no_instances", ignored=len(ignore))
     if len(truths) > max_instances:
@@ -179,6 +191,19 @@ def detection_sample(
         box_source="known",
         candidates=record.candidates,
         ignore_regions=tuple(ignore),
+        uncertain_regions=tuple(occluded),
         provenance=provenance or record_provenance(record, recipe_hash, version),
     )
-    return Verdict.ok(sample, instances=len(truths), ignored=len(ignore))
+    return Verdict.ok(sample, instances=len(truths), ignored=len(ignore), occluded=len(occluded))
+
+
+def visible_share(instance: Instance) -> float:
+    """The visible box's area over the full box's (1.0 when either is unknown).
+
+    >>> from groundforge.schemas.box import Box
+    >>> visible_share(Instance(Box(0, 0, 10, 10), full=Box(0, 0, 10, 10), visible=Box(0, 0, 5, 10)))
+    0.5
+    """
+    if instance.full is None or instance.visible is None or instance.full.area <= 0:
+        return 1.0
+    return instance.visible.area / instance.full.area

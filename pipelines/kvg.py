@@ -7,6 +7,7 @@ Wiring only: every decision is a plain function from ``filters/``, ``annotators/
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -25,6 +26,7 @@ from groundforge.annotators.questions import (
 )
 from groundforge.annotators.teacher.handler import ChatBackendSettings, ChatModelHandler
 from groundforge.annotators.teacher.jobs import (
+    detection_rationale_job,
     grounding_job,
     rationale_job,
     reply_verdict,
@@ -41,6 +43,7 @@ from groundforge.filters.dedup import (
     find_duplicates,
     signature_of,
 )
+from groundforge.filters.detect_rationale import DetectionRules, check_detection_rationale
 from groundforge.filters.detection import check_agreement, check_box_bounds, resolve_box
 from groundforge.filters.difficulty import SplitRule, count_correct, split_by_difficulty
 from groundforge.filters.image import ImageLimits, check_image
@@ -48,6 +51,7 @@ from groundforge.filters.instances import check_instances
 from groundforge.filters.output import check_sample
 from groundforge.filters.rationale import RationaleRules, check_rationale
 from groundforge.filters.split import entity_split
+from groundforge.filters.uncertain import attach_uncertain_regions
 from groundforge.filters.verdict import Verdict
 from groundforge.outputs.previews import PREVIEWS_FILE, WritePreviews
 from groundforge.outputs.rejections import REJECTIONS_FILE, WriteRejections
@@ -227,6 +231,17 @@ def attach_rationale(pair, codec, rules: RationaleRules, model: str) -> Verdict:
     )
 
 
+def attach_detection_rationale(pair, codec, rules: DetectionRules, model: str) -> Verdict:
+    """Keep the detect sample with the teacher's think and look steps when they pass."""
+    sample, (text,) = pair
+    verdict = check_detection_rationale(text, sample, codec, rules)
+    if not verdict.keep:
+        return verdict
+    return Verdict.ok(
+        replace(sample, rationale=verdict.value, teacher_model=model), **verdict.metrics
+    )
+
+
 def attach_difficulty(pair, codec, k: int, min_iou: float, rule: SplitRule) -> Verdict:
     """Store the student's pass@k and move the sample to the split its difficulty asks for.
 
@@ -339,6 +354,7 @@ def crowd_detection_sample(composed, recipe: Recipe, recipe_hash: str) -> Verdic
         template=cfg.question_template,
         min_box_side=cfg.min_box_side,
         max_instances=cfg.max_instances,
+        occluded_below=cfg.occluded_below,
         recipe_hash=recipe_hash,
         version=__version__,
         provenance=members_provenance(members, "crowd", recipe_hash, __version__),
@@ -380,9 +396,29 @@ def make_detection_sample(record: ImageRecord, recipe: Recipe, recipe_hash: str)
         template=cfg.question_template,
         min_box_side=cfg.min_box_side,
         max_instances=cfg.max_instances,
+        occluded_below=cfg.occluded_below,
         recipe_hash=recipe_hash,
         version=__version__,
     )
+
+
+def mark_uncertain(sample, cfg) -> Verdict:
+    """Where the detector hesitates on a detect sample (missed, weak, false positive), added to
+    the occluded truths the sample was made with."""
+    occluded = tuple(r for r in sample.uncertain_regions if r.reason == "occluded")
+    verdict = attach_uncertain_regions(
+        sample,
+        "detector",
+        min_score=cfg.uncertain_min_score,
+        match_iou=cfg.uncertain_match_iou,
+        weak_iou=cfg.uncertain_weak_iou,
+    )
+    found = verdict.value.uncertain_regions
+    # A missed or weak truth keeps that reason; occlusion is added for the others.
+    flagged = {r.box for r in found}
+    regions = found + tuple(r for r in occluded if r.box not in flagged)
+    counts = Counter(r.reason for r in regions)
+    return Verdict.ok(replace(sample, uncertain_regions=regions), **counts)
 
 
 def make_sample(record: ImageRecord, recipe: Recipe, recipe_hash: str) -> Verdict:
@@ -420,18 +456,19 @@ class KVGGraph:
         self._previews.append(out.previews)
         return out.kept
 
-    def _detect(self, records):
+    def _detect(self, records, stage: str = "detect"):
+        """Grounding DINO candidates on each record (or detect sample), at ``stage``."""
         handler = detector_handler(self.recipe.boxes.detector, self.model_threads)
         main, other = (
             records
-            | "detector"
+            | f"{stage} detector"
             >> RunInference(
-                handler, metrics_namespace=model_namespace("detect")
+                handler, metrics_namespace=model_namespace(stage)
             ).with_exception_handling()
         )
-        failed = other.failed_inferences | "failed batches" >> beam.FlatMap(_failed_batch)
-        predictions = (main, failed) | "detector results" >> beam.Flatten()
-        return self._stage(predictions, "detect", attach_detections)
+        failed = other.failed_inferences | f"{stage} failed batches" >> beam.FlatMap(_failed_batch)
+        predictions = (main, failed) | f"{stage} detector results" >> beam.Flatten()
+        return self._stage(predictions, stage, attach_detections)
 
     def _chat(self, jobs, role: str, cfg):
         """Send chat jobs through the role's model; keep ``(record, answers)``."""
@@ -478,7 +515,11 @@ class KVGGraph:
         codec = get_codec(cfg.codec, **cfg.codec_params)
         knowledge = load_knowledge(cfg.knowledge) if cfg.knowledge else None
         jobs = samples | "rationale jobs" >> beam.Map(
-            rationale_job, load_template(cfg.prompt), codec, knowledge, cfg.system
+            rationale_job,
+            load_template(cfg.prompt or "kvg_rationale"),
+            codec,
+            knowledge,
+            cfg.system,
         )
         answered = self._chat(jobs, "teacher", cfg)
         r = cfg.rationale
@@ -493,6 +534,33 @@ class KVGGraph:
             answered,
             "rationale",
             partial(attach_rationale, codec=codec, rules=rules, model=cfg.model),
+        )
+
+    def _teach_detection(self, samples):
+        """Think / look / answer rationales for detect samples, checked by precision, recall and
+        whether the look step covers an uncertain region."""
+        cfg = self.recipe.teacher
+        codec = get_codec(cfg.codec, **cfg.codec_params)
+        jobs = samples | "detection rationale jobs" >> beam.Map(
+            detection_rationale_job,
+            load_template(cfg.prompt or "detect_rationale"),
+            codec,
+            cfg.system,
+        )
+        answered = self._chat(jobs, "teacher", cfg)
+        r = cfg.rationale
+        rules = DetectionRules(
+            min_precision=r.min_precision,
+            min_recall=r.min_recall,
+            min_chars=r.min_chars,
+            max_chars=r.max_chars,
+            require_look_uncertain=r.require_look_uncertain,
+            **({"leak_phrases": tuple(r.leak_phrases)} if r.leak_phrases is not None else {}),
+        )
+        return self._stage(
+            answered,
+            "rationale",
+            partial(attach_detection_rationale, codec=codec, rules=rules, model=cfg.model),
         )
 
     def _examine(self, samples):
@@ -734,14 +802,23 @@ class KVGGraph:
             records = self._decontaminate(records)
         if recipe.dedup.enabled:
             records = self._dedup(records)
-        if recipe.crowd is not None:
-            samples = self._crowds(self._boxes(records))
-        elif recipe.detect is not None:
-            samples = self._stage(
-                records,
-                "detect_sample",
-                partial(make_detection_sample, recipe=recipe, recipe_hash=recipe.digest()),
-            )
+        if recipe.detect is not None:
+            if recipe.crowd is not None:
+                samples = self._crowds(self._boxes(records))
+            else:
+                samples = self._stage(
+                    records,
+                    "detect_sample",
+                    partial(make_detection_sample, recipe=recipe, recipe_hash=recipe.digest()),
+                )
+            if recipe.boxes.detector is not None:
+                samples = self._stage(
+                    self._detect(samples, "candidates"),
+                    "uncertain",
+                    partial(mark_uncertain, cfg=recipe.detect),
+                )
+            if recipe.teacher is not None:
+                samples = self._teach_detection(samples)
         else:
             samples = self._kvg_samples(self._boxes(records))
         samples = self._stage(samples, "output", check_sample)

@@ -9,11 +9,19 @@ import pyarrow.parquet as pq
 import pytest
 from test_annotations import CROWD, person, write_odgt
 
+from groundforge.filters.uncertain import uncertain_regions
 from groundforge.outputs.shards import read_samples
 from groundforge.pipelines.run import run_recipe
 from groundforge.recipe import RecipeError, parse_recipe
 from groundforge.schemas.box import Box
-from groundforge.trainer.data import build_grpo_dataset, make_codec
+from groundforge.schemas.records import Instance, UncertainRegion
+from groundforge.trainer.data import (
+    DETECT_INSTRUCTION,
+    build_grpo_dataset,
+    grpo_example,
+    make_codec,
+    sft_example,
+)
 from groundforge.trainer.rewards import think_look_answer_format, weighted_precision_recall
 
 FOUR = [person([8 + 14 * i, 4, 10, 30], [8 + 14 * i, 4, 10, 30], [8, 4, 5, 5]) for i in range(4)]
@@ -87,11 +95,13 @@ def test_dip_r1_rewards_read_the_detect_shards(crowd_run):
 
 def test_detect_does_not_mix_with_kvg_sections(tmp_path):
     path = tmp_path / "a.odgt"
-    with pytest.raises(RecipeError, match="detect: .*teacher"):
+    with pytest.raises(RecipeError, match="detect: .*student"):
         parse_recipe(
-            detect_recipe(path, teacher={"model": "m", "base_url": "http://127.0.0.1:1/v1"}),
+            detect_recipe(path, student={"model": "m", "base_url": "http://127.0.0.1:1/v1"}),
             tmp_path,
         )
+    with pytest.raises(RecipeError, match="crowd: .*add a detect section"):
+        parse_recipe({**detect_recipe(path), "detect": None, "crowd": {}}, tmp_path)
     with pytest.raises(RecipeError, match="must contain {label}"):
         parse_recipe(
             {**detect_recipe(path), "detect": {"label": "person", "question_template": "boxes?"}},
@@ -109,3 +119,88 @@ def test_the_report_draws_ignore_regions(crowd_run):
     assert len(re.findall(r'class="box-ignore"', gallery)) == len(sample.ignore_regions) == 2
     assert len(re.findall(r'class="box-gt"', gallery)) == len(sample.gt_boxes)
     assert "ignore region (detect)" in html
+
+
+def test_occluded_truths_are_uncertain_regions(crowd_run):
+    out, _ = crowd_run
+    (sample,) = read_samples(str(out / "shards"))
+    # Both people show less than half of their full box (visible 375/800 and 200/800).
+    assert sample.uncertain_regions == (
+        UncertainRegion(Box(10, 10, 30, 50), "occluded"),
+        UncertainRegion(Box(40, 5, 60, 45), "occluded"),
+    )
+
+
+def test_detect_rows_ask_for_think_look_answer():
+    row = {
+        "task": "detect",
+        "question": "Find every person.",
+        "gt_boxes": [[10.0, 10.0, 30.0, 50.0]],
+        "width": 80,
+        "height": 64,
+        "target": "person",
+        "rationale": "<think>one person</think><look>[10, 10, 30, 50]</look>",
+        "image": None,
+        "sample_id": "s",
+    }
+    codec = make_codec("pixel")
+    sft = sft_example(row, codec, label=False)
+    question = sft["messages"][0]["content"][-1]["text"]
+    assert question == "Find every person." + DETECT_INSTRUCTION
+    answer = sft["messages"][1]["content"][0]["text"]
+    # One truth still answers as a list, after the stored think and look steps.
+    assert answer == (
+        "<think>one person</think><look>[10, 10, 30, 50]</look><answer>"
+        + codec.render_many([Box(10, 10, 30, 50)], 80, 64)
+        + "</answer>"
+    )
+    grpo = grpo_example(row)
+    assert grpo["prompt"][-1]["content"][-1]["text"].endswith(DETECT_INSTRUCTION)
+
+
+def test_detect_run_with_detector_and_served_teacher(tmp_path, tiny_detector_dir, teacher_server):
+    base_url, model = teacher_server
+    lines = [{"ID": "crowd", "gtboxes": CROWD["gtboxes"]}, {"ID": "four", "gtboxes": FOUR}]
+    path, _ = write_odgt(tmp_path, lines, {"crowd": (80, 64), "four": (70, 40)})
+    detector = {"model": str(tiny_detector_dir), "labels": {"person": ["person"]}}
+    teacher = {
+        "model": model,
+        "base_url": base_url,
+        "codec": "qwen25vl",
+        "max_tokens": 16,
+        "max_retries": 1,
+        "backoff": 0.01,
+        "timeout": 30,
+    }
+    recipe = detect_recipe(path, max_instances=4, boxes={"detector": detector}, teacher=teacher)
+    out = tmp_path / "out"
+    result = run_recipe(parse_recipe(recipe, tmp_path), str(out))
+
+    funnel = {s.stage: s for s in result.funnel}
+    assert list(funnel)[-5:] == ["candidates", "uncertain", "teacher", "rationale", "output"]
+    assert all(s.balanced for s in result.funnel)
+    assert funnel["candidates"].total == funnel["detect_sample"].kept == 2
+    assert result.manifest["models"]["teacher"]["requests"] == funnel["uncertain"].kept
+    # A tiny random teacher writes no think/look/answer: every rationale is refused by reason.
+    assert funnel["rationale"].dropped == {"rationale_format": funnel["rationale"].total}
+    previews = pq.read_table(out / "rejection_previews.parquet").to_pylist()
+    assert {(p["stage"], p["reason"]) for p in previews} == {("rationale", "rationale_format")}
+
+
+def test_uncertain_regions_come_from_the_detector_candidates(tmp_path, tiny_detector_dir):
+    path, _ = write_odgt(
+        tmp_path, [{"ID": "crowd", "gtboxes": CROWD["gtboxes"]}], {"crowd": (80, 64)}
+    )
+    detector = {"model": str(tiny_detector_dir), "labels": {"person": ["person"]}}
+    recipe = parse_recipe(detect_recipe(path, boxes={"detector": detector}), tmp_path)
+    run_recipe(recipe, str(tmp_path / "out"))
+    (sample,) = read_samples(str(tmp_path / "out" / "shards"))
+    candidates = sample.candidates["detector"]
+    assert candidates, "the tiny detector proposes boxes everywhere"
+    truths = [Instance(b) for b in sample.gt_boxes]
+    ignored = [Instance(b, ignore=True) for b in sample.ignore_regions]
+    expected = uncertain_regions(truths + ignored, candidates)
+    flagged = {r.box for r in expected}
+    occluded = [r for r in sample.uncertain_regions if r.reason == "occluded"]
+    assert sample.uncertain_regions == expected + tuple(occluded)
+    assert all(r.box not in flagged for r in occluded)

@@ -46,6 +46,17 @@ _LOG = logging.getLogger(__name__)
 # The suffix asking for <think> and <answer> (DeepPerception); the evaluation's own, so a model is
 # scored on the prompt it was trained with.
 REASONING_INSTRUCTION = REASONING_SUFFIX
+# DIP-R1's three steps, for ``detect`` rows (the format the think/look/answer reward pays for).
+DETECT_INSTRUCTION = (
+    "  Output the thinking process in <think> </think>, the regions you inspect closely in "
+    "<look> </look> and the final answer (every bounding box) in <answer> </answer> tags."
+)
+
+
+def instruction_for(row: Mapping[str, Any], instruction: str) -> str:
+    """The instruction a row's question gets: DIP-R1's for ``detect`` rows, else ``instruction``."""
+    return DETECT_INSTRUCTION if row.get("task") == "detect" else instruction
+
 
 # The box format each Qwen family reads and writes (FIELD-NOTES, "Box frames of the Qwen family").
 CODEC_BY_MODEL_TYPE = {
@@ -152,7 +163,8 @@ def render_answer(row: Mapping[str, Any], codec: BoxCodec, label: bool = True) -
     if not boxes:
         raise TrainDataError(f"sample {row.get('sample_id')}: no ground-truth box")
     name = row.get("target") if label else None
-    if len(boxes) == 1:
+    # A detect answer is a list even when it holds one box.
+    if len(boxes) == 1 and row.get("task") != "detect":
         return codec.render(boxes[0], row["width"], row["height"], label=name)
     return codec.render_many(boxes, row["width"], row["height"], labels=[name] * len(boxes))
 
@@ -184,8 +196,10 @@ def sft_example(
     box = render_answer(row, codec, label)
     rationale = row.get("rationale")
     if rationale:
-        question = row["question"] + instruction
-        answer = f"<think>{rationale}</think><answer>{box}</answer>"
+        question = row["question"] + instruction_for(row, instruction)
+        # A detect rationale is stored with its tags (<think>..</think><look>..</look>).
+        steps = rationale if row.get("task") == "detect" else f"<think>{rationale}</think>"
+        answer = f"{steps}<answer>{box}</answer>"
     else:
         question, answer = row["question"], box
     prompt = [*_head(system), _user_turn(question)]
@@ -203,7 +217,7 @@ def grpo_example(
 ) -> dict[str, Any]:
     """One GRPO example of a resized row: the prompt, the image and the reward columns."""
     return {
-        "prompt": [*_head(system), _user_turn(row["question"] + instruction)],
+        "prompt": [*_head(system), _user_turn(row["question"] + instruction_for(row, instruction))],
         "image": row["image"],
         "sample_id": row["sample_id"],
         "task": row["task"],
