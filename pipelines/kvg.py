@@ -7,7 +7,6 @@ Wiring only: every decision is a plain function from ``filters/``, ``annotators/
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -19,8 +18,6 @@ from groundforge import __version__
 from groundforge.annotators.embed import ImageEmbeddingHandler, make_image_embedder
 from groundforge.annotators.foreground import ForegroundAnnotator
 from groundforge.annotators.questions import (
-    detection_sample,
-    members_provenance,
     scene_samples,
     single_entity_sample,
 )
@@ -43,7 +40,7 @@ from groundforge.filters.dedup import (
     find_duplicates,
     signature_of,
 )
-from groundforge.filters.detect_rationale import DetectionRules, check_detection_rationale
+from groundforge.filters.detect_rationale import DetectionRules
 from groundforge.filters.detection import check_agreement, check_box_bounds, resolve_box
 from groundforge.filters.difficulty import SplitRule, count_correct, split_by_difficulty
 from groundforge.filters.image import ImageLimits, check_image
@@ -51,11 +48,17 @@ from groundforge.filters.instances import check_instances
 from groundforge.filters.output import check_sample
 from groundforge.filters.rationale import RationaleRules, check_rationale
 from groundforge.filters.split import entity_split
-from groundforge.filters.uncertain import attach_uncertain_regions
 from groundforge.filters.verdict import Verdict
 from groundforge.outputs.previews import PREVIEWS_FILE, WritePreviews
 from groundforge.outputs.rejections import REJECTIONS_FILE, WriteRejections
 from groundforge.outputs.shards import WriteShards
+from groundforge.pipelines.crowd import (
+    attach_detection_rationale,
+    compose_planned_crowd,
+    crowd_detection_sample,
+    make_detection_sample,
+    mark_uncertain,
+)
 from groundforge.pipelines.metrics import TallyProvenance, model_namespace
 from groundforge.pipelines.stage import apply_check
 from groundforge.recipe import (
@@ -68,13 +71,13 @@ from groundforge.recipe import (
     Recipe,
 )
 from groundforge.scenes.compose import compose_scene
-from groundforge.scenes.crowd import compose_crowd, plan_crowds
+from groundforge.scenes.crowd import plan_crowds
 from groundforge.scenes.layout import CanvasSpec
 from groundforge.scenes.plan import PlanSettings, PoolItem, ScenePlan, plan_scenes
 from groundforge.scenes.sampling import SceneMix
 from groundforge.schemas.box import Box
 from groundforge.schemas.codecs import get_codec
-from groundforge.schemas.records import ImageRecord, record_key, sha256_hex
+from groundforge.schemas.records import ImageRecord, record_key
 from groundforge.sources.read import read_item
 
 SHARDS_DIR = "shards"
@@ -231,17 +234,6 @@ def attach_rationale(pair, codec, rules: RationaleRules, model: str) -> Verdict:
     )
 
 
-def attach_detection_rationale(pair, codec, rules: DetectionRules, model: str) -> Verdict:
-    """Keep the detect sample with the teacher's think and look steps when they pass."""
-    sample, (text,) = pair
-    verdict = check_detection_rationale(text, sample, codec, rules)
-    if not verdict.keep:
-        return verdict
-    return Verdict.ok(
-        replace(sample, rationale=verdict.value, teacher_model=model), **verdict.metrics
-    )
-
-
 def attach_difficulty(pair, codec, k: int, min_iou: float, rule: SplitRule) -> Verdict:
     """Store the student's pass@k and move the sample to the split its difficulty asks for.
 
@@ -322,45 +314,6 @@ def compose_planned(keyed, spec: CanvasSpec) -> Verdict:
     return Verdict.ok((scene, plan, tuple(members)))
 
 
-def compose_planned_crowd(keyed, spec, label: str) -> Verdict:
-    """Compose one planned crowd; the result is an image record whose instances are the crowd's."""
-    _, grouped = keyed
-    (plan,) = grouped["plan"]
-    members = [record for _, record in sorted(grouped["members"], key=lambda m: m[0])]
-    if len(members) != len(plan.members):
-        return Verdict.drop("crowd_member_missing", expected=len(plan.members), found=len(members))
-    crowd = compose_crowd(members, spec, plan.seed, label)
-    record = ImageRecord(
-        image_id=sha256_hex(crowd.image),
-        image=crowd.image,
-        width=crowd.width,
-        height=crowd.height,
-        domain=plan.domain,
-        entity=label,
-        source="crowd",
-        location=f"crowd:{plan.scene_id}",
-        instances=crowd.instances,
-    )
-    return Verdict.ok((record, plan, tuple(members)), instances=len(crowd.instances))
-
-
-def crowd_detection_sample(composed, recipe: Recipe, recipe_hash: str) -> Verdict:
-    record, plan, members = composed
-    cfg = recipe.detect
-    return detection_sample(
-        record,
-        plan.split,
-        label=cfg.label,
-        template=cfg.question_template,
-        min_box_side=cfg.min_box_side,
-        max_instances=cfg.max_instances,
-        occluded_below=cfg.occluded_below,
-        recipe_hash=recipe_hash,
-        version=__version__,
-        provenance=members_provenance(members, "crowd", recipe_hash, __version__),
-    )
-
-
 def _consistency(pair, codec, min_iou: float, min_score: float) -> Verdict:
     record, (text,) = pair
     return check_consistency(
@@ -376,49 +329,6 @@ def ground_known(record: ImageRecord):
 def split_of(record: ImageRecord, recipe: Recipe) -> str:
     cfg = recipe.split
     return entity_split(record.entity, record.domain, cfg.val_fraction, cfg.seed, cfg.val_domains)
-
-
-def make_detection_sample(record: ImageRecord, recipe: Recipe, recipe_hash: str) -> Verdict:
-    cfg = recipe.detect
-    # Every image of a crowd holds the same class: split by image, not by entity.
-    cfg_split = recipe.split
-    split = entity_split(
-        record.image_id,
-        record.domain,
-        cfg_split.val_fraction,
-        cfg_split.seed,
-        cfg_split.val_domains,
-    )
-    return detection_sample(
-        record,
-        split,
-        label=cfg.label,
-        template=cfg.question_template,
-        min_box_side=cfg.min_box_side,
-        max_instances=cfg.max_instances,
-        occluded_below=cfg.occluded_below,
-        recipe_hash=recipe_hash,
-        version=__version__,
-    )
-
-
-def mark_uncertain(sample, cfg) -> Verdict:
-    """Where the detector hesitates on a detect sample (missed, weak, false positive), added to
-    the occluded truths the sample was made with."""
-    occluded = tuple(r for r in sample.uncertain_regions if r.reason == "occluded")
-    verdict = attach_uncertain_regions(
-        sample,
-        "detector",
-        min_score=cfg.uncertain_min_score,
-        match_iou=cfg.uncertain_match_iou,
-        weak_iou=cfg.uncertain_weak_iou,
-    )
-    found = verdict.value.uncertain_regions
-    # A missed or weak truth keeps that reason; occlusion is added for the others.
-    flagged = {r.box for r in found}
-    regions = found + tuple(r for r in occluded if r.box not in flagged)
-    counts = Counter(r.reason for r in regions)
-    return Verdict.ok(replace(sample, uncertain_regions=regions), **counts)
 
 
 def make_sample(record: ImageRecord, recipe: Recipe, recipe_hash: str) -> Verdict:

@@ -1,0 +1,112 @@
+"""The ``detect`` task's steps (crowded-scene detection, DIP-R1): a sample per image with
+every instance, synthetic crowds, uncertain regions and the teacher's think / look / answer
+rationale. :class:`groundforge.pipelines.kvg.KVGGraph` wires them when a recipe has ``detect``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+from groundforge import __version__
+from groundforge.annotators.questions import detection_sample, members_provenance
+from groundforge.filters.detect_rationale import DetectionRules, check_detection_rationale
+from groundforge.filters.split import entity_split
+from groundforge.filters.uncertain import attach_uncertain_regions
+from groundforge.filters.verdict import Verdict
+from groundforge.recipe import Recipe
+from groundforge.scenes.crowd import compose_crowd
+from groundforge.schemas.records import ImageRecord, sha256_hex
+
+
+def attach_detection_rationale(pair, codec, rules: DetectionRules, model: str) -> Verdict:
+    """Keep the detect sample with the teacher's think and look steps when they pass."""
+    sample, (text,) = pair
+    verdict = check_detection_rationale(text, sample, codec, rules)
+    if not verdict.keep:
+        return verdict
+    return Verdict.ok(
+        replace(sample, rationale=verdict.value, teacher_model=model), **verdict.metrics
+    )
+
+
+def compose_planned_crowd(keyed, spec, label: str) -> Verdict:
+    """Compose one planned crowd; the result is an image record whose instances are the crowd's."""
+    _, grouped = keyed
+    (plan,) = grouped["plan"]
+    members = [record for _, record in sorted(grouped["members"], key=lambda m: m[0])]
+    if len(members) != len(plan.members):
+        return Verdict.drop("crowd_member_missing", expected=len(plan.members), found=len(members))
+    crowd = compose_crowd(members, spec, plan.seed, label)
+    record = ImageRecord(
+        image_id=sha256_hex(crowd.image),
+        image=crowd.image,
+        width=crowd.width,
+        height=crowd.height,
+        domain=plan.domain,
+        entity=label,
+        source="crowd",
+        location=f"crowd:{plan.scene_id}",
+        instances=crowd.instances,
+    )
+    return Verdict.ok((record, plan, tuple(members)), instances=len(crowd.instances))
+
+
+def crowd_detection_sample(composed, recipe: Recipe, recipe_hash: str) -> Verdict:
+    record, plan, members = composed
+    cfg = recipe.detect
+    return detection_sample(
+        record,
+        plan.split,
+        label=cfg.label,
+        template=cfg.question_template,
+        min_box_side=cfg.min_box_side,
+        max_instances=cfg.max_instances,
+        occluded_below=cfg.occluded_below,
+        recipe_hash=recipe_hash,
+        version=__version__,
+        provenance=members_provenance(members, "crowd", recipe_hash, __version__),
+    )
+
+
+def make_detection_sample(record: ImageRecord, recipe: Recipe, recipe_hash: str) -> Verdict:
+    cfg = recipe.detect
+    # Every image of a crowd holds the same class: split by image, not by entity.
+    cfg_split = recipe.split
+    split = entity_split(
+        record.image_id,
+        record.domain,
+        cfg_split.val_fraction,
+        cfg_split.seed,
+        cfg_split.val_domains,
+    )
+    return detection_sample(
+        record,
+        split,
+        label=cfg.label,
+        template=cfg.question_template,
+        min_box_side=cfg.min_box_side,
+        max_instances=cfg.max_instances,
+        occluded_below=cfg.occluded_below,
+        recipe_hash=recipe_hash,
+        version=__version__,
+    )
+
+
+def mark_uncertain(sample, cfg) -> Verdict:
+    """Where the detector hesitates on a detect sample (missed, weak, false positive), added to
+    the occluded truths the sample was made with."""
+    occluded = tuple(r for r in sample.uncertain_regions if r.reason == "occluded")
+    verdict = attach_uncertain_regions(
+        sample,
+        "detector",
+        min_score=cfg.uncertain_min_score,
+        match_iou=cfg.uncertain_match_iou,
+        weak_iou=cfg.uncertain_weak_iou,
+    )
+    found = verdict.value.uncertain_regions
+    # A missed or weak truth keeps that reason; occlusion is added for the others.
+    flagged = {r.box for r in found}
+    regions = found + tuple(r for r in occluded if r.box not in flagged)
+    counts = Counter(r.reason for r in regions)
+    return Verdict.ok(replace(sample, uncertain_regions=regions), **counts)
