@@ -188,6 +188,34 @@ class RationaleConfig(_Strict):
     min_recall: float = Field(0.8, ge=0, le=1)
     require_look_uncertain: bool = True
 
+    def _leaks(self) -> dict:
+        return {} if self.leak_phrases is None else {"leak_phrases": tuple(self.leak_phrases)}
+
+    def kvg_rules(self):
+        """The rules of ``filters/rationale.py`` these settings give."""
+        from groundforge.filters.rationale import RationaleRules
+
+        return RationaleRules(
+            min_iou=self.min_iou,
+            min_chars=self.min_chars,
+            max_chars=self.max_chars,
+            require_target=self.require_target,
+            **self._leaks(),
+        )
+
+    def detection_rules(self):
+        """The rules of ``filters/detect_rationale.py`` these settings give."""
+        from groundforge.filters.detect_rationale import DetectionRules
+
+        return DetectionRules(
+            min_precision=self.min_precision,
+            min_recall=self.min_recall,
+            min_chars=self.min_chars,
+            max_chars=self.max_chars,
+            require_look_uncertain=self.require_look_uncertain,
+            **self._leaks(),
+        )
+
 
 class TeacherConfig(ChatModelConfig):
     """The teacher that writes knowledge-grounded rationales for each sample."""

@@ -52,34 +52,8 @@ def compose_planned_crowd(keyed, spec, label: str) -> Verdict:
     return Verdict.ok((record, plan, tuple(members)), instances=len(crowd.instances))
 
 
-def crowd_detection_sample(composed, recipe: Recipe, recipe_hash: str) -> Verdict:
-    record, plan, members = composed
+def _detection_sample(record, split: str, recipe: Recipe, recipe_hash: str, provenance=None):
     cfg = recipe.detect
-    return detection_sample(
-        record,
-        plan.split,
-        label=cfg.label,
-        template=cfg.question_template,
-        min_box_side=cfg.min_box_side,
-        max_instances=cfg.max_instances,
-        occluded_below=cfg.occluded_below,
-        recipe_hash=recipe_hash,
-        version=__version__,
-        provenance=members_provenance(members, "crowd", recipe_hash, __version__),
-    )
-
-
-def make_detection_sample(record: ImageRecord, recipe: Recipe, recipe_hash: str) -> Verdict:
-    cfg = recipe.detect
-    # Every image of a crowd holds the same class: split by image, not by entity.
-    cfg_split = recipe.split
-    split = entity_split(
-        record.image_id,
-        record.domain,
-        cfg_split.val_fraction,
-        cfg_split.seed,
-        cfg_split.val_domains,
-    )
     return detection_sample(
         record,
         split,
@@ -90,7 +64,25 @@ def make_detection_sample(record: ImageRecord, recipe: Recipe, recipe_hash: str)
         occluded_below=cfg.occluded_below,
         recipe_hash=recipe_hash,
         version=__version__,
+        provenance=provenance,
     )
+
+
+def crowd_detection_sample(composed, recipe: Recipe, recipe_hash: str) -> Verdict:
+    """The detect sample of a composed crowd, in its plan's split, credited to its members."""
+    record, plan, members = composed
+    provenance = members_provenance(members, "crowd", recipe_hash, __version__)
+    return _detection_sample(record, plan.split, recipe, recipe_hash, provenance)
+
+
+def make_detection_sample(record: ImageRecord, recipe: Recipe, recipe_hash: str) -> Verdict:
+    """The detect sample of an annotated image."""
+    cfg = recipe.split
+    # Every image of a crowd holds the same class: split by image, not by entity.
+    split = entity_split(
+        record.image_id, record.domain, cfg.val_fraction, cfg.seed, cfg.val_domains
+    )
+    return _detection_sample(record, split, recipe, recipe_hash)
 
 
 def mark_uncertain(sample, cfg) -> Verdict:

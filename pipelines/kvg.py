@@ -40,7 +40,6 @@ from groundforge.filters.dedup import (
     find_duplicates,
     signature_of,
 )
-from groundforge.filters.detect_rationale import DetectionRules
 from groundforge.filters.detection import check_agreement, check_box_bounds, resolve_box
 from groundforge.filters.difficulty import SplitRule, count_correct, split_by_difficulty
 from groundforge.filters.image import ImageLimits, check_image
@@ -421,57 +420,31 @@ class KVGGraph:
         )
 
     def _teach(self, samples):
+        """Teacher rationales: KVG ones (think / answer) or, for detect samples, think / look /
+        answer; each checked by its filter."""
         cfg = self.recipe.teacher
         codec = get_codec(cfg.codec, **cfg.codec_params)
-        knowledge = load_knowledge(cfg.knowledge) if cfg.knowledge else None
-        jobs = samples | "rationale jobs" >> beam.Map(
-            rationale_job,
-            load_template(cfg.prompt or "kvg_rationale"),
-            codec,
-            knowledge,
-            cfg.system,
-        )
-        answered = self._chat(jobs, "teacher", cfg)
-        r = cfg.rationale
-        rules = RationaleRules(
-            min_iou=r.min_iou,
-            min_chars=r.min_chars,
-            max_chars=r.max_chars,
-            require_target=r.require_target,
-            **({"leak_phrases": tuple(r.leak_phrases)} if r.leak_phrases is not None else {}),
-        )
-        return self._stage(
-            answered,
-            "rationale",
-            partial(attach_rationale, codec=codec, rules=rules, model=cfg.model),
-        )
-
-    def _teach_detection(self, samples):
-        """Think / look / answer rationales for detect samples, checked by precision, recall and
-        whether the look step covers an uncertain region."""
-        cfg = self.recipe.teacher
-        codec = get_codec(cfg.codec, **cfg.codec_params)
-        jobs = samples | "detection rationale jobs" >> beam.Map(
-            detection_rationale_job,
-            load_template(cfg.prompt or "detect_rationale"),
-            codec,
-            cfg.system,
-        )
-        answered = self._chat(jobs, "teacher", cfg)
-        r = cfg.rationale
-        rules = DetectionRules(
-            min_precision=r.min_precision,
-            min_recall=r.min_recall,
-            min_chars=r.min_chars,
-            max_chars=r.max_chars,
-            require_look_uncertain=r.require_look_uncertain,
-            **({"leak_phrases": tuple(r.leak_phrases)} if r.leak_phrases is not None else {}),
-        )
-        return self._stage(
-            answered,
-            "rationale",
-            partial(attach_detection_rationale, codec=codec, rules=rules, model=cfg.model),
-        )
+        if self.recipe.detect is not None:
+            template = load_template(cfg.prompt or "detect_rationale")
+            jobs = samples | "rationale jobs" >> beam.Map(
+                detection_rationale_job, template, codec, cfg.system
+            )
+            attach = partial(
+                attach_detection_rationale,
+                codec=codec,
+                rules=cfg.rationale.detection_rules(),
+                model=cfg.model,
+            )
+        else:
+            knowledge = load_knowledge(cfg.knowledge) if cfg.knowledge else None
+            template = load_template(cfg.prompt or "kvg_rationale")
+            jobs = samples | "rationale jobs" >> beam.Map(
+                rationale_job, template, codec, knowledge, cfg.system
+            )
+            attach = partial(
+                attach_rationale, codec=codec, rules=cfg.rationale.kvg_rules(), model=cfg.model
+            )
+        return self._stage(self._chat(jobs, "teacher", cfg), "rationale", attach)
 
     def _examine(self, samples):
         cfg = self.recipe.student
@@ -728,7 +701,7 @@ class KVGGraph:
                     partial(mark_uncertain, cfg=recipe.detect),
                 )
             if recipe.teacher is not None:
-                samples = self._teach_detection(samples)
+                samples = self._teach(samples)
         else:
             samples = self._kvg_samples(self._boxes(records))
         samples = self._stage(samples, "output", check_sample)

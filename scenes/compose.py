@@ -58,6 +58,26 @@ def remap_box(box: Box, src_size: tuple[int, int], placement: Placement) -> Box:
     )
 
 
+def decoded_member(member: ImageRecord, role: str = "scene") -> tuple[Image.Image, Box]:
+    """A composition member's decoded image and its trusted box clipped to it; ``ValueError``
+    (naming the ``role`` member) when there is no box, no area, or the size disagrees."""
+    if member.box is None:
+        raise ValueError(f"{role} member {member.image_id!r} has no trusted box")
+    image = open_rgb(member.image)
+    if image.size != (member.width, member.height):
+        raise ValueError(
+            f"{role} member {member.image_id!r} decodes to {image.width}x{image.height}, "
+            f"but the record says {member.width}x{member.height}"
+        )
+    box = member.box.clip(image.width, image.height)
+    if box.is_degenerate:
+        raise ValueError(
+            f"{role} member {member.image_id!r} has a box with no area inside the image: "
+            f"{member.box}"
+        )
+    return image, box
+
+
 def compose_scene(
     members: Sequence[ImageRecord],
     layout: str,
@@ -81,20 +101,7 @@ def compose_scene(
     for member in members:
         if not member.entity.strip():
             raise ValueError(f"scene member {member.image_id!r} has no entity name")
-        if member.box is None:
-            raise ValueError(f"scene member {member.image_id!r} has no trusted box")
-        image = open_rgb(member.image)
-        if image.size != (member.width, member.height):
-            raise ValueError(
-                f"scene member {member.image_id!r} decodes to {image.width}x{image.height}, "
-                f"but the record says {member.width}x{member.height}"
-            )
-        box = member.box.clip(image.width, image.height)
-        if box.is_degenerate:
-            raise ValueError(
-                f"scene member {member.image_id!r} has a box with no area inside the image: "
-                f"{member.box}"
-            )
+        image, box = decoded_member(member, "scene")
         images.append(image)
         boxes.append(box)
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from groundforge.filters.image import PNG_COMPRESS_LEVEL, open_rgb
-from groundforge.scenes.compose import RESAMPLE
+from groundforge.filters.image import PNG_COMPRESS_LEVEL
+from groundforge.scenes.compose import RESAMPLE, decoded_member
 from groundforge.scenes.plan import PoolItem
 from groundforge.schemas.box import Box, mask_box
 from groundforge.schemas.records import ImageRecord, Instance, stable_id
@@ -190,20 +190,7 @@ def compose_crowd(
 
 def _crop(member: ImageRecord) -> Image.Image:
     """The member's trusted box, widened to whole pixels, cut out of its decoded image."""
-    if member.box is None:
-        raise ValueError(f"crowd member {member.image_id!r} has no trusted box")
-    image = open_rgb(member.image)
-    if image.size != (member.width, member.height):
-        raise ValueError(
-            f"crowd member {member.image_id!r} decodes to {image.width}x{image.height}, "
-            f"but the record says {member.width}x{member.height}"
-        )
-    box = member.box.clip(image.width, image.height)
-    if box.is_degenerate:
-        raise ValueError(
-            f"crowd member {member.image_id!r} has a box with no area inside the image: "
-            f"{member.box}"
-        )
+    image, box = decoded_member(member, "crowd")
     return image.crop(
         (math.floor(box.x1), math.floor(box.y1), math.ceil(box.x2), math.ceil(box.y2))
     )

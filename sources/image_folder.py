@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePath, PurePosixPath
 
+from groundforge.jsonl import json_objects
 from groundforge.schemas.records import SourceItem
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
@@ -133,16 +133,8 @@ def load_metadata(path: str) -> Metadata:
     """Read a ``metadata.jsonl`` file (format in the module docstring); errors name the line."""
     meta = Metadata()
     with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+        for lineno, entry in json_objects(fh, path):
             where = f"{path}, line {lineno}"
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not JSON ({e}); write one JSON object per line") from e
-            if not isinstance(entry, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(entry).__name__}")
             overrides = {}
             for key in OVERRIDABLE:
                 value = entry.get(key)

@@ -326,14 +326,18 @@ def _write(path, text):
         ("kb.yaml", "B:\n  attributes: [[a]]\n", r"entity 'B': each attribute must be"),
         ("kb.yaml", "B:\n  description: [a]\n", r"entity 'B': description must be text"),
         ("kb.yaml", "Boeing 757: a\nBOEING 757: b\n", r"kb\.yaml: entity 'BOEING 757' is given"),
-        ("kb.jsonl", '{"entity": "A"}\n{"entity": "B",\n', r"kb\.jsonl:2: invalid JSON"),
-        ("kb.jsonl", '\n["A"]\n', r"kb\.jsonl:2: expected a JSON object"),
-        ("kb.jsonl", '{"description": "x"}\n', r'kb\.jsonl:1: needs a non-empty "entity"'),
-        ("kb.jsonl", '{"entity": "A", "desc": "x"}\n', r"kb\.jsonl:1: entity 'A': unknown field"),
+        ("kb.jsonl", '{"entity": "A"}\n{"entity": "B",\n', r"kb\.jsonl, line 2: not JSON"),
+        ("kb.jsonl", '\n["A"]\n', r"kb\.jsonl, line 2: expected a JSON object"),
+        ("kb.jsonl", '{"description": "x"}\n', r'kb\.jsonl, line 1: needs a non-empty "entity"'),
+        (
+            "kb.jsonl",
+            '{"entity": "A", "desc": "x"}\n',
+            r"kb\.jsonl, line 1: entity 'A': unknown field",
+        ),
         (
             "kb.jsonl",
             '{"entity": "A"}\n{"entity": "a "}\n',
-            r"kb\.jsonl:2: entity .a. is given twice \(first on line 1\)",
+            r"kb\.jsonl, line 2: entity .a. is given twice \(first on line 1\)",
         ),
     ],
 )

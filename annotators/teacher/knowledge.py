@@ -25,12 +25,13 @@ True
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from groundforge.jsonl import json_objects
 
 YAML_SUFFIXES = (".yaml", ".yml")
 JSONL_SUFFIXES = (".jsonl",)
@@ -132,16 +133,8 @@ def _from_yaml(text: str, path: Path) -> Knowledge:
 def _from_jsonl(text: str, path: Path) -> Knowledge:
     entries: dict[str, KnowledgeEntry] = {}
     lines: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise KnowledgeError(f"{where}: invalid JSON: {exc}") from exc
-        if not isinstance(row, dict):
-            raise KnowledgeError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for number, row in json_objects(text.splitlines(), path, KnowledgeError):
+        where = f"{path}, line {number}"
         name = row.pop("entity", None)
         if not isinstance(name, str) or not name.strip():
             raise KnowledgeError(f'{where}: needs a non-empty "entity" string')

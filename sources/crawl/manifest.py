@@ -20,11 +20,11 @@ entities it is an error. Errors name the file and the line.
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from groundforge.jsonl import json_objects
 from groundforge.sources.crawl.entities import Candidate, CrawlConfigError
 
 COLUMNS = ("url", "entity", "license", "author", "source_page")
@@ -138,17 +138,4 @@ def _csv_rows(path: Path, fh) -> Iterator[tuple[int, dict]]:
 
 
 def _jsonl_rows(path: Path, fh) -> Iterator[tuple[int, dict]]:
-    for lineno, line in enumerate(fh, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ManifestError(
-                f"{path}, line {lineno}: not JSON ({err}); write one JSON object per line"
-            ) from None
-        if not isinstance(row, dict):
-            raise ManifestError(
-                f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}"
-            )
-        yield lineno, row
+    return json_objects(fh, path, ManifestError)
