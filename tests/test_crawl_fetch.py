@@ -9,8 +9,6 @@ import ipaddress
 import json
 import socket
 import time
-from datetime import datetime, timedelta, timezone
-from email.utils import format_datetime
 
 import pytest
 from crawlservers import Route, Server, redirect, repeat, serve
@@ -21,7 +19,6 @@ from groundforge.sources.crawl.fetch import (
     FetchError,
     FetchResult,
     FetchSettings,
-    _retry_after,
 )
 from groundforge.sources.crawl.safety import UnsafeURL, check_host, check_scheme, is_public
 
@@ -232,16 +229,6 @@ def test_retry_after_is_capped_by_max_backoff() -> None:
         result = fetch(server.url("/a.png"), settings(max_backoff=0.1))
     assert result.outcome == "ok" and result.attempts == 2
     assert time.monotonic() - started < 3
-
-
-def test_retry_after_parsing() -> None:
-    assert _retry_after("7") == 7.0
-    assert _retry_after(None) is None
-    assert _retry_after("soon") is None
-    later = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=120), usegmt=True)
-    assert 100 < _retry_after(later) <= 120  # type: ignore[operator]
-    earlier = format_datetime(datetime.now(timezone.utc) - timedelta(hours=1), usegmt=True)
-    assert _retry_after(earlier) == 0.0
 
 
 def test_500_then_success() -> None:

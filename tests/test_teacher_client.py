@@ -12,7 +12,7 @@ from faultproxy import FaultProxy, fail_prompts
 from PIL import Image
 
 from groundforge.annotators.teacher.cache import ReplyCache
-from groundforge.annotators.teacher.client import BatchStats, OpenAIBackend, _retry_after
+from groundforge.annotators.teacher.client import BatchStats, OpenAIBackend
 from groundforge.annotators.teacher.serve import free_port
 from groundforge.annotators.teacher.types import (
     EndpointSettings,
@@ -20,6 +20,7 @@ from groundforge.annotators.teacher.types import (
     TeacherReply,
     TeacherRequest,
 )
+from groundforge.retryafter import retry_after
 
 KEY_ENV = "GROUNDFORGE_TEST_TEACHER_KEY"
 # Distinctive, so a search for it cannot match anything by chance.
@@ -124,16 +125,17 @@ def test_retry_after_is_capped_at_max_backoff(proxy, teacher_server):
 
 
 def test_retry_after_header_forms():
-    assert _retry_after({"retry-after": "2"}) == 2.0
-    assert _retry_after({"retry-after": "1.5"}) == 1.5
-    assert _retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
-    assert _retry_after({"retry-after": "-3"}) == 0.0
-    assert _retry_after({"retry-after": "soon"}) is None
-    assert _retry_after({}) is None
+    # One parser serves the chat client and the crawler.
+    assert retry_after({"retry-after": "2"}) == 2.0
+    assert retry_after({"retry-after": "1.5"}) == 1.5
+    assert retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert retry_after({"retry-after": "-3"}) == 0.0
+    assert retry_after({"retry-after": "soon"}) is None
+    assert retry_after({}) is None
     later = datetime.now(timezone.utc) + timedelta(seconds=30)
-    assert 25 <= _retry_after({"retry-after": format_datetime(later, usegmt=True)}) <= 31
+    assert 25 <= retry_after({"retry-after": format_datetime(later, usegmt=True)}) <= 31
     earlier = datetime.now(timezone.utc) - timedelta(seconds=30)
-    assert _retry_after({"retry-after": format_datetime(earlier, usegmt=True)}) == 0.0
+    assert retry_after({"retry-after": format_datetime(earlier, usegmt=True)}) == 0.0
 
 
 def test_server_error_is_retried_then_succeeds(proxy, teacher_server):

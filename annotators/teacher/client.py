@@ -56,10 +56,8 @@ import logging
 import os
 import random
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
 
 import httpx2
 import openai
@@ -71,6 +69,7 @@ from groundforge.annotators.teacher.types import (
     TeacherRequest,
     request_key,
 )
+from groundforge.retryafter import retry_after
 
 log = logging.getLogger(__name__)
 
@@ -412,35 +411,10 @@ def _status_outcome(exc: openai.APIStatusError) -> _Outcome:
         kind, retryable = "timeout", True
     else:
         kind, retryable = "bad_request", False
-    retry_after = _retry_after(exc.response.headers) if retryable else None
-    if retry_after is not None:
-        detail = f"retry after {retry_after:g} s; {detail}"
-    return _Outcome(error=kind, detail=detail, retryable=retryable, retry_after=retry_after)
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds the server asked us to wait: ``retry-after-ms``, or ``Retry-After`` as seconds or
-    an HTTP date; None when absent or unreadable."""
-    value = headers.get("retry-after-ms")
-    if value:
-        try:
-            return max(0.0, float(value) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+    wait = retry_after(exc.response.headers) if retryable else None
+    if wait is not None:
+        detail = f"retry after {wait:g} s; {detail}"
+    return _Outcome(error=kind, detail=detail, retryable=retryable, retry_after=wait)
 
 
 def _completion_outcome(content: bytes) -> _Outcome:

@@ -21,7 +21,6 @@ the environment are ignored: through a proxy, the checked address would not be t
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import hashlib
 import io
 import json
@@ -29,7 +28,6 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import httpx
@@ -37,6 +35,7 @@ import pydantic
 from PIL import Image
 
 from groundforge import __version__
+from groundforge.retryafter import retry_after
 from groundforge.sources.crawl.robots import ROBOTS_MAX_REDIRECTS, RobotsAnswer, RobotsCache
 from groundforge.sources.crawl.safety import UnsafeURL, check_host, check_scheme
 
@@ -356,7 +355,7 @@ class Fetcher:
                     return response
                 failure = _Failure("failed", f"http_{status}", str(target), status=status)
                 if status in (429, 503):
-                    wait = _retry_after(response.headers.get("retry-after"))
+                    wait = retry_after(response.headers)
                 elif status < 500:
                     raise failure
             if attempt == settings.retries:
@@ -409,22 +408,6 @@ class Fetcher:
             state.next_start = start + 1.0 / self.settings.per_host_rate
             await asyncio.sleep(start - now)
             yield
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), if valid."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
 def _decode(data: bytes, max_pixels: int) -> tuple[int, int, str, str]:
