@@ -359,7 +359,9 @@ def test_entities_file_resolves_the_manifest_and_defaults(tmp_path):
     assert config.folders() == {"Boeing 757": "boeing_757", "Airbus A321": "airbus_a321"}
     assert config.entity_names()["b757"] == "Boeing 757"
     example = Path(__file__).parents[1] / "examples" / "crawl" / "aircraft.yaml"
-    assert load_crawl_config(example).commons is not None
+    commons = load_crawl_config(example).commons
+    assert commons.api_url == "https://commons.wikimedia.org/w/api.php"
+    assert commons.per_entity == 20 and "CC BY-SA 4.0" in commons.licenses
 
 
 @pytest.mark.parametrize(

@@ -239,15 +239,21 @@ def test_kvg_rewards_are_none_on_detect_rows_and_detect_rewards_on_kvg_rows():
         iou_reward(codec, "thresholded"),
         karl_iou(codec),
     ):
-        out = f(None, [text] * 3, **cols)
-        assert out[1] is None and out[0] == out[2] is not None
+        # The ground-truth answer, well formed: full marks where the reward applies.
+        assert f(None, [text] * 3, **cols) == [1.0, None, 1.0]
+    # On the detect row: no <look> step (format 0), the one true box found (P = R = 1), and a
+    # group of identical rollouts (no looking reward).
+    expected = {
+        "think_look_answer_format": 0.0,
+        "weighted_precision_recall": 1.0,
+        "variance_guided_looking": 0.0,
+    }
     for f in (
         think_look_answer_format(codec),
         weighted_precision_recall(codec),
         variance_guided_looking(codec),
     ):
-        out = f(None, [text] * 3, **cols)
-        assert out[0] is None and out[2] is None and out[1] is not None
+        assert f(None, [text] * 3, **cols) == [None, expected[f.__name__], None]
     # an unknown task: no reward applies
     assert iou_reward(codec)(None, [text], **kvg_cols(1, task=["vqa"])) == [None]
 
@@ -258,14 +264,16 @@ def test_trl_extra_keyword_arguments_are_accepted():
     extras = dict(
         completion_ids=[[1, 2]], trainer_state=object(), log_extra=print, log_metric=print
     )
-    for f in build_rewards(KARL, codec)[0] + build_rewards(DIP_R1, codec)[0]:
+    # A kvg row: KARL's terms all pay in full for the true box, DIP-R1's do not apply.
+    kvg, dip = build_rewards(KARL, codec)[0], build_rewards(DIP_R1, codec)[0]
+    for f, value in [(f, 1.0) for f in kvg] + [(f, None) for f in dip]:
         out = f(
             prompts=[[{"role": "user", "content": "q"}]],
             completions=[text],
             **kvg_cols(1),
             **extras,
         )
-        assert len(out) == 1
+        assert out == [value], f.__name__
 
 
 def test_require_answer_false_reads_the_whole_text():

@@ -87,10 +87,14 @@ def test_request_carries_image_system_and_sampling(proxy, teacher_server):
 
 def test_answers_come_back_in_order_with_text(proxy, teacher_server):
     backend = backend_for(proxy, teacher_server)
-    prompts = [f"question {i}" for i in range(6)]
+    # Each prompt is longer than the one before: the prompt token counts the server reports
+    # show which reply answered which prompt.
+    prompts = ["question" + " more" * (3 * i) for i in range(6)]
     replies = backend.answer(requests_for(prompts))
 
     assert [r.item_id for r in replies] == [f"item-{p}" for p in prompts]
+    tokens = [r.prompt_tokens for r in replies]
+    assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
     for reply in replies:
         assert reply.ok and isinstance(reply.text, str) and reply.text.strip()
         assert (reply.attempts, reply.cached, reply.error, reply.detail) == (1, False, None, "")

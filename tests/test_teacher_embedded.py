@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from groundforge.annotators.teacher.cache import ReplyCache
 from groundforge.annotators.teacher.embedded import TransformersBackend, request_seed
-from groundforge.annotators.teacher.types import Sampling, TeacherReply, TeacherRequest, request_key
+from groundforge.annotators.teacher.types import Sampling, TeacherRequest, request_key
 
 GREEDY = Sampling(temperature=0.0, max_tokens=8, seed=0)
 SAMPLED = Sampling(temperature=1.0, top_p=1.0, max_tokens=8, seed=7)
@@ -55,19 +56,6 @@ def mixed_requests() -> list[TeacherRequest]:
         make_request("e", "Two images: which one has red?", (noise_png(3, 60, 60),) * 2),
         make_request("f", "json bbox_2d label", (noise_png(4, 150, 100),)),
     ]
-
-
-class DictCache:
-    """The duck-typed cache interface (``get``/``put``) over a dict."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, TeacherReply] = {}
-
-    def get(self, key: str) -> TeacherReply | None:
-        return self.data.get(key)
-
-    def put(self, key: str, reply: TeacherReply) -> None:
-        self.data[key] = reply
 
 
 def count_generate(monkeypatch: pytest.MonkeyPatch, backend: TransformersBackend) -> list[int]:
@@ -234,12 +222,14 @@ def test_a_corrupt_image_fails_alone(greedy):
     assert [r.text for r in (replies[0], replies[2], replies[3])] == [r.text for r in reference]
 
 
-def test_a_failing_chunk_is_retried_one_by_one(tiny_vlm_dir, monkeypatch):
-    cache = DictCache()
-    backend = TransformersBackend(str(tiny_vlm_dir), GREEDY, batch_size=4, cache=cache)
+def test_a_failing_chunk_is_retried_one_by_one(tiny_vlm_dir, monkeypatch, tmp_path):
+    backend = TransformersBackend(
+        str(tiny_vlm_dir), GREEDY, batch_size=4, cache=ReplyCache(tmp_path / "reference")
+    )
     requests = mixed_requests()[:3]
     reference = backend.answer(requests)
-    cache.data.clear()
+    # A fresh cache, so every request reaches the model again.
+    cache = backend.cache = ReplyCache(tmp_path / "cache")
     poisoned = make_request("poison", "the poison pill", (noise_png(9, 80, 80),))
 
     model = backend._model
@@ -265,8 +255,8 @@ def test_a_failing_chunk_is_retried_one_by_one(tiny_vlm_dir, monkeypatch):
     assert all(r.ok and r.attempts == 2 for r in others)
     assert [r.text for r in others] == [r.text for r in reference]
     # a failure is not cached: a rerun tries the request again
-    assert request_key(backend.model, poisoned, GREEDY) not in cache.data
-    assert len(cache.data) == 3
+    assert request_key(backend.model, poisoned, GREEDY) not in cache
+    assert len(cache) == 3
 
 
 def test_empty_generation_is_an_empty_error(tiny_vlm_dir, monkeypatch):
@@ -285,10 +275,10 @@ def test_empty_generation_is_an_empty_error(tiny_vlm_dir, monkeypatch):
     assert reply.completion_tokens == 1 and reply.prompt_tokens > 0
 
 
-def test_the_cache_short_circuits_the_model(tiny_vlm_dir, monkeypatch):
+def test_the_cache_short_circuits_the_model(tiny_vlm_dir, monkeypatch, tmp_path):
     import transformers
 
-    cache = DictCache()
+    cache = ReplyCache(tmp_path / "cache")
     requests = mixed_requests()[:3]
     corrupt = make_request("bad", "Where?", (b"garbage",))
     first = TransformersBackend(str(tiny_vlm_dir), GREEDY, cache=cache)
@@ -297,7 +287,8 @@ def test_the_cache_short_circuits_the_model(tiny_vlm_dir, monkeypatch):
     assert calls == [3]
     assert not any(r.cached for r in fresh)
     # ok replies are stored under their content address; failures are not
-    assert set(cache.data) == {request_key(first.model, q, GREEDY) for q in requests}
+    assert len(cache) == len(requests)
+    assert all(request_key(first.model, q, GREEDY) in cache for q in requests)
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a full cache hit must not load the model")
@@ -315,11 +306,11 @@ def test_the_cache_short_circuits_the_model(tiny_vlm_dir, monkeypatch):
     mixed = first.answer([requests[1], extra])
     assert calls == [3, 1]
     assert [r.cached for r in mixed] == [True, False]
-    assert request_key(first.model, extra, GREEDY) in cache.data
+    assert request_key(first.model, extra, GREEDY) in cache
 
 
-def test_requests_without_image_ids_are_keyed_by_their_image_bytes(greedy, monkeypatch):
-    cache = DictCache()
+def test_requests_without_image_ids_are_keyed_by_their_image_bytes(greedy, monkeypatch, tmp_path):
+    cache = ReplyCache(tmp_path / "cache")
     monkeypatch.setattr(greedy, "cache", cache)
     one, two = noise_png(10, 100, 60), noise_png(11, 200, 200)
     bare = [
@@ -327,10 +318,8 @@ def test_requests_without_image_ids_are_keyed_by_their_image_bytes(greedy, monke
         TeacherRequest(item_id="two", prompt="Which flag?", images=(two,)),
     ]
     fresh = greedy.answer(bare)
-    assert len(cache.data) == 2  # no collision between images behind the same prompt
-    assert request_key(greedy.model, make_request("one", "Which flag?", (one,)), GREEDY) in (
-        cache.data
-    )
+    assert len(cache) == 2  # no collision between images behind the same prompt
+    assert request_key(greedy.model, make_request("one", "Which flag?", (one,)), GREEDY) in cache
     hits = greedy.answer(bare[::-1])
     assert all(r.cached and r.attempts == 0 for r in hits)
     assert fresh[0].prompt_tokens != fresh[1].prompt_tokens
