@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 
 from groundforge.filters.verdict import Verdict
+from groundforge.schemas.answer import split_think_answer
 from groundforge.schemas.codecs import BoxCodec
 from groundforge.schemas.records import KVGSample
 
@@ -42,9 +43,6 @@ DEFAULT_LEAK_PHRASES = (
     "ground-truth",
 )
 
-_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-_LAYOUT = re.compile(r"\s*<think>(.*)</think>\s*<answer>(.*)</answer>\s*", re.DOTALL)
-
 
 @dataclass(frozen=True)
 class RationaleRules:
@@ -64,23 +62,6 @@ class RationaleRules:
             )
         if not 0 <= self.min_iou <= 1:
             raise ValueError(f"min_iou must be in [0, 1], got {self.min_iou}")
-
-
-def split_think_answer(text: object) -> tuple[str, str] | None:
-    """The stripped think and answer parts, or None when the layout is not exactly one think
-    block then one answer block (whitespace aside).
-
-    >>> split_think_answer("<think> left one is longer </think>\\n<answer>[1, 2, 3, 4]</answer>")
-    ('left one is longer', '[1, 2, 3, 4]')
-    >>> split_think_answer("<think>cut short</think><answer>[1, 2,") is None
-    True
-    """
-    if not isinstance(text, str) or any(text.count(tag) != 1 for tag in _TAGS):
-        return None
-    match = _LAYOUT.fullmatch(text)
-    if match is None:
-        return None
-    return match.group(1).strip(), match.group(2).strip()
 
 
 def _squash(text: str) -> str:

@@ -26,15 +26,12 @@ boxes elsewhere (:func:`groundforge.schemas.codecs.extract_quads`).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from groundforge.schemas.box import Box
+from groundforge.schemas.answer import split_think_answer
+from groundforge.schemas.box import Box, match_boxes
 from groundforge.schemas.codecs import get_codec
-
-_FORMAT = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
-_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
 def format_ok(text: object) -> bool:
@@ -43,10 +40,8 @@ def format_ok(text: object) -> bool:
     >>> format_ok("<think>left</think> <answer>[1, 2, 3, 4]</answer>"), format_ok("[1, 2, 3, 4]")
     (True, False)
     """
-    if not isinstance(text, str) or any(text.count(tag) != 1 for tag in _TAGS):
-        return False
-    match = _FORMAT.fullmatch(text)
-    return bool(match and match.group(1).strip() and match.group(2).strip())
+    parts = split_think_answer(text)
+    return parts is not None and all(parts)
 
 
 def detection_f1(pred: Sequence[Box], gt: Sequence[Box], match_iou: float = 0.5) -> float:
@@ -57,15 +52,7 @@ def detection_f1(pred: Sequence[Box], gt: Sequence[Box], match_iou: float = 0.5)
     """
     if not pred and not gt:
         return 1.0
-    if not pred or not gt:
-        return 0.0
-    from scipy.optimize import linear_sum_assignment
-
-    from groundforge.schemas.box import iou_matrix
-
-    ious = iou_matrix(pred, gt)
-    rows, cols = linear_sum_assignment(-ious)
-    matched = int((ious[rows, cols] >= match_iou).sum())
+    matched = len(match_boxes(pred, gt, match_iou))
     return 2 * matched / (len(pred) + len(gt))
 
 

@@ -1,5 +1,6 @@
 """The layout of a reasoning model's reply: its tagged blocks and the box list of its answer.
 
+A KVG reply is ``<think>T</think><answer>A</answer>`` (:func:`split_think_answer`).
 A detection reply (DIP-R1) is ``<think>T</think><look>L</look><answer>A</answer>``: each tag once,
 in that order, only whitespace around and between the blocks. The GRPO format reward and the
 teacher-rationale check read it with the same helpers, so what the check keeps is what the reward
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from groundforge.schemas.box import Box
 from groundforge.schemas.codecs import BoxCodec
 
+_THINK_ANSWER = re.compile(r"\s*<think>(.*)</think>\s*<answer>(.*)</answer>\s*", re.DOTALL)
 _THINK_LOOK_ANSWER = re.compile(
     r"\s*<think>(.*?)</think>\s*<look>(.*?)</look>\s*<answer>(.*?)</answer>\s*", re.DOTALL
 )
@@ -30,6 +32,24 @@ def tags_once(text: str, names: Sequence[str]) -> bool:
     False
     """
     return all(text.count(f"<{n}>") == 1 and text.count(f"</{n}>") == 1 for n in names)
+
+
+def split_think_answer(text: object) -> tuple[str, str] | None:
+    """The stripped think and answer parts, or None when the layout is not exactly one think
+    block then one answer block (whitespace aside): the KVG reply.
+
+    >>> split_think_answer("<think> left one is longer </think>\\n<answer>[1, 2, 3, 4]</answer>")
+    ('left one is longer', '[1, 2, 3, 4]')
+    >>> split_think_answer("<think>cut short</think><answer>[1, 2,") is None
+    True
+    """
+    if not isinstance(text, str) or not tags_once(text, ("think", "answer")):
+        return None
+    match = _THINK_ANSWER.fullmatch(text)
+    if match is None:
+        return None
+    think, answer = (part.strip() for part in match.groups())
+    return think, answer
 
 
 def split_think_look_answer(text: object) -> tuple[str, str, str] | None:

@@ -95,7 +95,7 @@ from typing import Any
 
 import numpy as np
 
-from groundforge.schemas.answer import box_list, parse_detection_reply, tags_once
+from groundforge.schemas.answer import box_list, parse_detection_reply, split_think_answer
 from groundforge.schemas.box import Box, coverage_matrix, match_boxes
 from groundforge.schemas.codecs import BoxCodec
 
@@ -129,7 +129,6 @@ IOU_VARIANTS = ("continuous", "thresholded", "squared", "giou")
 
 _ANSWER_BLOCK = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL | re.IGNORECASE)
 _LOOK_BLOCK = re.compile(r"<look>(.*?)(?:</look>|<answer>|$)", re.DOTALL | re.IGNORECASE)
-_THINK_ANSWER = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
 _MISSING = object()
 
 
@@ -320,14 +319,8 @@ def think_answer_format(prompts: object, completions: Sequence[object], **column
         if not rows.applies(i, KVG):
             out.append(None)
             continue
-        m = _THINK_ANSWER.fullmatch(text)
-        ok = (
-            m is not None
-            and tags_once(text, ("think", "answer"))
-            and bool(m.group(1).strip())
-            and bool(m.group(2).strip())
-        )
-        out.append(1.0 if ok else 0.0)
+        parts = split_think_answer(text)
+        out.append(1.0 if parts is not None and all(parts) else 0.0)
     return out
 
 
