@@ -12,7 +12,6 @@ from groundforge.scenes.compose import remap_box
 from groundforge.schemas.records import (
     Entity,
     ImageRecord,
-    Instance,
     KVGSample,
     Provenance,
     UncertainRegion,
@@ -169,7 +168,7 @@ def detection_sample(
     for inst in record.instances:
         small = min(inst.box.width, inst.box.height) < min_box_side
         (ignore if inst.ignore or small else truths).append(inst.box)
-        if not (inst.ignore or small) and visible_share(inst) < occluded_below:
+        if not (inst.ignore or small) and inst.visible_share < occluded_below:
             occluded.append(UncertainRegion(inst.box, "occluded"))
     if not truths:
         return Verdict.drop("no_instances", ignored=len(ignore))
@@ -195,15 +194,3 @@ def detection_sample(
         provenance=provenance or record_provenance(record, recipe_hash, version),
     )
     return Verdict.ok(sample, instances=len(truths), ignored=len(ignore), occluded=len(occluded))
-
-
-def visible_share(instance: Instance) -> float:
-    """The visible box's area over the full box's (1.0 when either is unknown).
-
-    >>> from groundforge.schemas.box import Box
-    >>> visible_share(Instance(Box(0, 0, 10, 10), full=Box(0, 0, 10, 10), visible=Box(0, 0, 5, 10)))
-    0.5
-    """
-    if instance.full is None or instance.visible is None or instance.full.area <= 0:
-        return 1.0
-    return instance.visible.area / instance.full.area

@@ -22,7 +22,6 @@ driver and ship it: it pickles as plain arrays (the faiss index is rebuilt on fi
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,10 +32,8 @@ import numpy as np
 from groundforge.filters.dedup import THUMBNAIL_BYTES, fingerprint
 from groundforge.filters.image import ImageLimits, check_image
 from groundforge.filters.verdict import Verdict
-from groundforge.schemas.records import ImageRecord
+from groundforge.schemas.records import ImageRecord, sha256_hex
 from groundforge.sources.image_folder import IMAGE_EXTENSIONS
-
-REASONS = ("contaminated",)
 
 Embed = Callable[[list[bytes]], np.ndarray]
 
@@ -92,7 +89,7 @@ class BenchmarkIndex:
         seen: set[str] = set()
         kept_ids, normalised = [], []
         for item_id, data in zip(ids, images, strict=True):
-            digest = hashlib.sha256(data).hexdigest()
+            digest = sha256_hex(data)
             if digest in seen:
                 continue
             seen.add(digest)

@@ -59,11 +59,9 @@ import numpy as np
 
 from groundforge.filters.image import open_rgb
 from groundforge.filters.verdict import Verdict
-from groundforge.schemas.records import ImageRecord
+from groundforge.schemas.records import ImageRecord, record_key
 
-KINDS = ("exact", "perceptual", "embedding")
 SCOPES = ("all", "entity")
-REASONS = tuple(f"duplicate_{kind}" for kind in KINDS)
 
 THUMBNAIL_SIDE = 4
 THUMBNAIL_BYTES = THUMBNAIL_SIDE * THUMBNAIL_SIDE * 3
@@ -167,11 +165,6 @@ def fingerprint(image: bytes) -> tuple[int, bytes]:
     return int(str(imagehash.phash(rgb)), 16), thumbnail
 
 
-def signature_key(record: ImageRecord) -> str:
-    """The key a record's signature is filed under: its location, else its image_id."""
-    return record.location or record.image_id
-
-
 def signature_of(record: ImageRecord, scope: str = "all") -> Signature:
     """The signature of a record whose ``image`` is decodable (decoded once).
 
@@ -183,7 +176,7 @@ def signature_of(record: ImageRecord, scope: str = "all") -> Signature:
     phash, thumbnail = fingerprint(record.image)
     within = record.entity if scope == "entity" else ""
     return Signature(
-        signature_key(record), record.image_id, phash, record.embedding, thumbnail, within
+        record_key(record), record.image_id, phash, record.embedding, thumbnail, within
     )
 
 
@@ -223,7 +216,7 @@ def dedup_verdict(record: ImageRecord, duplicates: Mapping[str, Duplicate]) -> V
     ... # doctest: +SKIP
     {'kept_id': 'id1', 'kept_key': 'a.png', 'distance': 0.0}
     """
-    found = duplicates.get(signature_key(record))
+    found = duplicates.get(record_key(record))
     if found is None:
         return Verdict.ok()
     return Verdict.drop(

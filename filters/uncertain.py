@@ -34,13 +34,6 @@ MISSED, WEAK, OCCLUDED, FALSE_POSITIVE = "missed", "weak", "occluded", "false_po
 REASONS = (MISSED, WEAK, OCCLUDED, FALSE_POSITIVE)
 
 
-def _hidden(instance: Instance, occluded_below: float) -> bool:
-    full, visible = instance.full, instance.visible
-    if full is None or visible is None or full.area <= 0:
-        return False
-    return visible.area / full.area < occluded_below
-
-
 def uncertain_regions(
     instances: Sequence[Instance],
     candidates: Sequence[Detection],
@@ -74,7 +67,7 @@ def uncertain_regions(
             reason = MISSED
         elif iou_of[index] < weak_iou:
             reason = WEAK
-        elif _hidden(truth, occluded_below):
+        elif truth.visible_share < occluded_below:
             reason = OCCLUDED
         else:
             continue
@@ -98,8 +91,10 @@ def attach_uncertain_regions(
     The truths are the sample's ``gt_boxes`` and its ``ignore_regions`` are ignore instances. A
     sample stores no full or visible boxes, so nothing is ``occluded`` unless ``instances`` (the
     source's annotated instances, e.g. the record's) are given: a truth then takes the full and
-    visible boxes of the non-ignore instance with the same box. ``settings`` go to
-    :func:`uncertain_regions`. Metrics: the number of regions per reason. Raises ``ValueError``
+    visible boxes of the non-ignore instance with the same box. ``occluded`` regions the sample
+    already holds (found when it was made from its annotations) stay, after the detector's, for
+    the truths the detector did not flag. ``settings`` go to :func:`uncertain_regions`.
+    Metrics: the number of regions per reason. Raises ``ValueError``
     when the sample has no candidates from ``annotator`` (it did not run, which is not the same as
     finding nothing).
 
@@ -122,5 +117,9 @@ def attach_uncertain_regions(
     truths = [annotated.get(box, Instance(box)) for box in sample.gt_boxes]
     ignored = [Instance(box, ignore=True) for box in sample.ignore_regions]
     regions = uncertain_regions(truths + ignored, sample.candidates[annotator], **settings)
+    flagged = {r.box for r in regions}
+    regions += tuple(
+        r for r in sample.uncertain_regions if r.reason == OCCLUDED and r.box not in flagged
+    )
     counts = {reason: sum(r.reason == reason for r in regions) for reason in REASONS}
     return Verdict.ok(replace(sample, uncertain_regions=regions), **counts)

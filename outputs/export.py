@@ -51,7 +51,6 @@ boxes in float pixels of the written image.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -62,6 +61,7 @@ from typing import Any
 
 from groundforge.schemas.box import Box
 from groundforge.schemas.codecs import BoxCodec, get_codec
+from groundforge.schemas.records import sha256_hex
 from groundforge.trainer.evaluate import REASONING_SUFFIX
 
 IMAGE_TOKEN = "<image>"
@@ -84,7 +84,7 @@ class ExportImage:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.png).hexdigest()
+        return sha256_hex(self.png)
 
 
 def _needs_resize(codec: BoxCodec, resize: bool | None) -> bool:

@@ -5,7 +5,6 @@ rationale. :class:`groundforge.pipelines.kvg.KVGGraph` wires them when a recipe 
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import replace
 
 from groundforge import __version__
@@ -14,9 +13,10 @@ from groundforge.filters.detect_rationale import DetectionRules, check_detection
 from groundforge.filters.split import entity_split
 from groundforge.filters.uncertain import attach_uncertain_regions
 from groundforge.filters.verdict import Verdict
+from groundforge.pipelines.plans import gather_members
 from groundforge.recipe import Recipe
 from groundforge.scenes.crowd import compose_crowd
-from groundforge.schemas.records import ImageRecord, sha256_hex
+from groundforge.schemas.records import ImageRecord
 
 
 def attach_detection_rationale(pair, codec, rules: DetectionRules, model: str) -> Verdict:
@@ -31,25 +31,17 @@ def attach_detection_rationale(pair, codec, rules: DetectionRules, model: str) -
 
 
 def compose_planned_crowd(keyed, spec, label: str) -> Verdict:
-    """Compose one planned crowd; the result is an image record whose instances are the crowd's."""
-    _, grouped = keyed
-    (plan,) = grouped["plan"]
-    members = [record for _, record in sorted(grouped["members"], key=lambda m: m[0])]
-    if len(members) != len(plan.members):
-        return Verdict.drop("crowd_member_missing", expected=len(plan.members), found=len(members))
-    crowd = compose_crowd(members, spec, plan.seed, label)
-    record = ImageRecord(
-        image_id=sha256_hex(crowd.image),
-        image=crowd.image,
-        width=crowd.width,
-        height=crowd.height,
-        domain=plan.domain,
-        entity=label,
-        source="crowd",
-        location=f"crowd:{plan.scene_id}",
-        instances=crowd.instances,
-    )
-    return Verdict.ok((record, plan, tuple(members)), instances=len(crowd.instances))
+    """Compose one planned crowd: ``(crowd record, plan, the members it shows)``."""
+    gathered = gather_members(keyed, "crowd_member_missing")
+    if not gathered.keep:
+        return gathered
+    plan, members = gathered.value
+    crowd = compose_crowd(members, spec, plan.scene_id, label)
+    record = crowd.to_record(plan.domain, label, f"crowd:{plan.scene_id}")
+    # A crowd may draw fewer instances than it was offered: credit only the images it shows.
+    shown = set(crowd.source_image_ids)
+    painted = tuple(m for m in members if m.image_id in shown)
+    return Verdict.ok((record, plan, painted), instances=len(crowd.instances))
 
 
 def _detection_sample(record, split: str, recipe: Recipe, recipe_hash: str, provenance=None):
@@ -86,19 +78,12 @@ def make_detection_sample(record: ImageRecord, recipe: Recipe, recipe_hash: str)
 
 
 def mark_uncertain(sample, cfg) -> Verdict:
-    """Where the detector hesitates on a detect sample (missed, weak, false positive), added to
-    the occluded truths the sample was made with."""
-    occluded = tuple(r for r in sample.uncertain_regions if r.reason == "occluded")
-    verdict = attach_uncertain_regions(
+    """Where the detector hesitates on a detect sample (missed, weak, false positive), beside the
+    occluded truths the sample was made with."""
+    return attach_uncertain_regions(
         sample,
         "detector",
         min_score=cfg.uncertain_min_score,
         match_iou=cfg.uncertain_match_iou,
         weak_iou=cfg.uncertain_weak_iou,
     )
-    found = verdict.value.uncertain_regions
-    # A missed or weak truth keeps that reason; occlusion is added for the others.
-    flagged = {r.box for r in found}
-    regions = found + tuple(r for r in occluded if r.box not in flagged)
-    counts = Counter(r.reason for r in regions)
-    return Verdict.ok(replace(sample, uncertain_regions=regions), **counts)

@@ -59,6 +59,7 @@ from groundforge.pipelines.crowd import (
     mark_uncertain,
 )
 from groundforge.pipelines.metrics import TallyProvenance, model_namespace
+from groundforge.pipelines.plans import gather_members, route_members, wanted_members
 from groundforge.pipelines.stage import apply_check
 from groundforge.recipe import (
     ANNOTATION_SOURCES,
@@ -289,28 +290,13 @@ def plan_all(items: list[PoolItem], settings: PlanSettings, cfg) -> list[ScenePl
     return plan_scenes(items, settings, text_vectors)
 
 
-def _wanted(plan: ScenePlan):
-    for slot, key in enumerate(plan.members):
-        yield key, (plan.scene_id, slot)
-
-
-def _route(keyed):
-    """Send a record to every scene slot that asked for it."""
-    _, grouped = keyed
-    for record in grouped["record"]:
-        for scene_id, slot in grouped["want"]:
-            yield scene_id, (slot, record)
-
-
 def compose_planned(keyed, spec: CanvasSpec) -> Verdict:
     """Compose one planned scene from its member records."""
-    _, grouped = keyed
-    (plan,) = grouped["plan"]
-    members = [record for _, record in sorted(grouped["members"], key=lambda m: m[0])]
-    if len(members) != len(plan.members):
-        return Verdict.drop("scene_member_missing", expected=len(plan.members), found=len(members))
-    scene = compose_scene(members, plan.layout, spec, plan.seed)
-    return Verdict.ok((scene, plan, tuple(members)))
+    gathered = gather_members(keyed, "scene_member_missing")
+    if not gathered.keep:
+        return gathered
+    plan, members = gathered.value
+    return Verdict.ok((compose_scene(members, plan.layout, spec, plan.seed), plan, members))
 
 
 def _consistency(pair, codec, min_iou: float, min_score: float) -> Verdict:
@@ -620,11 +606,11 @@ class KVGGraph:
             used=beam.pvalue.AsSingleton(used),
         )
         keyed = records | f"{pool_stage} key records" >> beam.Map(lambda r: (record_key(r), r))
-        wanted = plans | f"{pool_stage} wanted members" >> beam.FlatMap(_wanted)
+        wanted = plans | f"{pool_stage} wanted members" >> beam.FlatMap(wanted_members)
         return (
             {"record": keyed, "want": wanted}
             | f"{pool_stage} join members" >> beam.CoGroupByKey()
-            | f"{pool_stage} route members" >> beam.FlatMap(_route)
+            | f"{pool_stage} route members" >> beam.FlatMap(route_members)
         )
 
     def _crowds(self, records):

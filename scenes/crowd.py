@@ -37,7 +37,7 @@ from groundforge.filters.image import PNG_COMPRESS_LEVEL
 from groundforge.scenes.compose import RESAMPLE, decoded_member
 from groundforge.scenes.plan import PoolItem
 from groundforge.schemas.box import Box, mask_box
-from groundforge.schemas.records import ImageRecord, Instance, stable_id
+from groundforge.schemas.records import ImageRecord, Instance, sha256_hex, stable_id
 
 # How far (as a share of the target) a position's covered amount may miss the best position's
 # and still be drawn: a larger slack gives more varied crowds, and the miss is made up by the
@@ -108,6 +108,20 @@ class CrowdScene:
     instances: tuple[Instance, ...]
     visible_fraction: tuple[float, ...]
     source_image_ids: tuple[str, ...]
+
+    def to_record(self, domain: str, label: str, location: str) -> ImageRecord:
+        """The crowd as an image record whose instances are the crowd's (a ``detect`` source)."""
+        return ImageRecord(
+            image_id=sha256_hex(self.image),
+            image=self.image,
+            width=self.width,
+            height=self.height,
+            domain=domain,
+            entity=label,
+            source="crowd",
+            location=location,
+            instances=self.instances,
+        )
 
 
 def compose_crowd(
@@ -242,13 +256,13 @@ def _add_to_integral(integral: np.ndarray, change: np.ndarray, x: int, y: int) -
 
 @dataclass(frozen=True)
 class CrowdPlan:
-    """One crowd to compose: the pool item keys it may draw from (in a stable order)."""
+    """One crowd to compose: the pool item keys it may draw from (in a stable order); its
+    ``scene_id`` seeds the composition."""
 
     scene_id: str
     domain: str
     split: str
     members: tuple[str, ...]
-    seed: str
 
 
 def plan_crowds(items: Sequence[PoolItem], spec: CrowdSpec, per_image: float, seed: str):
@@ -269,5 +283,5 @@ def plan_crowds(items: Sequence[PoolItem], spec: CrowdSpec, per_image: float, se
         for n in range(max(1, round(per_image * len(group)))):
             chosen = rng.sample(group, min(len(group), spec.count[1]))
             scene_id = stable_id("crowd", seed, domain, split, n, [c.key for c in chosen])
-            plans.append(CrowdPlan(scene_id, domain, split, tuple(c.key for c in chosen), scene_id))
+            plans.append(CrowdPlan(scene_id, domain, split, tuple(c.key for c in chosen)))
     return plans

@@ -36,6 +36,18 @@ class Instance:
     visible: Box | None = None
     ignore: bool = False
 
+    @property
+    def visible_share(self) -> float:
+        """The visible box's area over the full box's (1.0 when either is unknown).
+
+        >>> half = Instance(Box(0, 0, 10, 10), full=Box(0, 0, 10, 10), visible=Box(0, 0, 5, 10))
+        >>> half.visible_share
+        0.5
+        """
+        if self.full is None or self.visible is None or self.full.area <= 0:
+            return 1.0
+        return self.visible.area / self.full.area
+
 
 @dataclass(frozen=True)
 class UncertainRegion:

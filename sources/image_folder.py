@@ -27,7 +27,6 @@ then passed on so nothing is read twice) when the metadata has at least one ``sh
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import os
 import re
 from collections.abc import Iterator
@@ -35,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath, PurePosixPath
 
 from groundforge.jsonl import json_objects
-from groundforge.schemas.records import SourceItem
+from groundforge.schemas.records import SourceItem, sha256_hex
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 METADATA_FILE = "metadata.jsonl"
@@ -261,7 +260,7 @@ class ImageFolderSource:
             data = digest = None
             if meta.by_sha256:
                 data = _read_or_none(location)
-                digest = hashlib.sha256(data).hexdigest() if data is not None else None
+                digest = sha256_hex(data) if data is not None else None
             fields = {
                 "entity": self.naming.entity(PurePosixPath(rel)),
                 "license": self.license,

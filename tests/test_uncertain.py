@@ -196,6 +196,27 @@ def test_attach_takes_occlusion_from_the_annotated_instances():
     assert verdict.metrics["occluded"] == 1
 
 
+def test_attach_keeps_the_occlusion_the_sample_was_made_with():
+    # HIDDEN is found by the detector but was occluded in the annotations; MISSED was occluded
+    # too, and the detector's "missed" wins for it.
+    made = replace(
+        SAMPLE,
+        uncertain_regions=(
+            UncertainRegion(MISSED, "occluded"),
+            UncertainRegion(HIDDEN, "occluded"),
+        ),
+    )
+    verdict = attach_uncertain_regions(made)
+    assert verdict.value.uncertain_regions == (
+        UncertainRegion(MISSED, "missed"),
+        UncertainRegion(WEAK, "weak"),
+        UncertainRegion(GHOST, "false_positive"),
+        UncertainRegion(HALF_IN, "false_positive"),
+        UncertainRegion(HIDDEN, "occluded"),
+    )
+    assert verdict.metrics == {"missed": 1, "weak": 1, "occluded": 1, "false_positive": 2}
+
+
 def test_attach_reads_the_named_annotator_and_passes_settings_on():
     other = attach_uncertain_regions(SAMPLE, "other")
     assert [r.reason for r in other.value.uncertain_regions] == ["missed", "missed", "missed"]

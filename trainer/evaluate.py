@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -62,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from groundforge.schemas.box import Box, match_boxes
+from groundforge.schemas.records import sha256_hex
 
 Quad = tuple[float, float, float, float]
 
@@ -471,7 +471,7 @@ def build_requests(
             item_id=item.question_id,
             prompt=build_prompt(item.question, reasoning, suffix),
             images=(item.image,),
-            image_ids=(hashlib.sha256(item.image).hexdigest(),),
+            image_ids=(sha256_hex(item.image),),
             template_hash=template_hash,
         )
         for item in items

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from groundforge.schemas.box import Box
-from groundforge.schemas.records import stable_id
+from groundforge.schemas.records import sha256_hex, stable_id
 
 _LOG = logging.getLogger(__name__)
 
@@ -335,7 +335,7 @@ def select_crops(
         raise ValueError(f"per_entity must be at least 1, got {per_entity}")
     candidates: dict[tuple[str, str], dict[tuple, str]] = defaultdict(dict)
     for sample in samples:
-        image_sha = hashlib.sha256(sample.image).hexdigest()
+        image_sha = sha256_hex(sample.image)
         domain = sample.domain.strip()
         for entity in sample.entities:
             name = entity.name.strip()
@@ -404,7 +404,7 @@ def build_items(
     for sample in read_samples(shards_dir, fmt=fmt):
         if not wanted:
             break
-        image_sha = hashlib.sha256(sample.image).hexdigest()
+        image_sha = sha256_hex(sample.image)
         boxes = wanted.pop(image_sha, None)
         if not boxes:
             continue
@@ -443,7 +443,7 @@ def item_request(item: ProbeItem) -> Any:
         item_id=item.item_id,
         prompt=item.prompt,
         images=(item.crop,),
-        image_ids=(hashlib.sha256(item.crop).hexdigest(),),
+        image_ids=(sha256_hex(item.crop),),
         template_hash=TEMPLATE_HASH,
         context=item,
     )

@@ -21,7 +21,6 @@ the environment are ignored: through a proxy, the checked address would not be t
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import json
 import random
@@ -36,6 +35,7 @@ from PIL import Image
 
 from groundforge import __version__
 from groundforge.retryafter import retry_after
+from groundforge.schemas.records import sha256_hex
 from groundforge.sources.crawl.robots import ROBOTS_MAX_REDIRECTS, RobotsAnswer, RobotsCache
 from groundforge.sources.crawl.safety import UnsafeURL, check_host, check_scheme
 
@@ -252,7 +252,7 @@ class Fetcher:
             ext=ext,
             width=width,
             height=height,
-            sha256=hashlib.sha256(response.body).hexdigest(),
+            sha256=sha256_hex(response.body),
             attempts=trace.attempts,
         )
 
