@@ -412,6 +412,13 @@ class SplitConfig(_Strict):
     val_domains: list[str] = []
     seed: str = "groundforge"
 
+    def split_of(self, key: str, domain: str) -> str:
+        """The split of ``key`` (an entity name, or an image id where every image shows the same
+        class) in ``domain``."""
+        from groundforge.filters.split import entity_split
+
+        return entity_split(key, domain, self.val_fraction, self.seed, self.val_domains)
+
 
 class OutputConfig(_Strict):
     format: Literal["arrow", "parquet"] = "arrow"

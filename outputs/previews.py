@@ -106,12 +106,7 @@ def make_preview(rejection: Rejection, item: Any, side: int = THUMB_SIDE) -> Rej
     boxes = ()
     if width > 0 and height > 0:
         sx, sy = tw / width, th / height
-        boxes = tuple(
-            MarkedBox(
-                m.kind, Box(m.box.x1 * sx, m.box.y1 * sy, m.box.x2 * sx, m.box.y2 * sy), m.label
-            )
-            for m in marks
-        )
+        boxes = tuple(MarkedBox(m.kind, m.box.scale(sx, sy), m.label) for m in marks)
     return RejectionPreview(
         rejection.item_id, rejection.stage, rejection.reason, rejection.detail, jpeg, tw, th, boxes
     )

@@ -68,7 +68,8 @@ class Rect:
 
 
 def _rect(kind: str, box: Box, sx: float, sy: float, label: str = "") -> Rect:
-    return Rect(kind, box.x1 * sx, box.y1 * sy, box.width * sx, box.height * sy, label)
+    shown = box.scale(sx, sy)
+    return Rect(kind, shown.x1, shown.y1, shown.width, shown.height, label)
 
 
 @dataclass(frozen=True)

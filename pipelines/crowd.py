@@ -10,7 +10,6 @@ from dataclasses import replace
 from groundforge import __version__
 from groundforge.annotators.questions import detection_sample, members_provenance
 from groundforge.filters.detect_rationale import DetectionRules, check_detection_rationale
-from groundforge.filters.split import entity_split
 from groundforge.filters.uncertain import attach_uncertain_regions
 from groundforge.filters.verdict import Verdict
 from groundforge.pipelines.plans import gather_members
@@ -69,11 +68,8 @@ def crowd_detection_sample(composed, recipe: Recipe, recipe_hash: str) -> Verdic
 
 def make_detection_sample(record: ImageRecord, recipe: Recipe, recipe_hash: str) -> Verdict:
     """The detect sample of an annotated image."""
-    cfg = recipe.split
     # Every image of a crowd holds the same class: split by image, not by entity.
-    split = entity_split(
-        record.image_id, record.domain, cfg.val_fraction, cfg.seed, cfg.val_domains
-    )
+    split = recipe.split.split_of(record.image_id, record.domain)
     return _detection_sample(record, split, recipe, recipe_hash)
 
 

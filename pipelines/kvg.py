@@ -46,7 +46,6 @@ from groundforge.filters.image import ImageLimits, check_image
 from groundforge.filters.instances import check_instances
 from groundforge.filters.output import check_sample
 from groundforge.filters.rationale import RationaleRules, check_rationale
-from groundforge.filters.split import entity_split
 from groundforge.filters.verdict import Verdict
 from groundforge.outputs.previews import PREVIEWS_FILE, WritePreviews
 from groundforge.outputs.rejections import REJECTIONS_FILE, WriteRejections
@@ -312,8 +311,7 @@ def ground_known(record: ImageRecord):
 
 
 def split_of(record: ImageRecord, recipe: Recipe) -> str:
-    cfg = recipe.split
-    return entity_split(record.entity, record.domain, cfg.val_fraction, cfg.seed, cfg.val_domains)
+    return recipe.split.split_of(record.entity, record.domain)
 
 
 def make_sample(record: ImageRecord, recipe: Recipe, recipe_hash: str) -> Verdict:

@@ -126,8 +126,7 @@ def frame_size(width: int, height: int, codec: BoxCodec, max_pixels: int | None)
 
 
 def _scale(values: Any, sx: float, sy: float) -> list[float]:
-    x1, y1, x2, y2 = values
-    return [x1 * sx, y1 * sy, x2 * sx, y2 * sy]
+    return Box.from_list(list(values)).scale(sx, sy).to_list()
 
 
 def resize_row(row: Mapping[str, Any], codec: BoxCodec, max_pixels: int | None) -> dict[str, Any]:
