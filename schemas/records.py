@@ -107,6 +107,8 @@ class ImageRecord:
     pipeline decided to trust (``box_source`` says which one). ``embedding`` is the image's
     L2-normalised vector from the run's image embedder (dedup, distractor choice), when computed.
     ``instances`` and ``dropped_instances`` are as on :class:`SourceItem`, carried through.
+    In a pipeline the checked bytes are parked (:mod:`groundforge.pixels`): ``image`` is then
+    empty and ``image_ref`` names the file; read pixels with :func:`groundforge.pixels.image_bytes`.
     """
 
     image_id: str
@@ -129,6 +131,7 @@ class ImageRecord:
     embedding: tuple[float, ...] | None = None
     instances: tuple[Instance, ...] = ()
     dropped_instances: dict[str, int] = field(default_factory=dict)
+    image_ref: str = ""
 
 
 def record_key(record: ImageRecord) -> str:
@@ -169,6 +172,8 @@ class KVGSample:
     ``teacher_box`` the box the teacher's rationale states, both in this image's pixels. A
     ``detect`` sample's ``gt_boxes`` are every instance; its ``ignore_regions`` are neither
     truths nor false positives and ``uncertain_regions`` are where a detector hesitates.
+    Like a record, a sample in a pipeline holds its pixels parked in ``image_ref``; the shard
+    writer loads them back, so a shard row always holds the bytes.
     """
 
     sample_id: str
@@ -196,6 +201,7 @@ class KVGSample:
     teacher_box: Box | None = None
     uncertain_regions: tuple[UncertainRegion, ...] = ()
     ignore_regions: tuple[Box, ...] = ()
+    image_ref: str = ""
 
 
 @dataclass(frozen=True)
