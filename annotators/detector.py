@@ -26,6 +26,7 @@ from typing import Any
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from groundforge.filters.image import open_rgb
+from groundforge.pixels import image_bytes
 from groundforge.schemas.box import Box
 from groundforge.schemas.records import Detection, ImageRecord
 
@@ -225,7 +226,7 @@ class GroundingDinoHandler(ModelHandler[ImageRecord, PredictionResult, LoadedDet
         images = {}
         for i, record in enumerate(batch):
             try:
-                images[i] = open_rgb(record.image)
+                images[i] = open_rgb(image_bytes(record))
             except Exception as err:  # one bad image must not fail its batch
                 name = getattr(record, "image_id", None) or getattr(record, "sample_id", "")
                 _LOG.warning("detector: cannot decode image %s: %s", name, err)
@@ -302,5 +303,6 @@ class GroundingDinoHandler(ModelHandler[ImageRecord, PredictionResult, LoadedDet
         return False
 
     def get_num_bytes(self, batch: Sequence[ImageRecord]) -> int:
-        # The default pickles the whole batch just to measure it.
-        return sum(len(record.image) for record in batch)
+        # The default pickles the whole batch just to measure it; parked records hold no
+        # bytes, so count what the model sees: decoded RGB pixels.
+        return sum(record.width * record.height * 3 for record in batch)

@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from groundforge.filters.image import open_rgb
+from groundforge.pixels import image_bytes
 from groundforge.schemas.records import ImageRecord
 
 _LOG = logging.getLogger(__name__)
@@ -391,7 +392,7 @@ def _embed_records(
     images = {}
     for i, record in enumerate(batch):
         try:
-            images[i] = open_rgb(record.image)
+            images[i] = open_rgb(image_bytes(record))
         except Exception as err:  # one bad image must not fail its batch
             _LOG.warning("embedder: cannot decode image %s: %s", record.image_id, err)
     vectors: dict[int, np.ndarray] = {}
@@ -477,8 +478,9 @@ def _define_handler_class() -> None:
             return False
 
         def get_num_bytes(self, batch: Sequence[ImageRecord]) -> int:
-            # The default pickles the whole batch just to measure it.
-            return sum(len(record.image) for record in batch)
+            # The default pickles the whole batch just to measure it; parked records hold no
+            # bytes, so count what the model sees: decoded RGB pixels.
+            return sum(record.width * record.height * 3 for record in batch)
 
     # Pickled by reference (module + qualified name), which resolves through __getattr__.
     ImageEmbeddingHandler.__module__ = __name__

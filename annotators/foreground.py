@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from groundforge.filters.image import open_rgb
+from groundforge.pixels import image_bytes
 from groundforge.schemas.box import Box, mask_box
 from groundforge.schemas.records import Detection, ImageRecord
 
@@ -103,7 +104,7 @@ class ForegroundAnnotator:
             box = _big_enough(record.opaque_box, record.width * record.height, self.min_fraction)
         else:
             box = foreground_box(
-                open_rgb(record.image),
+                open_rgb(image_bytes(record)),
                 self.tolerance,
                 self.min_fraction,
                 border=self.border,

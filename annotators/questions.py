@@ -79,6 +79,7 @@ def single_entity_sample(
     sample = KVGSample(
         sample_id=stable_id("kvg", record.image_id, record.entity, question, box.to_list()),
         image=record.image,
+        image_ref=record.image_ref,
         width=record.width,
         height=record.height,
         domain=record.domain,
@@ -178,6 +179,7 @@ def detection_sample(
     sample = KVGSample(
         sample_id=stable_id(DETECT_TASK, record.image_id, question),
         image=record.image,
+        image_ref=record.image_ref,
         width=record.width,
         height=record.height,
         domain=record.domain,

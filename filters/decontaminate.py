@@ -32,6 +32,7 @@ import numpy as np
 from groundforge.filters.dedup import THUMBNAIL_BYTES, fingerprint
 from groundforge.filters.image import ImageLimits, check_image
 from groundforge.filters.verdict import Verdict
+from groundforge.pixels import image_bytes
 from groundforge.schemas.records import ImageRecord, sha256_hex
 from groundforge.sources.image_folder import IMAGE_EXTENSIONS
 
@@ -214,7 +215,7 @@ def check_contamination(
     >>> v.reason, v.metrics["benchmark_id"], v.metrics["kind"]           # doctest: +SKIP
     ('contaminated', '1042', 'perceptual')
     """
-    nearest = index.nearest_hash(*fingerprint(record.image), max_colour_difference)
+    nearest = index.nearest_hash(*fingerprint(image_bytes(record)), max_colour_difference)
     if nearest is not None and nearest[1] <= max_hamming:
         return Verdict.drop(
             "contaminated",

@@ -5,36 +5,61 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 TableFormat = Literal["arrow", "parquet"]
 EXTENSIONS: dict[str, str] = {"arrow": "arrow", "parquet": "parquet"}
 _RAW = CompressionTypes.UNCOMPRESSED
+# Rows per record batch (Arrow) or row group (Parquet): what a writer holds at once.
+BATCH_ROWS = 64
 
 
-def write_table(path: str, rows: Iterable[dict[str, Any]], schema: pa.Schema, fmt: TableFormat):
+def _chunks(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def write_table(
+    path: str,
+    rows: Iterable[dict[str, Any]],
+    schema: pa.Schema,
+    fmt: TableFormat,
+    batch_rows: int = BATCH_ROWS,
+) -> int:
     """Write rows to one file, atomically: a reader never sees a half-written file.
 
     ``arrow`` is the Arrow IPC stream format that ``datasets`` memory-maps; ``parquet`` is for
-    ``load_dataset("parquet", ...)`` and other tools. 0 rows give a valid empty file.
+    ``load_dataset("parquet", ...)`` and other tools. 0 rows give a valid empty file. Rows are
+    consumed ``batch_rows`` at a time (one record batch or row group each), so a generator of
+    rows holding images never has more than one batch in memory. Returns the rows written.
     """
-    table = pa.Table.from_pylist(list(rows), schema=schema)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    written = 0
     with FileSystems.create(tmp, compression_type=_RAW) as raw:
         sink = pa.PythonFile(raw, mode="w")
-        if fmt == "arrow":
-            with pa.ipc.new_stream(sink, schema) as writer:
-                writer.write_table(table, max_chunksize=256)
-        else:
-            pq.write_table(table, sink, compression="zstd")
+        writer = (
+            pa.ipc.new_stream(sink, schema)
+            if fmt == "arrow"
+            else pq.ParquetWriter(sink, schema, compression="zstd")
+        )
+        with writer:
+            for chunk in _chunks(rows, batch_rows):
+                writer.write_batch(pa.RecordBatch.from_pylist(chunk, schema=schema))
+                written += len(chunk)
     FileSystems.rename([tmp], [path])
-    return table.num_rows
+    return written
 
 
 def read_table(path: str, fmt: TableFormat) -> pa.Table:
@@ -59,6 +84,21 @@ def list_files(pattern: str) -> list[str]:
     """Paths matching a glob, sorted; [] when nothing matches."""
     result = FileSystems.match([pattern])[0]
     return sorted(m.path for m in result.metadata_list)
+
+
+def remove_folder(path: str) -> None:
+    """Delete a folder and everything under it (on object stores: every object under the
+    prefix); nothing to do when it does not exist."""
+    if FileSystems.get_scheme(path) in (None, "file"):
+        # A local folder is one path (removed as a tree); a trailing "/" would list its files.
+        if FileSystems.exists(path):
+            FileSystems.delete([path])
+        return
+    try:
+        FileSystems.delete([path.rstrip("/") + "/"])
+    except BeamIOError:
+        if list_files(FileSystems.join(path, "**")):
+            raise
 
 
 def write_text(path: str, text: str, mime_type: str = "text/plain") -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import apache_beam as beam
 
 from groundforge.outputs.files import read_table, write_table
+from groundforge.pixels import image_bytes
 from groundforge.schemas.arrow import PREVIEW_SCHEMA, preview_to_row, row_to_preview
 from groundforge.schemas.box import Box
 from groundforge.schemas.records import (
@@ -77,12 +78,12 @@ def _marked(item: Any, detail: dict[str, Any]) -> tuple[bytes | None, int, int, 
     """The item's image and its boxes, in the item's pixels."""
     marks: list[MarkedBox] = []
     if isinstance(item, ImageRecord):
-        image, width, height = item.image, item.width, item.height
+        image, width, height = image_bytes(item), item.width, item.height
         truths = [item.box] if item.box is not None else list(item.boxes)
         marks += [MarkedBox("gt", b, item.entity) for b in truths]
         candidates = item.candidates
     elif isinstance(item, KVGSample):
-        image, width, height = item.image, item.width, item.height
+        image, width, height = image_bytes(item), item.width, item.height
         marks += [MarkedBox("gt", b, item.target) for b in item.gt_boxes]
         candidates = item.candidates
     else:

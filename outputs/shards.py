@@ -36,6 +36,7 @@ from groundforge.outputs.files import (
     write_table,
     write_text,
 )
+from groundforge.pixels import with_pixels
 from groundforge.schemas.arrow import (
     hf_features_dict,
     row_to_sample,
@@ -76,7 +77,8 @@ def _assign(split_sample, counts, rows_per_shard):
 
 def _write_shard(group, shards_dir: str, fmt: TableFormat) -> tuple[str, str, int]:
     (split, index, count), samples = group
-    rows = [sample_to_row(s) for s in sorted(samples, key=lambda s: s.sample_id)]
+    # Samples arrive with parked pixels; each row loads its image only as it is written.
+    rows = (sample_to_row(with_pixels(s)) for s in sorted(samples, key=lambda s: s.sample_id))
     path = FileSystems.join(shards_dir, split, shard_name(index, count, fmt))
     return split, path, write_table(path, rows, sample_schema(), fmt)
 

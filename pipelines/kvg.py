@@ -48,7 +48,7 @@ from groundforge.filters.output import check_sample
 from groundforge.filters.rationale import RationaleRules, check_rationale
 from groundforge.filters.verdict import Verdict
 from groundforge.outputs.previews import PREVIEWS_FILE, WritePreviews
-from groundforge.outputs.rejections import REJECTIONS_FILE, WriteRejections
+from groundforge.outputs.rejections import WriteRejections
 from groundforge.outputs.shards import WriteShards
 from groundforge.pipelines.crowd import (
     attach_detection_rationale,
@@ -60,6 +60,7 @@ from groundforge.pipelines.crowd import (
 from groundforge.pipelines.metrics import TallyProvenance, model_namespace
 from groundforge.pipelines.plans import gather_members, route_members, wanted_members
 from groundforge.pipelines.stage import apply_check
+from groundforge.pixels import PixelStore
 from groundforge.recipe import (
     ANNOTATION_SOURCES,
     CocoSourceConfig,
@@ -81,6 +82,9 @@ from groundforge.sources.read import read_item
 
 SHARDS_DIR = "shards"
 CACHE_DIR = "cache"
+# What a run keeps only while it runs (parked pixels); removed when it has finished.
+WORK_DIR = "_work"
+REJECTION_PARTS = "rejections"
 
 
 def make_source(recipe: Recipe):
@@ -341,6 +345,11 @@ class KVGGraph:
     chat_roles: list[str] = field(default_factory=list)
     _rejected: list = field(default_factory=list)
     _previews: list = field(default_factory=list)
+
+    @property
+    def pixels(self) -> PixelStore:
+        """Where checked images and composed scenes wait (records carry only the reference)."""
+        return PixelStore(FileSystems.join(self.out_dir, WORK_DIR, "pixels"))
 
     def _stage(self, pcoll, name, check, **side_inputs):
         out = apply_check(pcoll, name, check, self.progress_dir, **side_inputs)
@@ -643,6 +652,7 @@ class KVGGraph:
             samples = self._stage(
                 records, "sample", partial(make_sample, recipe=recipe, recipe_hash=recipe.digest())
             )
+        samples = samples | "park samples" >> beam.Map(self.pixels.parked)
         if recipe.teacher is not None:
             samples = self._teach(samples)
         if recipe.student is not None:
@@ -661,6 +671,8 @@ class KVGGraph:
         records = self._stage(items, "read", read_item)
         limits = ImageLimits(min_side=recipe.images.min_side, max_pixels=recipe.images.max_pixels)
         records = self._stage(records, "image", partial(check_image, limits=limits))
+        # From here on records hold a reference: pixels never cross a shuffle or a side input.
+        records = records | "park pixels" >> beam.Map(self.pixels.parked)
         if isinstance(recipe.source, ANNOTATION_SOURCES):
             records = self._stage(records, "instances", check_instances)
         if needs_embedding(recipe):
@@ -678,6 +690,7 @@ class KVGGraph:
                     "detect_sample",
                     partial(make_detection_sample, recipe=recipe, recipe_hash=recipe.digest()),
                 )
+            samples = samples | "park samples" >> beam.Map(self.pixels.parked)
             if recipe.boxes.detector is not None:
                 samples = self._stage(
                     self._detect(samples, "candidates"),
@@ -698,7 +711,8 @@ class KVGGraph:
         _ = (
             self._rejected
             | "all rejections" >> beam.Flatten()
-            | "write rejections" >> WriteRejections(FileSystems.join(self.out_dir, REJECTIONS_FILE))
+            | "write rejections"
+            >> WriteRejections(FileSystems.join(self.out_dir, WORK_DIR, REJECTION_PARTS))
         )
         _ = (
             self._previews

@@ -17,13 +17,19 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from groundforge.outputs.card import render_card
-from groundforge.outputs.files import list_files, write_text
+from groundforge.outputs.files import list_files, remove_folder, write_text
 from groundforge.outputs.manifest import build_manifest, write_manifest
 from groundforge.outputs.previews import PREVIEWS_FILE, ensure_previews
-from groundforge.outputs.rejections import REJECTIONS_FILE, ensure_rejections, read_rejections
+from groundforge.outputs.rejections import REJECTIONS_FILE, iter_rejections, merge_rejections
 from groundforge.outputs.report import REPORT_FILE, write_report
 from groundforge.outputs.shards import finalize_shards
-from groundforge.pipelines.kvg import SHARDS_DIR, KVGGraph, splits_for
+from groundforge.pipelines.kvg import (
+    REJECTION_PARTS,
+    SHARDS_DIR,
+    WORK_DIR,
+    KVGGraph,
+    splits_for,
+)
 from groundforge.pipelines.metrics import (
     StageCount,
     read_chat_counts,
@@ -129,18 +135,26 @@ def run_recipe(
             progress_dir=progress_dir,
         )
         pipeline = beam.Pipeline(options=options)
-        stages = graph.build(pipeline)
+        graph.build(pipeline)
         watcher = (
-            ProgressWatcher(progress_dir, stages, progress)
+            ProgressWatcher(progress_dir, graph.stages, progress)
             if progress_dir
             else contextlib.nullcontext()
         )
         with watcher:
             result = pipeline.run()
             result.wait_until_finish()
+        return _finish(recipe, out_dir, options, beam_args, graph, result, started)
     finally:
         if progress_dir:
             shutil.rmtree(progress_dir, ignore_errors=True)
+        remove_folder(FileSystems.join(out_dir, WORK_DIR))
+
+
+def _finish(recipe, out_dir, options, beam_args, graph, result, started) -> RunResult:
+    """After the pipeline: complete the shards and tables, check the funnel, write the
+    manifest, card and report."""
+    stages = graph.stages
     timing = {
         "wall_seconds": round(time.perf_counter() - started, 3),
         "stage_seconds": read_stage_seconds(result, stages),
@@ -151,9 +165,9 @@ def run_recipe(
     fmt = recipe.output.format
     shards = finalize_shards(FileSystems.join(out_dir, SHARDS_DIR), splits_for(recipe), fmt)
     rejections_path = FileSystems.join(out_dir, REJECTIONS_FILE)
-    ensure_rejections(rejections_path)
+    merge_rejections(FileSystems.join(out_dir, WORK_DIR, REJECTION_PARTS), rejections_path)
     ensure_previews(FileSystems.join(out_dir, PREVIEWS_FILE))
-    by_stage = Counter((r.stage, r.reason) for r in read_rejections(rejections_path))
+    by_stage = Counter((r.stage, r.reason) for r in iter_rejections(rejections_path))
     check_funnel(funnel, by_stage)
     kept = funnel[-1].kept if funnel else 0
     written = sum(s.rows for s in shards)

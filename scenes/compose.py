@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from groundforge.filters.image import PNG_COMPRESS_LEVEL, open_rgb
+from groundforge.pixels import image_bytes
 from groundforge.scenes.layout import CanvasSpec, Placement, check_layout, plan_layout
 from groundforge.schemas.box import Box
 from groundforge.schemas.records import Entity, ImageRecord
@@ -63,7 +64,7 @@ def decoded_member(member: ImageRecord, role: str = "scene") -> tuple[Image.Imag
     (naming the ``role`` member) when there is no box, no area, or the size disagrees."""
     if member.box is None:
         raise ValueError(f"{role} member {member.image_id!r} has no trusted box")
-    image = open_rgb(member.image)
+    image = open_rgb(image_bytes(member))
     if image.size != (member.width, member.height):
         raise ValueError(
             f"{role} member {member.image_id!r} decodes to {image.width}x{image.height}, "

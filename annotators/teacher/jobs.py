@@ -17,6 +17,7 @@ from groundforge.annotators.teacher.prompts import (
 )
 from groundforge.annotators.teacher.types import TeacherRequest
 from groundforge.filters.verdict import Verdict
+from groundforge.pixels import image_bytes
 from groundforge.schemas.records import ImageRecord, KVGSample, sha256_hex, stable_id
 
 
@@ -25,11 +26,12 @@ def grounding_job(record: ImageRecord, template: PromptTemplate, codec) -> ChatJ
     prompt = grounding_prompt(
         record.entity, record.domain, codec, template, record.width, record.height
     )
+    image = image_bytes(record)
     request = TeacherRequest(
         item_id=record.image_id,
         prompt=prompt,
-        images=(record.image,),
-        image_ids=(sha256_hex(record.image),),
+        images=(image,),
+        image_ids=(sha256_hex(image),),
         template_hash=template.hash,
     )
     return ChatJob(record.image_id, (request,), context=record)
@@ -38,11 +40,12 @@ def grounding_job(record: ImageRecord, template: PromptTemplate, codec) -> ChatJ
 def _teacher_job(
     sample: KVGSample, prompt: str, template: PromptTemplate, system: str | None
 ) -> ChatJob:
+    image = image_bytes(sample)
     request = TeacherRequest(
         item_id=sample.sample_id,
         prompt=prompt,
-        images=(sample.image,),
-        image_ids=(sha256_hex(sample.image),),
+        images=(image,),
+        image_ids=(sha256_hex(image),),
         template_hash=template.hash,
         system=system,
     )
@@ -69,13 +72,14 @@ def detection_rationale_job(
 def student_job(sample: KVGSample, k: int, suffix: str | None = None) -> ChatJob:
     """``k`` samples of the student answering the sample's question (pass@k)."""
     prompt = sample.question if not suffix else f"{sample.question}{suffix}"
-    image_id = sha256_hex(sample.image)
+    image = image_bytes(sample)
+    image_id = sha256_hex(image)
     template_hash = stable_id("student", suffix or "")
     requests = tuple(
         TeacherRequest(
             item_id=f"{sample.sample_id}#{i}",
             prompt=prompt,
-            images=(sample.image,),
+            images=(image,),
             image_ids=(image_id,),
             template_hash=template_hash,
             sample_index=i,
