@@ -59,6 +59,7 @@ import numpy as np
 
 from groundforge.filters.image import open_rgb
 from groundforge.filters.verdict import Verdict
+from groundforge.pixels import image_bytes
 from groundforge.schemas.records import ImageRecord, record_key
 
 SCOPES = ("all", "entity")
@@ -173,7 +174,7 @@ def signature_of(record: ImageRecord, scope: str = "all") -> Signature:
     """
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    phash, thumbnail = fingerprint(record.image)
+    phash, thumbnail = fingerprint(image_bytes(record))
     within = record.entity if scope == "entity" else ""
     return Signature(
         record_key(record), record.image_id, phash, record.embedding, thumbnail, within

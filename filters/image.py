@@ -198,7 +198,7 @@ def _check(record: ImageRecord, data: bytes, limits: ImageLimits) -> Verdict:
     else:
         icc = image.info.get("icc_profile")
         keep_icc = isinstance(icc, bytes) and icc[16:20] == b"RGB "
-        out = _encode(rgb, image.format, icc if keep_icc else None)
+        out = encode_rgb(rgb, image.format, icc if keep_icc else None)
 
     kept = replace(
         record, image=out, width=rgb.width, height=rgb.height, opaque_box=_opaque_box(upright)
@@ -280,7 +280,10 @@ def _stretch(values: np.ndarray) -> np.ndarray:
     return np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0).clip(0, 255).astype(np.uint8)
 
 
-def _encode(rgb: Image.Image, source_format: str | None, icc: bytes | None) -> bytes:
+def encode_rgb(rgb: Image.Image, source_format: str | None, icc: bytes | None = None) -> bytes:
+    """Encode an RGB image the way checked images are kept: JPEG (quality 95, 4:4:4) when its
+    source was JPEG, else lossless PNG; no metadata but ``icc``, so the same pixels always give
+    the same bytes."""
     # save() falls back to image.info for comments, ICC profiles and transparency: clear it so
     # that only what is passed here is written.
     rgb.info = {}

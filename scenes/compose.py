@@ -9,14 +9,13 @@ because pasted sizes are rounded to whole pixels.
 
 from __future__ import annotations
 
-import io
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from PIL import Image
 
-from groundforge.filters.image import PNG_COMPRESS_LEVEL, open_rgb
+from groundforge.filters.image import encode_rgb, open_rgb
 from groundforge.pixels import image_bytes
 from groundforge.scenes.layout import CanvasSpec, Placement, check_layout, plan_layout
 from groundforge.schemas.box import Box
@@ -89,7 +88,8 @@ def compose_scene(
 
     ``seed`` seeds ``random.Random`` for the random layout; CPython turns a str seed into an
     int through SHA-512, so it does not depend on ``PYTHONHASHSEED`` and is stable across
-    processes. The same members, layout, spec and seed give the same PNG bytes.
+    processes. The same members, layout, spec and seed give the same bytes: JPEG (as the image
+    check keeps photos) when every member is a JPEG, else PNG.
 
     >>> scene = compose_scene([plane_a, plane_b], "grid", seed="s1")  # doctest: +SKIP
     >>> [e.name for e in scene.entities]                               # doctest: +SKIP
@@ -113,10 +113,11 @@ def compose_scene(
     for image, p in zip(images, placements, strict=True):
         canvas.paste(image.resize((p.width, p.height), RESAMPLE), (p.x, p.y))
 
-    buf = io.BytesIO()
-    canvas.save(buf, "PNG", compress_level=PNG_COMPRESS_LEVEL)
+    # Photos stay JPEG (PNG of a photo is several times larger and slower to write); a scene
+    # with any lossless member is lossless.
+    photos = all(image.format == "JPEG" for image in images)
     return Scene(
-        image=buf.getvalue(),
+        image=encode_rgb(canvas, "JPEG" if photos else "PNG"),
         width=width,
         height=height,
         layout=layout,
