@@ -58,7 +58,14 @@ from groundforge.pipelines.crowd import (
     mark_uncertain,
 )
 from groundforge.pipelines.metrics import TallyProvenance, model_namespace
-from groundforge.pipelines.plans import gather_members, route_members, wanted_members
+from groundforge.pipelines.plans import (
+    PlanCrowds,
+    PlanScenes,
+    claimed_records,
+    gather_members,
+    route_members,
+    wanted_members,
+)
 from groundforge.pipelines.stage import apply_check
 from groundforge.pixels import PixelStore
 from groundforge.recipe import (
@@ -71,9 +78,8 @@ from groundforge.recipe import (
     Recipe,
 )
 from groundforge.scenes.compose import compose_scene
-from groundforge.scenes.crowd import plan_crowds
 from groundforge.scenes.layout import CanvasSpec
-from groundforge.scenes.plan import PlanSettings, PoolItem, ScenePlan, plan_scenes
+from groundforge.scenes.plan import PlanSettings, PoolItem
 from groundforge.scenes.sampling import SceneMix
 from groundforge.schemas.box import Box
 from groundforge.schemas.codecs import get_codec
@@ -261,12 +267,13 @@ def attach_embedding(prediction: PredictionResult) -> Verdict:
     return Verdict.ok(replace(prediction.example, embedding=tuple(prediction.inference)))
 
 
-def in_a_plan(record: ImageRecord, used: set[str], reason: str) -> Verdict:
-    """Keep the images some plan uses. In scenes every image is the target of its own scenes
-    unless its pool (domain and split) holds fewer than two entities; crowds draw from their
-    pool at random, so some images may stay out."""
-    if record_key(record) in used:
-        return Verdict.ok()
+def in_a_plan(claim: tuple[ImageRecord, bool], reason: str) -> Verdict:
+    """Keep the images some plan uses (``claim`` is ``(record, wanted)``). In scenes every image
+    is the target of its own scenes unless its pool (domain and split) holds fewer than two
+    entities; crowds draw from their pool at random, so some images may stay out."""
+    record, wanted = claim
+    if wanted:
+        return Verdict.ok(record)
     return Verdict.drop(reason)
 
 
@@ -281,16 +288,10 @@ def pool_item(record: ImageRecord, recipe: Recipe) -> PoolItem:
     )
 
 
-def plan_all(items: list[PoolItem], settings: PlanSettings, cfg) -> list[ScenePlan]:
-    """The run's scene plans (a global step: every item's metadata, no pixels)."""
-    text_vectors = None
-    if cfg.similarity == "text":
-        from groundforge.annotators.embed import TextEmbedder
-
-        names = sorted({i.entity for i in items})
-        vectors = TextEmbedder(cfg.text_model).embed_texts(names) if names else []
-        text_vectors = dict(zip(names, vectors, strict=True))
-    return plan_scenes(items, settings, text_vectors)
+def plan_all(settings: PlanSettings, cfg) -> PlanScenes:
+    """The scene planning of a recipe: per target image, from per-pool entity tables whose
+    vectors are mean image vectors or, with ``similarity: text``, embedded entity names."""
+    return PlanScenes(settings, text=cfg.similarity == "text", text_model=cfg.text_model)
 
 
 def compose_planned(keyed, spec: CanvasSpec) -> Verdict:
@@ -525,8 +526,7 @@ class KVGGraph:
         plans = (
             records
             | "pool items" >> beam.Map(pool_item, recipe=recipe)
-            | "all pool items" >> beam.combiners.ToList()
-            | "plan scenes" >> beam.FlatMap(plan_all, settings=settings, cfg=cfg)
+            | "plan scenes" >> plan_all(settings, cfg)
         )
         members = self._join_plans(records, plans, "scene_pool", "scene_pool_too_small")
         by_scene = plans | "key plans" >> beam.Map(lambda plan: (plan.scene_id, plan))
@@ -599,26 +599,20 @@ class KVGGraph:
         return records
 
     def _join_plans(self, records, plans, pool_stage: str, unused: str):
-        """Route each record to the plans (scenes, crowds) that use it; drop the unused ones at
-        ``pool_stage``. Yields ``(plan_id, (slot, record))``."""
-        used = (
-            plans
-            | f"{pool_stage} members" >> beam.FlatMap(lambda plan: plan.members)
-            | f"{pool_stage} used keys" >> beam.combiners.ToSet()
-        )
-        records = self._stage(
-            records,
-            pool_stage,
-            partial(in_a_plan, reason=unused),
-            used=beam.pvalue.AsSingleton(used),
-        )
+        """Route each record to the plans (scenes, crowds) that use it, joined by record key;
+        count the unused ones as drops at ``pool_stage``. Yields ``(plan_id, (slot, record))``."""
         keyed = records | f"{pool_stage} key records" >> beam.Map(lambda r: (record_key(r), r))
         wanted = plans | f"{pool_stage} wanted members" >> beam.FlatMap(wanted_members)
-        return (
-            {"record": keyed, "want": wanted}
-            | f"{pool_stage} join members" >> beam.CoGroupByKey()
-            | f"{pool_stage} route members" >> beam.FlatMap(route_members)
+        joined = {"record": keyed, "want": wanted} | f"{pool_stage} join members" >> (
+            beam.CoGroupByKey()
         )
+        # The stage only counts: the kept records travel on through the routing below.
+        self._stage(
+            joined | f"{pool_stage} claims" >> beam.FlatMap(claimed_records),
+            pool_stage,
+            partial(in_a_plan, reason=unused),
+        )
+        return joined | f"{pool_stage} route members" >> beam.FlatMap(route_members)
 
     def _crowds(self, records):
         """Synthetic crowds of the boxed records, one detect sample each."""
@@ -627,8 +621,7 @@ class KVGGraph:
         plans = (
             records
             | "crowd pool items" >> beam.Map(pool_item, recipe=recipe)
-            | "all crowd pool items" >> beam.combiners.ToList()
-            | "plan crowds" >> beam.FlatMap(plan_crowds, spec, cfg.per_image, cfg.seed)
+            | "plan crowds" >> PlanCrowds(spec, cfg.per_image, cfg.seed)
         )
         members = self._join_plans(records, plans, "crowd_pool", "not_in_a_crowd")
         by_crowd = plans | "key crowds" >> beam.Map(lambda plan: (plan.scene_id, plan))

@@ -24,10 +24,12 @@ them, so crowds vary while every step corrects the error left by the previous on
 
 from __future__ import annotations
 
+import heapq
 import io
 import math
 import random
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -265,23 +267,87 @@ class CrowdPlan:
     members: tuple[str, ...]
 
 
-def plan_crowds(items: Sequence[PoolItem], spec: CrowdSpec, per_image: float, seed: str):
-    """Crowds for a run: per (domain, split), ``round(per_image x items)`` crowds (at least one),
-    each drawing up to ``spec.count[1]`` distinct items, so held-out entities never mix with
+# How many candidates a crowd is offered beyond the ``count[1]`` it keeps, in standard
+# deviations of the offer: a crowd falls short of ``count[1]`` members about once in 300.
+_OFFER_SPREAD = 3
+
+
+def crowds_in_pool(pool_size: int, per_image: float) -> int:
+    """How many crowds a pool of ``pool_size`` images makes: ``round(per_image x size)``, at
+    least one."""
+    return max(1, round(per_image * pool_size))
+
+
+def offer_share(pool_size: int, most: int) -> float:
+    """The chance that an image is offered to one crowd of its pool: enough for the crowd to
+    gather ``most`` candidates with a margin, or every image when the pool is small."""
+    wanted = most + _OFFER_SPREAD * math.sqrt(most) + _OFFER_SPREAD
+    return min(1.0, wanted / pool_size)
+
+
+def crowd_offers(
+    item: PoolItem, pool_size: int, spec: CrowdSpec, per_image: float, seed: str
+) -> list[tuple[int, str]]:
+    """The crowds of its pool that ``item`` is offered to, each with the rank it has there.
+
+    An image is offered to each of the pool's :func:`crowds_in_pool` crowds independently with
+    probability :func:`offer_share`; the offered crowds are found by geometric skips, so the
+    work is the number of offers (``per_image`` times a little over ``count[1]`` on average),
+    not the number of crowds.
+    A crowd keeps the ``count[1]`` candidates of lowest rank: a uniform draw without
+    replacement. Everything comes from seeded hashes of the item's key.
+
+    >>> item = PoolItem("k", "i", "flag", "sft", "e")
+    >>> [n for n, _ in crowd_offers(item, 6, CrowdSpec(count=(2, 4)), 0.5, "s")]
+    [0, 1, 2]
+    """
+    crowds = crowds_in_pool(pool_size, per_image)
+    share = offer_share(pool_size, spec.count[1])
+    if share >= 1.0:
+        chosen = range(crowds)
+    else:
+        rng = random.Random(stable_id("crowd-offers", seed, item.domain, item.split, item.key))
+        skip = math.log1p(-share)
+        chosen, n = [], -1
+        while True:
+            # 1 - random() lies in (0, 1]: a gap of floor(log(u) / log(1 - share)) crowds.
+            n += 1 + int(math.log(1.0 - rng.random()) / skip)
+            if n >= crowds:
+                break
+            chosen.append(n)
+    return [
+        (n, stable_id("crowd-rank", seed, item.domain, item.split, n, item.key)) for n in chosen
+    ]
+
+
+def crowd_plan(
+    crowd: tuple[str, str, int], candidates: Iterable[tuple[str, str]], seed: str
+) -> CrowdPlan:
+    """The plan of crowd ``(domain, split, n)`` from its kept ``(rank, key)`` candidates."""
+    domain, split, n = crowd
+    keys = [key for _, key in sorted(candidates)]
+    return CrowdPlan(stable_id("crowd", seed, domain, split, n, keys), domain, split, tuple(keys))
+
+
+def plan_crowds(
+    items: Sequence[PoolItem], spec: CrowdSpec, per_image: float, seed: str
+) -> list[CrowdPlan]:
+    """Crowds for a run, in memory (the pipeline runs the same steps, :func:`crowd_offers` and
+    :func:`crowd_plan`): per (domain, split), ``round(per_image x items)`` crowds (at least
+    one), each of up to ``spec.count[1]`` distinct items, so held-out entities never mix with
     training ones. The same items and seed give the same plans whatever their order.
 
     >>> items = [PoolItem(f"k{i}", f"i{i}", "flag", "sft", f"e{i}") for i in range(6)]
     >>> [len(p.members) for p in plan_crowds(items, CrowdSpec(count=(2, 4)), 0.5, "s")]
     [4, 4, 4]
     """
-    groups: dict[tuple[str, str], list[PoolItem]] = {}
-    for item in sorted(items, key=lambda i: i.key):
-        groups.setdefault((item.domain, item.split), []).append(item)
-    plans = []
-    for (domain, split), group in sorted(groups.items()):
-        rng = random.Random(f"{seed}|{domain}|{split}")
-        for n in range(max(1, round(per_image * len(group)))):
-            chosen = rng.sample(group, min(len(group), spec.count[1]))
-            scene_id = stable_id("crowd", seed, domain, split, n, [c.key for c in chosen])
-            plans.append(CrowdPlan(scene_id, domain, split, tuple(c.key for c in chosen)))
-    return plans
+    sizes = Counter(item.pool for item in items)
+    offers: dict[tuple[str, str, int], list[tuple[str, str]]] = defaultdict(list)
+    for item in items:
+        for n, rank in crowd_offers(item, sizes[item.pool], spec, per_image, seed):
+            offers[(*item.pool, n)].append((rank, item.key))
+    plans = [
+        crowd_plan(crowd, heapq.nsmallest(spec.count[1], offered), seed)
+        for crowd, offered in offers.items()
+    ]
+    return sorted(plans, key=lambda p: (p.domain, p.split, p.scene_id))

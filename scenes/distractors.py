@@ -69,8 +69,9 @@ class DistractorIndex:
     """Nearest entities of one domain by cosine similarity (see the module docstring).
 
     ``names`` must be unique; ``vectors`` holds one row per name and is L2-normalised here (a
-    zero row stays zero and is similar to nothing). Pickles as names and vectors; the faiss
-    index is rebuilt on load.
+    zero row stays zero and is similar to nothing). Pickles as names and unit vectors, which
+    load back bit for bit (normalising them again could move their last bits); the faiss index
+    is rebuilt on load.
     """
 
     def __init__(self, names: Sequence[str], vectors: np.ndarray):
@@ -107,7 +108,10 @@ class DistractorIndex:
         return {"names": self.names, "vectors": self.vectors}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["names"], state["vectors"])
+        self.names = state["names"]
+        self._row = {name: i for i, name in enumerate(self.names)}
+        self.vectors = state["vectors"]
+        self._index = self._build()
 
     def _index_of(self, name: str) -> int:
         try:

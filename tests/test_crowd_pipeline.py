@@ -1,16 +1,23 @@
-"""The bundled crowd recipe offline, and the DIP-R1 trainer on what it writes."""
+"""The bundled crowd recipe offline, the DIP-R1 trainer on what it writes, and the join of
+plans with their member records."""
 
 from __future__ import annotations
 
 import math
 
+import apache_beam as beam
 import pytest
+from apache_beam.testing.util import assert_that, equal_to
 from test_trainer_data import BUDGET
 
 from groundforge.examples import EXAMPLES_DIR
 from groundforge.outputs.shards import read_samples
+from groundforge.pipelines.kvg import KVGGraph
+from groundforge.pipelines.metrics import read_funnel
 from groundforge.pipelines.run import run_recipe
 from groundforge.recipe import load_recipe
+from groundforge.scenes.crowd import CrowdPlan
+from groundforge.schemas.records import ImageRecord
 from groundforge.trainer.callbacks import read_log
 from groundforge.trainer.grpo import reward_spec, run_grpo
 
@@ -69,3 +76,43 @@ def test_dip_r1_grpo_steps_on_crowd_shards(crowd_run, tiny_vlm_dir, tmp_path):
     for record in records:
         assert list(record["rewards"]) == list(reward_spec("dip_r1"))
         assert all(math.isfinite(v) for v in record["rewards"].values())
+
+
+def test_records_join_their_plan_slots_and_the_unwanted_are_dropped(tmp_path):
+    records = [
+        ImageRecord(f"id{i}", b"", 8, 8, "flag", f"e{i}", location=f"/img/{i}.png")
+        for i in range(5)
+    ]
+    plans = [
+        CrowdPlan("c1", "flag", "sft", ("/img/0.png", "/img/2.png")),
+        CrowdPlan("c2", "flag", "sft", ("/img/2.png", "/img/4.png", "/img/0.png")),
+    ]
+    graph = KVGGraph(load_recipe(EXAMPLES_DIR / "crowd.yaml"), str(tmp_path))
+    p = beam.Pipeline()
+    members = graph._join_plans(
+        p | "records" >> beam.Create(records), p | "plans" >> beam.Create(plans), "pool", "unused"
+    )
+    assert_that(
+        members | beam.MapTuple(lambda plan, slot: (plan, slot[0], slot[1].location)),
+        equal_to(
+            [
+                ("c1", 0, "/img/0.png"),
+                ("c1", 1, "/img/2.png"),
+                ("c2", 0, "/img/2.png"),
+                ("c2", 1, "/img/4.png"),
+                ("c2", 2, "/img/0.png"),
+            ]
+        ),
+        label="members",
+    )
+    assert_that(
+        graph._rejected[0] | beam.Map(lambda r: (r.item_id, r.stage, r.reason, r.source_id)),
+        equal_to(
+            [("id1", "pool", "unused", "/img/1.png"), ("id3", "pool", "unused", "/img/3.png")]
+        ),
+        label="rejected",
+    )
+    result = p.run()
+    result.wait_until_finish()
+    (pool,) = read_funnel(result, graph.stages)
+    assert (pool.total, pool.kept, pool.dropped) == (5, 3, {"unused": 2})

@@ -1,22 +1,38 @@
-"""Synthetic crowds: exact visible boxes, full boxes, overlap control, determinism, real flags."""
+"""Synthetic crowds: exact visible boxes, full boxes, overlap control, determinism, real flags;
+crowd plans drawn per image, bounded per crowd, the same in any order and on two Beam runners."""
 
 from __future__ import annotations
 
 import doctest
 import io
 import itertools
+import pickle
+import random
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+import apache_beam as beam
 import numpy as np
 import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from groundforge.annotators.foreground import ForegroundAnnotator
 from groundforge.filters.image import check_image
+from groundforge.pipelines.plans import PlanCrowds
 from groundforge.scenes import crowd as crowd_module
 from groundforge.scenes.compose import RESAMPLE
-from groundforge.scenes.crowd import CrowdSpec, compose_crowd
+from groundforge.scenes.crowd import (
+    CrowdSpec,
+    compose_crowd,
+    crowd_offers,
+    crowd_plan,
+    crowds_in_pool,
+    plan_crowds,
+)
+from groundforge.scenes.plan import PoolItem
 from groundforge.schemas.box import Box, mask_box
 from groundforge.schemas.records import ImageRecord, sha256_hex
 
@@ -226,6 +242,88 @@ def test_objects_larger_than_the_canvas_are_shrunk_to_fit():
         assert max(instance.full.width / 50, instance.full.height / 20) == pytest.approx(
             1, abs=0.05
         )
+
+
+RUNNERS = {
+    "in_process": [],
+    "multi_processing": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+}
+
+
+def pool(n: int, split: str = "sft", domain: str = "flag") -> list[PoolItem]:
+    return [
+        PoolItem(f"/{domain}/{split}/{i:05}.png", f"{domain}{split}{i}", domain, split, f"e{i}")
+        for i in range(n)
+    ]
+
+
+def test_crowd_plans_per_pool_size_distinct_members_and_no_mixing():
+    spec = CrowdSpec(count=(3, 8))
+    items = pool(300) + pool(40, "val") + pool(5, "sft", "car")
+    plans = plan_crowds(items, spec, 0.2, "seed")
+    split_of = {i.key: (i.domain, i.split) for i in items}
+    for plan in plans:
+        assert 1 <= len(plan.members) <= 8 and len(set(plan.members)) == len(plan.members)
+        assert {split_of[k] for k in plan.members} == {(plan.domain, plan.split)}
+    assert Counter((p.domain, p.split) for p in plans) == {
+        ("flag", "sft"): 60,
+        ("flag", "val"): 8,
+        ("car", "sft"): 1,  # round(0.2 x 5) = 1
+    }
+    assert crowds_in_pool(2, 0.1) == 1
+    # A pool no bigger than a crowd: every crowd may draw on all of it.
+    assert [len(p.members) for p in plans if p.domain == "car"] == [5]
+    # Large pools fill their crowds, all but about one in 300 up to count[1].
+    sizes = Counter(len(p.members) for p in plans if p.domain == "flag")
+    assert sizes[8] >= 66 and min(sizes) >= 3
+    assert len({p.scene_id for p in plans}) == len(plans)
+
+
+def test_crowd_plans_are_the_same_whatever_the_input_order():
+    items = pool(500) + pool(30, "val")
+    spec = CrowdSpec(count=(4, 10))
+    reference = plan_crowds(items, spec, 0.3, "s")
+    for seed in range(4):
+        shuffled = list(items)
+        random.Random(seed).shuffle(shuffled)
+        assert plan_crowds(shuffled, spec, 0.3, "s") == reference
+    assert plan_crowds(items, spec, 0.3, "other") != reference
+
+
+def test_crowd_steps_are_bounded_by_a_crowd_not_by_the_pool():
+    # One pool of 2,000 images (a single-domain corpus): 600 crowds of 20.
+    items = pool(2000)
+    spec = CrowdSpec()
+    offers = [crowd_offers(item, 2000, spec, 0.3, "s") for item in items]
+    # Each image is offered to a few crowds, not to the 600 of its pool.
+    per_item = [len(o) for o in offers]
+    assert 5 < np.mean(per_item) < 20 and max(per_item) < 40
+    assert all(0 <= n < 600 and len({m for m, _ in o}) == len(o) for o in offers for n, _ in o)
+    # A crowd keeps its 20 lowest ranks among the few dozen images offered to it.
+    offered: dict[int, list] = {}
+    for item, item_offers in zip(items, offers, strict=True):
+        for n, rank in item_offers:
+            offered.setdefault(n, []).append((rank, item.key))
+    assert len(offered) == 600 and max(len(o) for o in offered.values()) < 80
+    plans = [crowd_plan(("flag", "sft", n), sorted(o)[:20], "s") for n, o in offered.items()]
+    assert all(len(pickle.dumps(p)) < 2000 for p in plans)
+    assert sum(len(p.members) == 20 for p in plans) >= 590
+    assert sorted(plans, key=lambda p: p.scene_id) == sorted(
+        plan_crowds(items, spec, 0.3, "s"), key=lambda p: p.scene_id
+    )
+    # Images take part evenly: few are left out of every crowd.
+    used = Counter(k for p in plans for k in p.members)
+    assert len(used) > 1950 and max(used.values()) < 20
+
+
+@pytest.mark.parametrize("runner", list(RUNNERS))
+def test_beam_crowd_plans_are_the_in_memory_plans(runner):
+    items = pool(400) + pool(25, "val") + pool(3, "sft", "car")
+    spec = CrowdSpec(count=(2, 12))
+    expected = plan_crowds(items, spec, 0.25, "s")
+    with beam.Pipeline(options=PipelineOptions(RUNNERS[runner])) as p:
+        plans = p | beam.Create(items) | PlanCrowds(spec, 0.25, "s")
+        assert_that(plans, equal_to(expected))
 
 
 def test_doctests():
