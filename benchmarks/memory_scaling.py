@@ -23,7 +23,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -186,9 +185,11 @@ def main() -> None:
         (ts, ps), (tl, pl) = results[small], results[large]
         rows.append((mode, ps, pl, small / ts, large / tl))
     print()
-    print(textwrap.dedent(f"""\
-        | mode | peak RSS {small} | peak RSS {large} | ratio | images/s {small} | images/s {large} | ratio |
-        |---|---:|---:|---:|---:|---:|---:|"""))
+    print(
+        f"| mode | peak RSS {small} | peak RSS {large} | ratio "
+        f"| images/s {small} | images/s {large} | ratio |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for mode, ps, pl, rs, rl in rows:
         print(
             f"| {mode} | {ps / 2**30:.2f} GiB | {pl / 2**30:.2f} GiB | {pl / ps:.2f} "
