@@ -52,7 +52,7 @@ def _run(recipe_path: Path | None, recipe, out: str, beam_args: tuple[str, ...])
         f"({', '.join(f'{k}: {v}' for k, v in result.manifest['splits'].items())}); "
         f"{result.manifest['rejections']['rows']} rejections in {out}/rejections.parquet"
     )
-    console.print(f"report: {Path(out) / 'report.html'}")
+    console.print(f"report: {out.rstrip('/')}/report.html")
 
 
 class _Group(click.Group):
@@ -143,11 +143,24 @@ def serve_teacher(model: str, host: str, port: int, device: str) -> None:
     run_server(model, host, port, device)
 
 
-@main.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--out", type=click.Path(dir_okay=False), help="Where to write (RUN_DIR/report.html)."
-)
+def _run_folder(run_dir: str, beam_args: tuple[str, ...]) -> str:
+    """``run_dir``, with the filesystem options of ``beam_args`` set for every file read or
+    written (``--s3_endpoint_url=...`` and the like, for a run folder in a bucket)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from groundforge.outputs.files import is_local
+    from groundforge.pipelines.options import pipeline_options
+
+    FileSystems.set_options(pipeline_options(beam_args))
+    if is_local(run_dir) and not os.path.isdir(run_dir):
+        what = "is a file" if os.path.exists(run_dir) else "does not exist"
+        raise click.BadParameter(f"{run_dir} {what}; give a run folder", param_hint="RUN_DIR")
+    return run_dir
+
+
+@main.command(context_settings=_BEAM_ARGS)
+@click.argument("run_dir")
+@click.option("--out", help="Where to write (RUN_DIR/report.html); a path or a bucket URI.")
 @click.option(
     "--per-group",
     default=12,
@@ -162,27 +175,38 @@ def serve_teacher(model: str, host: str, port: int, device: str) -> None:
     type=click.IntRange(min=16),
     help="Longest side of a thumbnail, in pixels.",
 )
-def report(run_dir: str, out: str | None, per_group: int, thumb: int) -> None:
+@click.argument("beam_args", nargs=-1, type=click.UNPROCESSED)
+def report(
+    run_dir: str, out: str | None, per_group: int, thumb: int, beam_args: tuple[str, ...]
+) -> None:
     """Write a run folder's report: one self-contained HTML file (no network needed).
 
     Funnel, a gallery of samples with their boxes, dropped examples by reason, distributions and
-    filters. Runs write it themselves; use this to redo it with other settings.
+    filters. Runs write it themselves; use this to redo it with other settings. RUN_DIR may be
+    in a bucket; Beam's filesystem options go after `--`, e.g.
+    `-- --s3_endpoint_url=http://127.0.0.1:9000`.
     """
     from groundforge.outputs.report import write_report
 
+    run_dir = _run_folder(run_dir, beam_args)
     click.echo(write_report(run_dir, out, per_group=per_group, thumb=thumb))
 
 
-@main.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@main.command(context_settings=_BEAM_ARGS)
+@click.argument("run_dir")
 @click.option("-n", "--samples", default=5, show_default=True, help="Samples to show.")
 @click.option("--no-verify", is_flag=True, help="Skip checking the shards' sha256.")
-def inspect(run_dir: str, samples: int, no_verify: bool) -> None:
-    """Show a run folder: its stage funnel, shards (checksums verified) and a few samples."""
+@click.argument("beam_args", nargs=-1, type=click.UNPROCESSED)
+def inspect(run_dir: str, samples: int, no_verify: bool, beam_args: tuple[str, ...]) -> None:
+    """Show a run folder: its stage funnel, shards (checksums verified) and a few samples.
+
+    RUN_DIR may be in a bucket; Beam's filesystem options go after `--` as for `report`.
+    """
     from rich.console import Console
 
     from groundforge.outputs.console import inspect_run
 
+    run_dir = _run_folder(run_dir, beam_args)
     ok = inspect_run(run_dir, Console(), samples=samples, verify=not no_verify)
     sys.exit(0 if ok else 1)
 

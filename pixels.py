@@ -19,7 +19,6 @@ True
 from __future__ import annotations
 
 import hashlib
-import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -68,13 +67,11 @@ class PixelStore:
     def park(self, data: bytes) -> str:
         """Write ``data`` (once) and return its URI. The write is atomic: a reader never sees
         a half-written file."""
+        from groundforge.outputs.files import write_bytes
+
         ref = self.ref_for(data)
-        if FileSystems.exists(ref):
-            return ref
-        tmp = f"{ref}.tmp-{uuid.uuid4().hex}"
-        with FileSystems.create(tmp, compression_type=_RAW) as fh:
-            fh.write(data)
-        FileSystems.rename([tmp], [ref])
+        if not FileSystems.exists(ref):
+            write_bytes(ref, data)
         return ref
 
     def parked(self, item: Any) -> Any:

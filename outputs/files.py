@@ -1,12 +1,21 @@
-"""Table files through Beam's ``FileSystems``, so the same code writes to a local folder or to a
-bucket (gs://, s3://) when a pipeline runs on a cloud runner."""
+"""Run files through Beam's ``FileSystems``, so the same code reads and writes a local folder or
+a bucket (``gs://``, ``s3://``), on the driver and on every worker.
+
+Writes are all-or-nothing: a reader sees the whole file or none of it. On a local disk the bytes
+go to a temporary file in the same folder, renamed into place (atomic on POSIX). On an object
+store an object only becomes visible when its upload is closed, so the final name is written in
+one create/close; the bytes are made in memory first, because closing the stream after a failed
+write would publish what was written so far.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import uuid
 from collections.abc import Iterable, Iterator
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,6 +27,47 @@ EXTENSIONS: dict[str, str] = {"arrow": "arrow", "parquet": "parquet"}
 _RAW = CompressionTypes.UNCOMPRESSED
 # Rows per record batch (Arrow) or row group (Parquet): what a writer holds at once.
 BATCH_ROWS = 64
+
+
+def is_local(path: str) -> bool:
+    """True for a path of the local filesystem (one without a URI scheme)."""
+    return FileSystems.get_scheme(path) is None
+
+
+@contextlib.contextmanager
+def atomic_create(path: str, mime_type: str = "application/octet-stream") -> Iterator[IO[bytes]]:
+    """A binary stream whose content appears at ``path`` only if the block ends without error.
+
+    On a local disk the temporary file is ``<path>.<random hex>.tmp``, removed on failure (a
+    killed process may leave one behind, never a partial ``path``).
+    """
+    if is_local(path):
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        try:
+            with FileSystems.create(tmp, mime_type=mime_type, compression_type=_RAW) as fh:
+                yield fh
+            FileSystems.rename([tmp], [path])
+        except BaseException:
+            with contextlib.suppress(Exception):
+                FileSystems.delete([tmp])
+            raise
+        return
+    buffer = io.BytesIO()
+    yield buffer
+    with FileSystems.create(path, mime_type=mime_type, compression_type=_RAW) as fh:
+        fh.write(buffer.getbuffer())
+
+
+def write_bytes(path: str, data: bytes, mime_type: str = "application/octet-stream") -> None:
+    """Write ``data`` to ``path``, atomically."""
+    with atomic_create(path, mime_type) as fh:
+        fh.write(data)
+
+
+def read_bytes(path: str) -> bytes:
+    """The bytes of the file at ``path``, exactly as stored (a ``.gz`` name is not unpacked)."""
+    with FileSystems.open(path, compression_type=_RAW) as fh:
+        return fh.read()
 
 
 def _chunks(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -45,9 +95,8 @@ def write_table(
     consumed ``batch_rows`` at a time (one record batch or row group each), so a generator of
     rows holding images never has more than one batch in memory. Returns the rows written.
     """
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     written = 0
-    with FileSystems.create(tmp, compression_type=_RAW) as raw:
+    with atomic_create(path) as raw:
         sink = pa.PythonFile(raw, mode="w")
         writer = (
             pa.ipc.new_stream(sink, schema)
@@ -58,13 +107,11 @@ def write_table(
             for chunk in _chunks(rows, batch_rows):
                 writer.write_batch(pa.RecordBatch.from_pylist(chunk, schema=schema))
                 written += len(chunk)
-    FileSystems.rename([tmp], [path])
     return written
 
 
 def read_table(path: str, fmt: TableFormat) -> pa.Table:
-    with FileSystems.open(path, compression_type=_RAW) as raw:
-        data = raw.read()
+    data = read_bytes(path)
     if fmt == "arrow":
         return pa.ipc.open_stream(pa.BufferReader(data)).read_all()
     return pq.read_table(pa.BufferReader(data))
@@ -89,7 +136,7 @@ def list_files(pattern: str) -> list[str]:
 def remove_folder(path: str) -> None:
     """Delete a folder and everything under it (on object stores: every object under the
     prefix); nothing to do when it does not exist."""
-    if FileSystems.get_scheme(path) in (None, "file"):
+    if is_local(path):
         # A local folder is one path (removed as a tree); a trailing "/" would list its files.
         if FileSystems.exists(path):
             FileSystems.delete([path])
@@ -97,21 +144,23 @@ def remove_folder(path: str) -> None:
     try:
         FileSystems.delete([path.rstrip("/") + "/"])
     except BeamIOError:
-        if list_files(FileSystems.join(path, "**")):
+        if has_files(path):
             raise
+
+
+def has_files(folder: str) -> bool:
+    """True when at least one file lies anywhere under ``folder`` (an object store has no empty
+    folders, so this is what "the folder exists" means on every filesystem)."""
+    return bool(FileSystems.match([FileSystems.join(folder, "**")], limits=[1])[0].metadata_list)
 
 
 def write_text(path: str, text: str, mime_type: str = "text/plain") -> None:
     """Write ``text`` as UTF-8, atomically: a reader never sees a half-written file."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with FileSystems.create(tmp, mime_type=mime_type, compression_type=_RAW) as f:
-        f.write(text.encode("utf-8"))
-    FileSystems.rename([tmp], [path])
+    write_bytes(path, text.encode("utf-8"), mime_type)
 
 
 def read_text(path: str) -> str:
-    with FileSystems.open(path, compression_type=_RAW) as f:
-        return f.read().decode("utf-8")
+    return read_bytes(path).decode("utf-8")
 
 
 def count_rows(path: str, fmt: TableFormat) -> int:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from groundforge.outputs.files import list_files, remove_folder, write_table
+from groundforge.outputs.files import atomic_create, list_files, remove_folder, write_table
 from groundforge.schemas.arrow import REJECTION_SCHEMA, rejection_to_row, row_to_rejection
 from groundforge.schemas.records import Rejection
 
@@ -90,8 +90,7 @@ def merge_rejections(parts_dir: str, path: str) -> None:
     """Stream the parts into the table at ``path`` (0 rows when there are none), then remove
     the parts."""
     parts = sorted(list_files(FileSystems.join(parts_dir, "*.parquet")), key=_parse_part)
-    tmp = f"{path}.tmp-merge"
-    with FileSystems.create(tmp, compression_type=_RAW) as raw:
+    with atomic_create(path) as raw:
         sink = pa.PythonFile(raw, mode="w")
         with pq.ParquetWriter(sink, REJECTION_SCHEMA, compression="zstd") as out:
             for part in parts:
@@ -99,7 +98,6 @@ def merge_rejections(parts_dir: str, path: str) -> None:
                     source = pq.ParquetFile(pa.PythonFile(fh, mode="r"))
                     for batch in source.iter_batches():
                         out.write_batch(batch)
-    FileSystems.rename([tmp], [path])
     remove_folder(parts_dir)
 
 

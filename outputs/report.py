@@ -395,7 +395,7 @@ def render_report(run_dir: str, per_group: int = 12, thumb: int = 320) -> str:
         _environment()
         .get_template("report.html.j2")
         .render(
-            name=recipe.get("name") or Path(run_dir.rstrip("/")).name,
+            name=recipe.get("name") or run_dir.rstrip("/").rsplit("/", 1)[-1],
             domain=recipe.get("domain") or ", ".join(sorted(dist.targets)) or "-",
             version=manifest.get("groundforge_version", "-"),
             created_at=manifest.get("created_at", "-"),

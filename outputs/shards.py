@@ -21,7 +21,6 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -31,6 +30,7 @@ from groundforge.outputs.files import (
     TableFormat,
     count_rows,
     file_sha256,
+    has_files,
     list_files,
     read_table,
     write_table,
@@ -178,15 +178,17 @@ def splits_on_disk(shards_dir: str, fmt: TableFormat) -> set[str]:
 
 
 def shards_folder(path: str | os.PathLike) -> str:
-    """A run folder's ``shards/``, or ``path`` itself when it is a shards folder."""
-    root = Path(path)
-    return str(root / "shards") if (root / "shards").is_dir() else str(root)
+    """A run folder's ``shards/``, or ``path`` itself when it is a shards folder (any
+    ``FileSystems`` path: local, ``gs://``, ``s3://``)."""
+    root = os.fspath(path)
+    inner = FileSystems.join(root, "shards")
+    return inner if has_files(inner) else root
 
 
 def detect_format(shards_dir: str | os.PathLike) -> TableFormat:
     """``arrow`` or ``parquet``: the format of the shards under ``shards_dir/<split>/``."""
     for fmt in ("arrow", "parquet"):
-        if splits_on_disk(str(shards_dir), fmt):
+        if splits_on_disk(os.fspath(shards_dir), fmt):
             return fmt
     raise FileNotFoundError(
         f"{shards_dir}: no shards here (expected <split>/data-*.arrow or <split>/data-*.parquet);"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -50,6 +51,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 CARD_FILE = "README.md"
+# Option names whose values are credentials; the manifest records them as "***".
+_SECRET_OPTION = re.compile(r"--[\w.-]*(secret|token|password|credential|access_key)[\w.-]*", re.I)
+REDACTED = "***"
 
 
 class FunnelMismatch(RuntimeError):
@@ -94,6 +98,26 @@ def check_funnel(funnel: list[StageCount], rejections: Counter) -> None:
         raise FunnelMismatch(f"rejections without a counter: {extra}")
 
 
+def redact_args(beam_args: list[str] | tuple[str, ...]) -> list[str]:
+    """``beam_args`` with the values of credential options (``--s3_secret_access_key``, ...)
+    replaced by ``***``, in both ``--flag=value`` and ``--flag value`` forms."""
+    shown: list[str] = []
+    hide_next = False
+    for arg in beam_args:
+        if hide_next:
+            shown.append(REDACTED)
+            hide_next = False
+            continue
+        name, sep, _ = arg.partition("=")
+        if _SECRET_OPTION.fullmatch(name):
+            if sep:
+                arg = f"{name}={REDACTED}"
+            else:
+                hide_next = True
+        shown.append(arg)
+    return shown
+
+
 def check_api_keys(recipe: Recipe) -> None:
     """Fail before any work when a model's key variable is not set (naming the variable only)."""
     for role in ("grounder", "teacher", "student"):
@@ -115,6 +139,10 @@ def run_recipe(
 
     ``progress``, when given, receives every half second the live counts of every stage
     (``{"stage", "in", "kept", "dropped"}`` dicts, in stage order) on local runners.
+
+    ``out_dir`` is any ``FileSystems`` path; the filesystem options in ``beam_args``
+    (``--s3_endpoint_url``, ``--s3_access_key_id``, ...) reach the workers through the pipeline
+    and every file this process reads or writes before and after it.
     """
     check_api_keys(recipe)
     options = pipeline_options(beam_args)
@@ -122,6 +150,8 @@ def run_recipe(
         log.warning(
             "%s is not a Beam pipeline option any loaded runner knows; check the spelling", flag
         )
+    # beam.Pipeline() sets these too, but only once it is built: the folder is cleared first.
+    FileSystems.set_options(options)
     _clear_previous(out_dir)
     started = time.perf_counter()
     watched = progress is not None and shows_progress(options)
@@ -182,7 +212,7 @@ def _finish(recipe, out_dir, options, beam_args, graph, result, started) -> RunR
         out_dir=out_dir,
         fmt=fmt,
         rejection_reasons=Counter(f"{stage}/{reason}" for (stage, reason) in by_stage.elements()),
-        runner=describe_runner(options, beam_args),
+        runner=describe_runner(options, redact_args(beam_args)),
         models=models,
         timing=timing,
         provenance=read_provenance(result),

@@ -1,11 +1,13 @@
-"""Images in a local folder tree; the entity name comes from each file's stem or its folder.
+"""Images in a folder tree; the entity name comes from each file's stem or its folder.
 
-The folder is listed on the driver (:meth:`ImageFolderSource.partitions`), in sorted order of
+The folder is a local path or a bucket prefix (``gs://``, ``s3://``: any Beam ``FileSystems``
+path). It is listed on the driver (:meth:`ImageFolderSource.partitions`), in sorted order of
 relative posix paths, and read on the workers (:meth:`ImageFolderSource.items`). Hidden files and
-folders (names starting with ``.``) are skipped. Anything whose *name* has an image extension is
-listed, even a directory or a dangling symlink, so that :func:`groundforge.sources.read.read_item`
-rejects it with a reason instead of it vanishing. Symlinked folders are followed (a link back to
-an enclosing folder is not).
+folders (names starting with ``.``) are skipped. On a local disk anything whose *name* has an
+image extension is listed, even a directory or a dangling symlink, so that
+:func:`groundforge.sources.read.read_item` rejects it with a reason instead of it vanishing, and
+symlinked folders are followed (a link back to an enclosing folder is not); a bucket has neither,
+so there every object under the prefix is listed through ``FileSystems.match``.
 
 Per-file overrides: ``metadata.jsonl`` at the root of the folder, one JSON object per line::
 
@@ -27,14 +29,21 @@ then passed on so nothing is read twice) when the metadata has at least one ``sh
 from __future__ import annotations
 
 import fnmatch
+import io
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePath, PurePosixPath
 
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
 from groundforge.jsonl import json_objects
+from groundforge.outputs.files import is_local
+from groundforge.outputs.files import list_files as match_files
 from groundforge.schemas.records import SourceItem, sha256_hex
+from groundforge.sources.read import read_location
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 METADATA_FILE = "metadata.jsonl"
@@ -129,9 +138,11 @@ class Metadata:
 
 
 def load_metadata(path: str) -> Metadata:
-    """Read a ``metadata.jsonl`` file (format in the module docstring); errors name the line."""
+    """Read a ``metadata.jsonl`` file (any ``FileSystems`` path; format in the module
+    docstring); errors name the line."""
     meta = Metadata()
-    with open(path, encoding="utf-8") as fh:
+    raw = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+    with io.TextIOWrapper(raw, encoding="utf-8") as fh:
         for lineno, entry in json_objects(fh, path):
             where = f"{path}, line {lineno}"
             overrides = {}
@@ -159,8 +170,9 @@ def load_metadata(path: str) -> Metadata:
 
 @dataclass
 class ImageFolderSource:
-    """Every image file under ``root``, as :class:`SourceItem` s with ``item_id`` = the relative
-    posix path and ``location`` = the absolute path.
+    """Every image file under ``root`` (a local folder or a bucket prefix), as
+    :class:`SourceItem` s with ``item_id`` = the relative posix path and ``location`` = the
+    absolute path or URI.
 
     ``exclude`` holds glob patterns (``fnmatch``) matched against each relative path; matching
     files are not listed at all (they are not inputs, so they are not rejections either).
@@ -183,8 +195,9 @@ class ImageFolderSource:
     _metadata: Metadata | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        root = os.fspath(self.root)
         # Absolute now, on the driver, so workers started in another directory find the files.
-        self.root = os.path.abspath(os.fspath(self.root))
+        self.root = os.path.abspath(root) if is_local(root) else root.rstrip("/")
         self.extensions = tuple(
             e.lower() if e.startswith(".") else "." + e.lower() for e in self.extensions
         )
@@ -196,6 +209,8 @@ class ImageFolderSource:
         return {**self.__dict__, "_metadata": None}
 
     def _check_root(self) -> None:
+        if not is_local(self.root):
+            return
         if not os.path.exists(self.root):
             raise FileNotFoundError(
                 f"image folder {self.root} does not exist; check the source path (a recipe's "
@@ -210,13 +225,19 @@ class ImageFolderSource:
     def metadata(self) -> Metadata:
         """The folder's ``metadata.jsonl`` overrides (empty when there is none)."""
         if self._metadata is None:
-            path = os.path.join(self.root, METADATA_FILE)
-            self._metadata = load_metadata(path) if os.path.isfile(path) else Metadata()
+            path = FileSystems.join(self.root, METADATA_FILE)
+            found = os.path.isfile(path) if is_local(path) else FileSystems.exists(path)
+            self._metadata = load_metadata(path) if found else Metadata()
         return self._metadata
+
+    def _named_like_image(self, name: str) -> bool:
+        return os.path.splitext(name)[1].lower() in self.extensions
 
     def list_files(self) -> list[str]:
         """Relative posix paths of every entry named like an image, sorted."""
         self._check_root()
+        if not is_local(self.root):
+            return sorted(rel for rel in self._list_bucket() if not self.excluded(rel))
         found: list[str] = []
 
         def walk(folder: str, prefix: str, ancestors: frozenset[tuple[int, int]]) -> None:
@@ -232,13 +253,31 @@ class ImageFolderSource:
                     if entry.name.startswith("."):
                         continue
                     rel = prefix + entry.name
-                    if os.path.splitext(entry.name)[1].lower() in self.extensions:
+                    if self._named_like_image(entry.name):
                         found.append(rel)
                     if self.recursive and entry.is_dir():
                         walk(entry.path, rel + "/", ancestors)
 
         walk(self.root, "", frozenset())
         return sorted(rel for rel in found if not self.excluded(rel))
+
+    def _list_bucket(self) -> list[str]:
+        prefix = self.root + "/"
+        paths = [p for p in match_files(FileSystems.join(self.root, "**")) if p.startswith(prefix)]
+        if not paths:
+            raise FileNotFoundError(
+                f"image folder {self.root} holds no files; check the source path and the "
+                "filesystem's pipeline options (credentials, endpoint)"
+            )
+        found = []
+        for path in paths:
+            parts = path[len(prefix) :].split("/")
+            hidden = any(part.startswith(".") for part in parts)
+            if hidden or (len(parts) > 1 and not self.recursive):
+                continue
+            if self._named_like_image(parts[-1]):
+                found.append("/".join(parts))
+        return found
 
     def excluded(self, rel: str) -> bool:
         """True when the relative path matches one of the ``exclude`` patterns."""
@@ -255,8 +294,13 @@ class ImageFolderSource:
     def items(self, chunk: tuple[str, ...]) -> Iterator[SourceItem]:
         """One :class:`SourceItem` per relative path of a chunk from :meth:`partitions`."""
         meta = self.metadata()
+        local = is_local(self.root)
         for rel in chunk:
-            location = os.path.join(self.root, *rel.split("/"))
+            location = (
+                os.path.join(self.root, *rel.split("/"))
+                if local
+                else FileSystems.join(self.root, rel)
+            )
             data = digest = None
             if meta.by_sha256:
                 data = _read_or_none(location)
@@ -277,7 +321,6 @@ class ImageFolderSource:
 def _read_or_none(location: str) -> bytes | None:
     # A file that cannot be read here is left for read_item, which says why.
     try:
-        with open(location, "rb") as fh:
-            return fh.read()
-    except OSError:
+        return read_location(location)
+    except Exception:
         return None

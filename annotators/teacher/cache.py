@@ -5,15 +5,16 @@ digest) and live one small JSON file each under ``root/<first two hex chars>/<ke
 entry holds the reply text, its token counts and the item that first paid for it; never the
 request's images, an API key or any header.
 
-Writes go to a temporary file in the entry's folder and are renamed into place with
-``os.replace``, which is atomic within one filesystem: several processes may write the same key at
-once (the last rename wins, and both wrote the same kind of content), and a process killed
-mid-write leaves at most a stray ``.*.tmp`` file, never a partial entry. Files are not fsynced: a
-crash of the machine itself may leave a truncated entry, which reads as a miss and is overwritten
-by the next successful reply.
-
-The store is meant for a local filesystem (or one with atomic same-folder rename, such as a
-shared POSIX volume); object stores such as ``gs://`` are not supported.
+``root`` is any Beam ``FileSystems`` path: a local folder, ``gs://`` or ``s3://`` (a run's
+pipeline options say how to reach the bucket). Every entry is written all-or-nothing
+(:func:`groundforge.outputs.files.atomic_create`): on a local disk through a temporary file in
+the entry's folder renamed into place, on an object store in one upload that only becomes
+visible when it is closed. Several processes may write the same key at once: the key is the
+content's address, so whichever write lands last holds the same kind of content. A process
+killed mid-write leaves at most a stray ``*.tmp`` file on a local disk (an unfinished upload on
+an object store), never a partial entry. Files are not fsynced: a crash of the machine itself
+may leave a truncated entry, which reads as a miss and is overwritten by the next successful
+reply.
 """
 
 from __future__ import annotations
@@ -21,30 +22,33 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
-from pathlib import Path
+
+from apache_beam.io.filesystems import FileSystems
 
 from groundforge.annotators.teacher.types import TeacherReply
+from groundforge.outputs.files import atomic_create, is_local, list_files, read_bytes
 
 _KEY = re.compile(r"[0-9a-f]{64}")
+_ENTRY = re.compile(r"([0-9a-f]{2})/([0-9a-f]{64})\.json")
 _FORMAT = 1
 
 
 class ReplyCache:
-    """Successful replies on disk, one JSON file per request key."""
+    """Successful replies in a folder or bucket, one JSON file per request key."""
 
     def __init__(self, root: str | os.PathLike[str]):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        root = os.fspath(root)
+        # Listing gives absolute local paths; the root must match them.
+        self.root = os.path.abspath(root) if is_local(root) else root
 
     def __repr__(self) -> str:
-        return f"ReplyCache({str(self.root)!r})"
+        return f"ReplyCache({self.root!r})"
 
-    def _path(self, key: str) -> Path:
+    def _path(self, key: str) -> str:
         # Keys become file names: refuse anything but a sha256 hex digest.
         if not isinstance(key, str) or not _KEY.fullmatch(key):
             raise ValueError(f"not a request key (64 lowercase hex characters): {key!r}")
-        return self.root / key[:2] / f"{key}.json"
+        return FileSystems.join(self.root, key[:2], f"{key}.json")
 
     def get(self, key: str) -> TeacherReply | None:
         """The stored reply (``cached=True``, ``attempts=0``), or None on a miss.
@@ -53,9 +57,10 @@ class ReplyCache:
         """
         path = self._path(key)
         try:
-            with open(path, encoding="utf-8") as f:
-                entry = json.load(f)
-        except (OSError, ValueError):
+            entry = json.loads(read_bytes(path))
+        except Exception:
+            # Each filesystem raises its own errors for a missing or unreadable object; any of
+            # them costs a request, never the answer.
             return None
         if not _valid(entry, key):
             return None
@@ -69,7 +74,10 @@ class ReplyCache:
         )
 
     def put(self, key: str, reply: TeacherReply) -> None:
-        """Store ``reply`` under ``key`` if it succeeded; failures are never cached."""
+        """Store ``reply`` under ``key`` if it succeeded; failures are never cached.
+
+        Raises ``OSError`` when the entry cannot be written (callers log it and go on).
+        """
         if not reply.ok:
             return
         path = self._path(key)
@@ -81,30 +89,26 @@ class ReplyCache:
             "prompt_tokens": reply.prompt_tokens,
             "completion_tokens": reply.completion_tokens,
         }
-        path.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
+        data = json.dumps(entry).encode("utf-8")
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(entry, f)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            with atomic_create(path, "application/json") as fh:
+                fh.write(data)
+        except OSError:
             raise
+        except Exception as exc:
+            # Object-store clients raise their own types (botocore's, google.api_core's).
+            raise OSError(f"could not write {path}: {type(exc).__name__}: {exc}") from exc
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and bool(_KEY.fullmatch(key)) and self.get(key) is not None
 
     def __len__(self) -> int:
-        """The number of entry files (not validated; stray temporary files are not counted)."""
+        """The number of entry files (not validated; temporary files are not counted)."""
+        prefix = self.root.rstrip("/") + "/"
         count = 0
-        for folder in self.root.iterdir():
-            if folder.is_dir() and len(folder.name) == 2:
-                count += sum(
-                    1 for p in folder.iterdir() if p.suffix == ".json" and _KEY.fullmatch(p.stem)
-                )
+        for path in list_files(FileSystems.join(self.root, "*", "*.json")):
+            m = _ENTRY.fullmatch(path[len(prefix) :]) if path.startswith(prefix) else None
+            count += bool(m and m.group(2).startswith(m.group(1)))
         return count
 
 
