@@ -34,18 +34,24 @@ def _run(recipe_path: Path | None, recipe, out: str, beam_args: tuple[str, ...])
 
     from groundforge.outputs.console import funnel_table, print_funnel
     from groundforge.pipelines.run import run_recipe
+    from groundforge.pipelines.staging import check_submitter, stage_for_workers
 
     console = Console(stderr=True)
     where = f" from {recipe_path}" if recipe_path else ""
     title = f"running {recipe.name}{where} -> {out}"
-    started = time.monotonic()
-    with Live(Spinner("dots", title), console=console, transient=True) as live:
+    check_submitter(beam_args, out)
+    # Remote workers get groundforge's wheel and pinned requirements; local runs stage nothing.
+    with stage_for_workers(beam_args) as staging:
+        if staging.note:
+            console.print(staging.note)
+        started = time.monotonic()
+        with Live(Spinner("dots", title), console=console, transient=True) as live:
 
-        def show(stages: list[dict]) -> None:
-            elapsed = time.monotonic() - started
-            live.update(funnel_table(stages, title=f"{title} ({elapsed:.0f} s)"))
+            def show(stages: list[dict]) -> None:
+                elapsed = time.monotonic() - started
+                live.update(funnel_table(stages, title=f"{title} ({elapsed:.0f} s)"))
 
-        result = run_recipe(recipe, out, beam_args, progress=show)
+            result = run_recipe(recipe, out, staging.args, progress=show)
     print_funnel(result.manifest, console)
     console.print(
         f"[bold]{result.manifest['samples']}[/] samples in {out}/shards "
@@ -97,7 +103,8 @@ def run(recipe: Path, out: str, beam_args: tuple[str, ...]) -> None:
         --direct_num_workers=2
 
     or `--runner=PortableRunner --job_endpoint=embed --environment_type=LOOPBACK`, or the
-    Dataflow/Flink/Spark runner options.
+    Dataflow/Flink/Spark runner options. Remote workers get groundforge's wheel and pinned
+    requirements, unless the options name a worker image or your own --extra_package.
     """
     from groundforge.recipe import load_recipe
 

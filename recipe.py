@@ -485,18 +485,28 @@ def _local(value: str, base: Path) -> Path:
     return p if p.is_absolute() else base / p
 
 
+def _is_uri(value: str) -> bool:
+    """A location with a scheme (``gs://``, ``s3://``, ``https://``): never a local path."""
+    return "://" in value
+
+
+def _resolved(value: str, base: Path) -> str:
+    """A local path made absolute against the recipe's folder; a URI as written."""
+    return value if _is_uri(value) else str(_local(value, base).resolve())
+
+
 def _resolve_model_section(section: dict, base: Path) -> dict:
     section = dict(section)
     model = section.get("model")
-    if isinstance(model, str) and _local(model, base).exists():
-        section["model"] = str(_local(model, base).resolve())
+    if isinstance(model, str) and not _is_uri(model) and _local(model, base).exists():
+        section["model"] = _resolved(model, base)
     for key in ("knowledge", "cache_dir"):
         if isinstance(section.get(key), str):
-            section[key] = str(_local(section[key], base).resolve())
+            section[key] = _resolved(section[key], base)
     prompt = section.get("prompt")
     # A prompt is a built-in template name unless it looks like a file.
     if isinstance(prompt, str) and ("/" in prompt or Path(prompt).suffix):
-        section["prompt"] = str(_local(prompt, base).resolve())
+        section["prompt"] = _resolved(prompt, base)
     return section
 
 
@@ -504,17 +514,17 @@ def _resolve_paths(data: dict, base: Path) -> dict:
     data = dict(data)
     source = data.get("source")
     if isinstance(source, dict) and isinstance(source.get("path"), str):
-        local = _local(source["path"], base)
+        path = source["path"]
         # A hub name ("org/name") has no local folder: keep it as written.
-        if local.exists() or source.get("kind") == "image_folder":
-            data["source"] = {**source, "path": str(local.resolve())}
+        if _is_uri(path) or _local(path, base).exists() or source.get("kind") == "image_folder":
+            data["source"] = {**source, "path": _resolved(path, base)}
     if isinstance(source, dict) and source.get("kind") in ("coco", "odgt"):
         data["source"] = {
             **source,
             **{
-                key: str(_local(source[key], base).resolve())
+                key: _resolved(source[key], base)
                 for key in ("annotations", "images")
-                if isinstance(source.get(key), str) and "://" not in source[key]
+                if isinstance(source.get(key), str)
             },
         }
     boxes = data.get("boxes")
@@ -535,9 +545,7 @@ def _resolve_paths(data: dict, base: Path) -> dict:
             data["scenes"] = {**scenes, "text_model": str(local.resolve())}
     decon = data.get("decontaminate")
     if isinstance(decon, dict) and isinstance(decon.get("benchmarks"), list):
-        paths = [
-            str(_local(p, base).resolve()) if isinstance(p, str) else p for p in decon["benchmarks"]
-        ]
+        paths = [_resolved(p, base) if isinstance(p, str) else p for p in decon["benchmarks"]]
         data["decontaminate"] = {**decon, "benchmarks": paths}
     return data
 

@@ -25,9 +25,10 @@ True
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import PurePosixPath
 
 import yaml
 
@@ -87,25 +88,27 @@ class Knowledge(Mapping[str, KnowledgeEntry]):
         return default if found is None else found[1]
 
 
-def load_knowledge(path: str | Path) -> Knowledge:
+def load_knowledge(path: str | os.PathLike) -> Knowledge:
     """Read a YAML (``.yaml``/``.yml``) or JSONL (``.jsonl``) knowledge file."""
-    path = Path(path)
-    suffix = path.suffix.lower()
+    from groundforge.outputs.files import read_text
+
+    path = str(path)
+    suffix = PurePosixPath(path).suffix.lower()
     if suffix not in YAML_SUFFIXES + JSONL_SUFFIXES:
         raise KnowledgeError(
             f"{path}: unknown knowledge file type {suffix or '(none)'!r}; "
             f"use one of {', '.join(YAML_SUFFIXES + JSONL_SUFFIXES)}"
         )
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_text(path)  # through FileSystems: a knowledge file may live in a bucket
+    except Exception as exc:
         raise KnowledgeError(f"{path}: cannot read knowledge file: {exc}") from exc
     if suffix in YAML_SUFFIXES:
         return _from_yaml(text, path)
     return _from_jsonl(text, path)
 
 
-def _from_yaml(text: str, path: Path) -> Knowledge:
+def _from_yaml(text: str, path: str) -> Knowledge:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -130,7 +133,7 @@ def _from_yaml(text: str, path: Path) -> Knowledge:
     return _collect(entries, path)
 
 
-def _from_jsonl(text: str, path: Path) -> Knowledge:
+def _from_jsonl(text: str, path: str) -> Knowledge:
     entries: dict[str, KnowledgeEntry] = {}
     lines: dict[str, int] = {}
     for number, row in json_objects(text.splitlines(), path, KnowledgeError):
@@ -148,7 +151,7 @@ def _from_jsonl(text: str, path: Path) -> Knowledge:
     return _collect(entries, path)
 
 
-def _collect(entries: dict[str, KnowledgeEntry], path: Path) -> Knowledge:
+def _collect(entries: dict[str, KnowledgeEntry], path: str) -> Knowledge:
     try:
         return Knowledge(entries)
     except KnowledgeError as exc:

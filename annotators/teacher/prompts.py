@@ -126,17 +126,21 @@ def load_template(name_or_path: str | Path) -> PromptTemplate:
     if isinstance(name_or_path, str) and name_or_path in BUILTIN_TEMPLATES:
         resource = resources.files(__package__) / "prompts" / f"{name_or_path}.j2"
         return PromptTemplate(name_or_path, resource.read_text(encoding="utf-8"))
-    path = Path(name_or_path)
-    if not path.is_file():
+    from apache_beam.io.filesystems import FileSystems
+
+    from groundforge.outputs.files import read_text
+
+    path = str(name_or_path)
+    if not FileSystems.exists(path) or (Path(path).is_dir() and "://" not in path):
         raise PromptTemplateError(
             f"prompt template {str(name_or_path)!r} is neither a built-in "
             f"({', '.join(BUILTIN_TEMPLATES)}) nor a file"
         )
     try:
-        source = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        source = read_text(path)
+    except Exception as exc:
         raise PromptTemplateError(f"prompt template {path}: cannot read: {exc}") from exc
-    return PromptTemplate(str(path), source)
+    return PromptTemplate(path, source)
 
 
 def codec_hint(codec: BoxCodec, width: int | None = None, height: int | None = None) -> str:
