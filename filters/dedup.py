@@ -1,16 +1,25 @@
 """Duplicates across a whole run: exact copies, perceptual near-copies, embedding near-copies.
 
-The pipeline gathers one small :class:`Signature` per record in a global step, calls
-:func:`find_duplicates` once, broadcasts the answer, and :func:`dedup_verdict` turns it into each
-record's verdict. Everything here is pure: no Beam, and faiss is imported only where it is used.
+Everything here is pure: no Beam. Each record gives one small :class:`Signature`;
+:func:`band_entries` files it under a few *band keys*; only signatures that share a band key are
+compared (:func:`compare_chunks`), and each comparison yields findings for single records that
+:func:`best_duplicate` combines, one key at a time. :func:`dedup_verdict` turns a record's
+combined finding into its verdict. ``pipelines/dedup.py`` runs these steps as Beam transforms
+(one ``GroupByKey`` per band key, a combiner per record key); :func:`find_duplicates` runs the
+very same steps in memory, for tests and small collections.
 
-**Rule.** Signatures are walked in order of ``key``. An item is a duplicate when it matches an
-*earlier item that was itself kept*; the first kind that matches, in the order exact > perceptual
-> embedding, wins, and the duplicate names the nearest such kept item (ties: the earliest). A
-dropped item is never "kept", so a chain A~B~C with A!~C keeps A and C. The same set of
-signatures gives the same answer whatever order it comes in. Near-copies are only matched
-within one ``scope`` (with ``signature_of(record, scope="entity")``, among images of one
-entity); exact copies are matched across the whole run.
+**Rule.** Signature keys (a record's location, else its image id) are unique in a run and are
+ordered as strings. An item is a *duplicate* when it has a verified match with an *earlier* key.
+So the first item in key order is always kept, and no two kept items match each other. The
+duplicate names as its twin its best earlier match: the kind decides first (exact > perceptual >
+embedding), then the distance (nearest), then the key (earliest). The twin may itself be a
+duplicate: in a chain A~B~C where A and C do not match, B names A and C names B, and only A is
+kept. The answer depends only on the set of signatures: not on their order, on how the work is
+split, or on which runner does it. Near-copies are only matched within one ``scope``
+(``signature_of(record, scope="entity")``: among images of one entity); exact copies are matched
+across the whole run.
+
+Verification (what a match is):
 
 - ``exact``: the same ``item_id`` (the sha256 of the source bytes).
 - ``perceptual``: 64-bit pHash within ``max_hamming`` bits *and* 4x4 mean-colour thumbnails
@@ -21,28 +30,38 @@ entity); exact copies are matched across the whole run.
   pHash is unstable on flat artwork: most of its 64 DCT coefficients are then near zero and
   JPEG noise flips them against the median (horizontal tricolours move by up to 27 bits), so
   about 5% of re-encoded bundled flags are missed here; the embedding kind is the net for those.
-- ``embedding``: cosine >= ``min_cosine`` between the records' L2-normalised embeddings,
-  decided in float64 on the vectors given (the search itself runs in float32 with a margin).
+- ``embedding``: cosine >= ``min_cosine`` between L2-normalised embeddings, decided in float64 on
+  the vectors given (a float32 product with a margin only screens candidates). A zero vector (an
+  image the embedder could not describe) matches nothing; vectors of different lengths are never
+  compared.
 
-**Search.** Below ``exact_search_below`` distinct values, every pair is compared: faiss
-``IndexBinaryFlat`` range search for hashes, ``IndexFlatIP`` range search for vectors. Above it:
+Candidates (band keys; a pair sharing several bands is compared only in the first it shares):
 
-- hashes: multi-index hashing (faiss ``IndexBinaryMultiHash``). The 64 bits are split into
-  ``m`` substrings and buckets within ``max_hamming // m`` flips of each substring are probed;
-  by the pigeonhole principle every pair within ``max_hamming`` shares a probed bucket, so this
-  finds exactly what the brute-force search finds, in about linear time.
-- vectors: an inverted file joined cell by cell. Spherical k-means (faiss, on a sample of
-  ``32 * nlist`` vectors, ``nlist = sqrt(probes * n)``) partitions the vectors; each vector is
-  compared, by one BLAS product per cell, with the members of its ``probes`` nearest cells. A
-  pair is found when either vector's probed cells hold the other, so near-duplicates straddling a
-  cell boundary are still found: all planted pairs at cosine 0.99 among random 512-d vectors
-  were found at 10k, 100k and 1M (``benchmarks/dedup_scaling.py``; 1M takes about a minute on
-  2 cores). Cost grows as ``n ** 1.5``: both the distances to the cells and the cell sizes grow as
-  ``sqrt(n)``. faiss's own IVF range search finds the same pairs 5x slower at 1M: it scans lists
-  query by query and is bound by memory traffic, where one BLAS product per cell is not.
+- ``exact``: one key, the ``item_id``, run-wide. All members of such a group match each other at
+  distance 0, so every member but the earliest names the earliest: one pass, no pairs.
+- ``perceptual``: the 64 bits cut into ``max_hamming + 1`` contiguous bands (12 or 13 bits at the
+  default 4), keyed with the scope. Two hashes within ``max_hamming`` bits differ in at most
+  ``max_hamming`` bands, so by pigeonhole they agree on at least one: the candidates hold every
+  pair an all-pairs search would find.
+- ``embedding``: SimHash. ``bits * bands`` seeded random hyperplanes; a vector's band value is
+  the signs of its projections on ``bits`` of them, keyed with the scope and the vector length. A
+  pair at cosine ``c`` agrees on one sign with probability ``p = 1 - acos(c) / pi``, so it shares
+  a band with probability ``1 - (1 - p**bits)**bands``. :func:`simhash_parameters` takes the
+  most selective ``bits`` whose ``bands`` (at most ``max_bands``) reach ``recall`` at
+  ``min_cosine``: 29 bits and 47 bands at 0.97 for recall 0.99; pairs above the threshold are
+  found more often still.
 
-faiss and BLAS use all the threads OpenMP gives them; workers that share cores should lower
-``faiss.omp_set_num_threads`` (and ``OMP_NUM_THREADS``) before calling.
+**Bounds.** In the pipeline a band group is streamed, never held: an exact group in two passes;
+others of up to ``chunk_size`` members are compared all-pairs in one step; a bigger group is cut
+into chunks of ``chunk_size`` (:func:`split`) and every chunk pair (:func:`chunk_pairs`) is
+compared as its own element. No element ever holds more than ``2 * chunk_size`` signatures,
+and each record key receives at most one finding per compared chunk pair, combined as they
+arrive. The *work* in a group of ``k`` stays ``k * k / 2`` comparisons: a scope of ``n``
+random pHashes costs about ``(max_hamming + 1) * n**2 / 2**(w + 1)`` comparisons for ``w``-bit
+bands (3e8 cheap XORs at one million images in one scope), and embeddings that crowd together
+(one domain of look-alike photos) share bands more often than random vectors do. Keys must be
+unique (:func:`find_duplicates` refuses repeats; in the pipeline, records that share a key would
+share one finding).
 
 >>> sigs = [Signature("a.png", "id1", 0), Signature("b.png", "id1", 0)]
 >>> find_duplicates(sigs)["b.png"].kind
@@ -52,8 +71,10 @@ faiss and BLAS use all the threads OpenMP gives them; workers that share cores s
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from itertools import islice
 
 import numpy as np
 
@@ -63,6 +84,7 @@ from groundforge.pixels import image_bytes
 from groundforge.schemas.records import ImageRecord, record_key
 
 SCOPES = ("all", "entity")
+KINDS = ("exact", "perceptual", "embedding")
 
 THUMBNAIL_SIDE = 4
 THUMBNAIL_BYTES = THUMBNAIL_SIDE * THUMBNAIL_SIDE * 3
@@ -70,18 +92,16 @@ THUMBNAIL_BYTES = THUMBNAIL_SIDE * THUMBNAIL_SIDE * 3
 # float32 inner products of unit vectors are off by far less than this; candidates within it of
 # the threshold are decided again in float64.
 _FLOAT32_MARGIN = 1e-3
-_TRAIN_PER_LIST = 32
-_MIN_PER_LIST = 8
-_KMEANS_ITERATIONS = 10
-_SEED = 1234
-_BLOCK = 1 << 24  # similarity entries computed per BLAS call (64 MiB of float32)
+_BLANK_NORM = 1e-6
+_NORM_TOLERANCE = 1e-3
+_PROJECT_ROWS = 1 << 14  # rows projected onto the hyperplanes per BLAS call
 
 
 @dataclass(frozen=True)
 class Signature:
     """What dedup needs to know about one record.
 
-    ``key`` orders the walk and must be unique in a run (the record's location); ``item_id`` is
+    ``key`` orders the run and must be unique in it (the record's location); ``item_id`` is
     the record's image_id; ``phash`` the 64-bit perceptual hash; ``embedding`` the record's
     L2-normalised vector (a zero vector counts as none), or None; ``thumbnail`` the 48-byte RGB
     4x4 thumbnail, or empty to skip the colour check. Near-copies (perceptual, embedding) are
@@ -98,12 +118,13 @@ class Signature:
 
 @dataclass(frozen=True)
 class DedupSettings:
-    """Which duplicate kinds to look for, their thresholds, and how to search.
+    """Which duplicate kinds to look for, their thresholds, and how to split the search.
 
     ``max_colour_difference`` is the largest difference of any thumbnail channel value for a
-    perceptual match (None: pHash alone decides). ``probes`` is how many nearest k-means cells
-    each vector is compared with in the approximate search. Collections with fewer distinct
-    hashes (or vectors) than ``exact_search_below`` are compared all against all.
+    perceptual match (None: pHash alone decides). ``recall`` is the least probability that a pair
+    at ``min_cosine`` shares an embedding band, with at most ``max_bands`` bands per record;
+    ``seed`` draws the hyperplanes. ``chunk_size`` is the most members a band group is compared
+    in at once (an element holds at most twice as many).
     """
 
     exact: bool = True
@@ -112,16 +133,22 @@ class DedupSettings:
     max_colour_difference: int | None = 16
     embedding: bool = True
     min_cosine: float = 0.97
-    probes: int = 8
-    exact_search_below: int = 50_000
+    recall: float = 0.99
+    max_bands: int = 48
+    chunk_size: int = 256
+    seed: int = 1234
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_hamming <= 64:
             raise ValueError(f"max_hamming must be in 0..64, got {self.max_hamming}")
         if not -1.0 <= self.min_cosine <= 1.0:
             raise ValueError(f"min_cosine must be in -1..1, got {self.min_cosine}")
-        if self.probes < 1:
-            raise ValueError(f"probes must be at least 1, got {self.probes}")
+        if not 0.0 < self.recall < 1.0:
+            raise ValueError(f"recall must be between 0 and 1 (exclusive), got {self.recall}")
+        if self.max_bands < 1:
+            raise ValueError(f"max_bands must be at least 1, got {self.max_bands}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {self.chunk_size}")
 
 
 DEFAULT_SETTINGS = DedupSettings()
@@ -129,7 +156,7 @@ DEFAULT_SETTINGS = DedupSettings()
 
 @dataclass(frozen=True)
 class Duplicate:
-    """Why an item was dropped: the ``kind`` of match and the kept item it matched.
+    """Why an item was dropped: the ``kind`` of match and the earlier item it matched (its twin).
 
     ``distance`` is 0 for ``exact``, the Hamming distance in bits for ``perceptual`` and
     ``1 - cosine`` for ``embedding``.
@@ -139,6 +166,21 @@ class Duplicate:
     kept_id: str
     kept_key: str
     distance: float
+
+
+@dataclass(frozen=True)
+class BandEntry:
+    """A signature filed under one band of one kind.
+
+    ``sketch`` holds an embedding's value in every band, so that a pair is compared only in the
+    first band it shares (a perceptual entry recomputes them from its hash). Entries carry only
+    what their kind compares: no embedding on a hash entry, no thumbnail on an embedding entry.
+    """
+
+    kind: str
+    band: int
+    signature: Signature
+    sketch: tuple[int, ...] = ()
 
 
 def perceptual_hash(image: bytes) -> int:
@@ -167,7 +209,7 @@ def fingerprint(image: bytes) -> tuple[int, bytes]:
 
 
 def signature_of(record: ImageRecord, scope: str = "all") -> Signature:
-    """The signature of a record whose ``image`` is decodable (decoded once).
+    """The signature of a record whose image is decodable (decoded once).
 
     ``scope="entity"`` matches near-copies only among images of the record's entity: look-alike
     entities (Chad and Romania) are what KVG is about. ``"all"`` matches them across the run.
@@ -181,43 +223,354 @@ def signature_of(record: ImageRecord, scope: str = "all") -> Signature:
     )
 
 
+# -- bands ---------------------------------------------------------------------------------------
+
+
+def phash_band_layout(max_hamming: int) -> list[tuple[int, int]]:
+    """``(shift, width)`` of each of the ``max_hamming + 1`` contiguous bands of a 64-bit hash,
+    from the top bit down; widths differ by at most one bit."""
+    count = max_hamming + 1
+    layout, top = [], 64
+    for band in range(count):
+        width = 64 // count + (band < 64 % count)
+        top -= width
+        layout.append((top, width))
+    return layout
+
+
+def phash_bands(codes: np.ndarray, max_hamming: int) -> np.ndarray:
+    """Each uint64 code's value in every band, ``(n, max_hamming + 1)`` uint64.
+
+    Two codes within ``max_hamming`` bits agree in at least one column.
+    """
+    codes = np.asarray(codes, dtype=np.uint64)
+    out = np.empty((len(codes), max_hamming + 1), dtype=np.uint64)
+    for band, (shift, width) in enumerate(phash_band_layout(max_hamming)):
+        out[:, band] = (codes >> np.uint64(shift)) & np.uint64((1 << width) - 1)
+    return out
+
+
+def simhash_parameters(
+    min_cosine: float, recall: float = 0.99, max_bands: int = 48
+) -> tuple[int, int]:
+    """``(bits per band, bands)``: the most bits (at most 64) for which at most ``max_bands``
+    bands give a pair at ``min_cosine`` at least ``recall`` odds of sharing a band.
+
+    More bits per band means fewer chance collisions; zero bits (one band holding a whole
+    scope) is what is left when ``min_cosine`` is too low for any band to be selective.
+
+    >>> simhash_parameters(0.97)
+    (29, 47)
+    """
+    agree = 1.0 - math.acos(min(1.0, max(-1.0, min_cosine))) / math.pi
+    best = (0, 1)
+    for bits in range(1, 65):
+        hit = agree**bits
+        if hit <= 0.0:
+            break
+        bands = 1 if hit >= 1.0 else math.ceil(math.log1p(-recall) / math.log1p(-hit))
+        if bands > max_bands:
+            break
+        best = (bits, bands)
+    return best
+
+
+def simhash_recall(cosine: float, bits: int, bands: int) -> float:
+    """The probability that a pair at ``cosine`` shares at least one of ``bands`` bands."""
+    agree = 1.0 - math.acos(min(1.0, max(-1.0, cosine))) / math.pi
+    return 1.0 - (1.0 - agree**bits) ** bands
+
+
+@lru_cache(maxsize=8)
+def hyperplanes(dim: int, bits: int, bands: int, seed: int) -> np.ndarray:
+    """The ``(dim, bits * bands)`` float32 normals of the SimHash hyperplanes, the same on every
+    worker for the same arguments."""
+    rng = np.random.default_rng([seed, dim, bits, bands])
+    planes = rng.standard_normal((dim, bits * bands), dtype=np.float32)
+    planes.setflags(write=False)
+    return planes
+
+
+def embedding_bands(vectors: np.ndarray, settings: DedupSettings = DEFAULT_SETTINGS) -> np.ndarray:
+    """Each row's SimHash value in every band, ``(n, bands)`` uint64 (projected in float32)."""
+    vectors = np.asarray(vectors)
+    bits, bands = simhash_parameters(settings.min_cosine, settings.recall, settings.max_bands)
+    out = np.zeros((len(vectors), bands), dtype=np.uint64)
+    if bits == 0 or not len(vectors):
+        return out
+    planes = hyperplanes(vectors.shape[1], bits, bands, settings.seed)
+    weights = np.uint64(1) << np.arange(bits, dtype=np.uint64)
+    for lo in range(0, len(vectors), _PROJECT_ROWS):
+        block = np.asarray(vectors[lo : lo + _PROJECT_ROWS], dtype=np.float32)
+        signs = (block @ planes > 0).reshape(len(block), bands, bits)
+        out[lo : lo + len(block)] = (signs * weights).sum(axis=2, dtype=np.uint64)
+    return out
+
+
+def check_signature(sig: Signature) -> None:
+    """Raise ValueError, naming the key, when a signature cannot be compared."""
+    if not 0 <= sig.phash < 1 << 64:
+        raise ValueError(f"phash of {sig.key!r} is not a 64-bit unsigned int")
+    if sig.thumbnail and len(sig.thumbnail) != THUMBNAIL_BYTES:
+        raise ValueError(f"thumbnail of {sig.key!r} is not {THUMBNAIL_BYTES} bytes")
+    if sig.embedding is not None:
+        norm = math.sqrt(math.fsum(float(v) * float(v) for v in sig.embedding))
+        if norm >= _BLANK_NORM and abs(norm - 1.0) > _NORM_TOLERANCE:
+            raise ValueError(
+                f"embedding of {sig.key!r} has norm {norm:.4f}; embeddings must be L2-normalised"
+            )
+
+
+def band_entries(
+    sig: Signature, settings: DedupSettings = DEFAULT_SETTINGS
+) -> list[tuple[str, BandEntry]]:
+    """``(band key, entry)`` for every band the signature is filed under.
+
+    Keys: ``exact:<item_id>``; ``perceptual:<band>:<value>:<scope>``;
+    ``embedding:<band>:<length>:<value>:<scope>`` (values in hex). Raises ValueError for a
+    signature :func:`check_signature` refuses.
+
+    >>> [k for k, _ in band_entries(Signature("a", "id", 0), DedupSettings(max_hamming=1))]
+    ['exact:id', 'perceptual:0:0:', 'perceptual:1:0:']
+    """
+    check_signature(sig)
+    out: list[tuple[str, BandEntry]] = []
+    if settings.exact:
+        bare = replace(sig, embedding=None, thumbnail=b"")
+        out.append((f"exact:{sig.item_id}", BandEntry("exact", 0, bare)))
+    if settings.perceptual:
+        bare = replace(sig, embedding=None)
+        values = phash_bands(np.array([sig.phash], dtype=np.uint64), settings.max_hamming)[0]
+        for band, value in enumerate(values.tolist()):
+            key = f"perceptual:{band}:{value:x}:{sig.scope}"
+            out.append((key, BandEntry("perceptual", band, bare)))
+    if settings.embedding and sig.embedding is not None:
+        vector = np.asarray(sig.embedding, dtype=np.float64)
+        if np.sqrt(vector @ vector) >= _BLANK_NORM:
+            sketch = tuple(embedding_bands(vector[None], settings)[0].tolist())
+            bare = replace(sig, thumbnail=b"")
+            for band, value in enumerate(sketch):
+                key = f"embedding:{band}:{len(vector)}:{value:x}:{sig.scope}"
+                out.append((key, BandEntry("embedding", band, bare, sketch)))
+    return out
+
+
+# -- comparing within a band group ---------------------------------------------------------------
+
+
+def split(entries: Iterable[BandEntry], size: int) -> Iterator[list[BandEntry]]:
+    """Consecutive chunks of at most ``size`` entries, read lazily from ``entries``."""
+    it = iter(entries)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def chunk_pairs(count: int) -> list[tuple[int, int]]:
+    """Every pair ``(i, j)``, ``i <= j``, of ``count`` chunks: each pair of members of a group
+    meets in exactly one of them (``i == j``: within one chunk)."""
+    return [(i, j) for i in range(count) for j in range(i, count)]
+
+
+def perceptual_pairs(
+    codes_a: np.ndarray,
+    thumbnails_a: Sequence[bytes],
+    codes_b: np.ndarray | None,
+    thumbnails_b: Sequence[bytes] | None,
+    band: int,
+    settings: DedupSettings = DEFAULT_SETTINGS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Index pairs ``(i, j)`` of ``a`` x ``b`` that match perceptually and agree on no band
+    before ``band``, and their Hamming distances. With ``b`` None: pairs ``i < j`` within ``a``.
+    """
+    within = codes_b is None
+    codes_a = np.asarray(codes_a, dtype=np.uint64)
+    codes_b = codes_a if within else np.asarray(codes_b, dtype=np.uint64)
+    thumbnails_b = thumbnails_a if within else thumbnails_b
+    xor = codes_a[:, None] ^ codes_b[None, :]
+    bits = np.bitwise_count(xor)
+    rows, cols = np.nonzero(bits <= settings.max_hamming)
+    if within:
+        rows, cols = rows[rows < cols], cols[rows < cols]
+    differ = xor[rows, cols]
+    keep = np.ones(len(rows), dtype=bool)
+    for shift, width in phash_band_layout(settings.max_hamming)[:band]:
+        keep &= ((differ >> np.uint64(shift)) & np.uint64((1 << width) - 1)) != 0
+    rows, cols = rows[keep], cols[keep]
+    if settings.max_colour_difference is not None and len(rows):
+        table_a, has_a = _thumbnail_table(thumbnails_a)
+        table_b, has_b = (table_a, has_a) if within else _thumbnail_table(thumbnails_b)
+        diff = np.abs(table_a[rows] - table_b[cols]).max(axis=1)
+        keep = (diff <= settings.max_colour_difference) | ~has_a[rows] | ~has_b[cols]
+        rows, cols = rows[keep], cols[keep]
+    return rows, cols, bits[rows, cols].astype(np.float64)
+
+
+def embedding_pairs(
+    vectors_a: np.ndarray,
+    sketch_a: np.ndarray,
+    vectors_b: np.ndarray | None,
+    sketch_b: np.ndarray | None,
+    band: int,
+    min_cosine: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Index pairs ``(i, j)`` of ``a`` x ``b`` with cosine >= ``min_cosine`` that agree on no band
+    before ``band``, and their cosines in float64. With ``b`` None: pairs ``i < j`` within ``a``.
+
+    The cosine of a pair is the same bits whichever side each vector is on and whatever else is
+    in the chunk: one float64 dot product per pair, over the pair's own two rows.
+    """
+    within = vectors_b is None
+    a = np.asarray(vectors_a)
+    b = a if within else np.asarray(vectors_b)
+    sketch_b = sketch_a if within else sketch_b
+    a32 = a.astype(np.float32, copy=False)
+    b32 = a32 if within else b.astype(np.float32, copy=False)
+    rows, cols = np.nonzero(a32 @ b32.T > min_cosine - _FLOAT32_MARGIN)
+    if within:
+        rows, cols = rows[rows < cols], cols[rows < cols]
+    if band:
+        earlier = np.asarray(sketch_a)[rows, :band] == np.asarray(sketch_b)[cols, :band]
+        keep = ~earlier.any(axis=1)
+        rows, cols = rows[keep], cols[keep]
+    cosines = np.einsum(
+        "ij,ij->i", a[rows].astype(np.float64, copy=False), b[cols].astype(np.float64, copy=False)
+    )
+    hit = cosines >= min_cosine
+    return rows[hit], cols[hit], cosines[hit]
+
+
+def compare_chunks(
+    left: Sequence[BandEntry],
+    right: Sequence[BandEntry] | None,
+    settings: DedupSettings = DEFAULT_SETTINGS,
+) -> dict[str, Duplicate]:
+    """The verified matches within ``left`` (``right`` None) or between ``left`` and ``right``,
+    entries of one perceptual or embedding band group: for every later key of a matching pair,
+    its best earlier match here."""
+    if not left or (right is None and len(left) < 2) or (right is not None and not right):
+        return {}
+    kind, band = left[0].kind, left[0].band
+    if kind == "perceptual":
+        rows, cols, distance = perceptual_pairs(
+            np.array([e.signature.phash for e in left], dtype=np.uint64),
+            [e.signature.thumbnail for e in left],
+            None if right is None else np.array([e.signature.phash for e in right], np.uint64),
+            None if right is None else [e.signature.thumbnail for e in right],
+            band,
+            settings,
+        )
+    elif kind == "embedding":
+        rows, cols, cosines = embedding_pairs(
+            np.array([e.signature.embedding for e in left], dtype=np.float64),
+            np.array([e.sketch for e in left], dtype=np.uint64),
+            None if right is None else np.array([e.signature.embedding for e in right], float),
+            None if right is None else np.array([e.sketch for e in right], dtype=np.uint64),
+            band,
+            settings.min_cosine,
+        )
+        distance = 1.0 - cosines
+    else:
+        raise ValueError(f"compare_chunks compares near-copies, not {kind!r} entries")
+    if not len(rows):
+        return {}
+    # Rank the keys once, then keep each later key's best earlier match with array operations:
+    # a crowded chunk pair has up to chunk_size**2 matches but at most 2 * chunk_size later keys.
+    members = [e.signature for e in left] + ([] if right is None else [e.signature for e in right])
+    order = sorted(range(len(members)), key=lambda m: members[m].key)
+    rank = np.empty(len(members), dtype=np.int64)
+    rank[order] = np.arange(len(members))
+    a, b = rank[rows], rank[cols + (0 if right is None else len(left))]
+    earlier, later = np.minimum(a, b), np.maximum(a, b)
+    best = np.lexsort((earlier, distance, later))
+    first = best[np.r_[True, later[best][1:] != later[best][:-1]]]
+    found: dict[str, Duplicate] = {}
+    picked = zip(
+        earlier[first].tolist(), later[first].tolist(), distance[first].tolist(), strict=True
+    )
+    for e, l_, d in picked:
+        twin = members[order[e]]
+        found[members[order[l_]].key] = Duplicate(kind, twin.item_id, twin.key, d)
+    return found
+
+
+def exact_findings(entries: Iterable[BandEntry]) -> Iterator[tuple[str, Duplicate]]:
+    """An exact band group (one ``item_id``): every member but the earliest names the earliest.
+    ``entries`` is read twice and never held."""
+    first = min((e.signature for e in entries), key=lambda s: s.key)
+    for entry in entries:
+        if entry.signature.key != first.key:
+            yield entry.signature.key, Duplicate("exact", first.item_id, first.key, 0.0)
+
+
+def group_findings(
+    entries: Sequence[BandEntry], settings: DedupSettings = DEFAULT_SETTINGS
+) -> Iterator[tuple[str, Duplicate]]:
+    """Every finding of one band group, chunk pair by chunk pair (what the pipeline spreads
+    over elements); a key may appear once per chunk pair."""
+    if len(entries) < 2:
+        return
+    if entries[0].kind == "exact":
+        yield from exact_findings(entries)
+        return
+    chunks = list(split(entries, settings.chunk_size))
+    for i, j in chunk_pairs(len(chunks)):
+        yield from compare_chunks(chunks[i], None if i == j else chunks[j], settings).items()
+
+
+# -- resolution ------------------------------------------------------------------------------------
+
+
+def _rank(dup: Duplicate) -> tuple[int, float, str]:
+    return KINDS.index(dup.kind), dup.distance, dup.kept_key
+
+
+def best_duplicate(duplicates: Iterable[Duplicate]) -> Duplicate:
+    """The finding a record keeps among several: the first kind (exact > perceptual >
+    embedding), then the nearest, then the earliest twin. Associative and commutative, so
+    findings can be combined in any grouping and order."""
+    return min(duplicates, key=_rank)
+
+
+def _merge(found: dict[str, Duplicate], key: str, dup: Duplicate) -> None:
+    held = found.get(key)
+    if held is None or _rank(dup) < _rank(held):
+        found[key] = dup
+
+
 def find_duplicates(
     signatures: Sequence[Signature], settings: DedupSettings = DEFAULT_SETTINGS
 ) -> dict[str, Duplicate]:
-    """The dropped items, keyed by their signature's ``key``; every other item is kept.
+    """The duplicates among ``signatures``, keyed by their ``key``; every other item is kept.
 
-    Raises ValueError on repeated keys, on embeddings of different lengths, and on embeddings
-    that are not L2-normalised.
+    The pipeline's steps, in memory: band entries, band groups, chunk-pair comparisons, the
+    best finding per key. Raises ValueError on repeated keys and on signatures
+    :func:`check_signature` refuses.
 
     >>> dups = find_duplicates(signatures)                              # doctest: +SKIP
     >>> dups["web/copy.jpg"]                                             # doctest: +SKIP
     Duplicate(kind='perceptual', kept_id='9f86...', kept_key='web/orig.png', distance=2.0)
     """
-    sigs = sorted(signatures, key=lambda s: s.key)
-    for before, after in zip(sigs, sigs[1:], strict=False):
-        if before.key == after.key:
-            raise ValueError(f"signature keys must be unique; {after.key!r} appears twice")
-    kinds = []
-    if settings.exact:
-        kinds.append(_exact_kind(sigs))
-    if settings.perceptual:
-        kinds.append(_perceptual_kind(sigs, settings))
-    if settings.embedding:
-        kinds.append(_embedding_kind(sigs, settings))
-    return {
-        sigs[item].key: Duplicate(kind, sigs[kept].item_id, sigs[kept].key, distance)
-        for item, (kind, kept, distance) in _walk(len(sigs), kinds).items()
-    }
+    keys = sorted(s.key for s in signatures)
+    for before, after in zip(keys, keys[1:], strict=False):
+        if before == after:
+            raise ValueError(f"signature keys must be unique; {after!r} appears twice")
+    groups: dict[str, list[BandEntry]] = {}
+    for sig in signatures:
+        for key, entry in band_entries(sig, settings):
+            groups.setdefault(key, []).append(entry)
+    found: dict[str, Duplicate] = {}
+    for entries in groups.values():
+        for key, dup in group_findings(entries, settings):
+            _merge(found, key, dup)
+    return found
 
 
-def dedup_verdict(record: ImageRecord, duplicates: Mapping[str, Duplicate]) -> Verdict:
-    """Keep, or drop with ``duplicate_<kind>`` naming the kept twin and the distance.
+def dedup_verdict(record: ImageRecord, found: Duplicate | None) -> Verdict:
+    """Keep (no finding), or drop with ``duplicate_<kind>`` naming the twin and the distance.
 
-    >>> dedup_verdict(copy, {"b.png": Duplicate("exact", "id1", "a.png", 0.0)}).metrics
-    ... # doctest: +SKIP
+    >>> dedup_verdict(copy, Duplicate("exact", "id1", "a.png", 0.0)).metrics  # doctest: +SKIP
     {'kept_id': 'id1', 'kept_key': 'a.png', 'distance': 0.0}
     """
-    found = duplicates.get(record_key(record))
     if found is None:
         return Verdict.ok()
     return Verdict.drop(
@@ -228,331 +581,11 @@ def dedup_verdict(record: ImageRecord, duplicates: Mapping[str, Duplicate]) -> V
     )
 
 
-def hamming_pairs(
-    codes: np.ndarray, settings: DedupSettings = DEFAULT_SETTINGS
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Index pairs ``i < j`` of 64-bit codes within ``settings.max_hamming`` bits, and the bits.
-
-    ``codes`` is a uint64 array. Exact below ``exact_search_below`` codes (brute force) and above
-    it (multi-index hashing with pigeonhole parameters); only the speed differs.
-    """
-    import faiss
-
-    n = len(codes)
-    if n < 2:
-        return _no_pairs()
-    data = np.ascontiguousarray(codes, dtype=np.uint64).astype(">u8").view(np.uint8)
-    data = data.reshape(n, 8)
-    if n < settings.exact_search_below:
-        index = faiss.IndexBinaryFlat(64)
-    else:
-        nhash, bits, flips = multihash_parameters(n, settings.max_hamming)
-        index = faiss.IndexBinaryMultiHash(64, nhash, bits)
-        index.nflip = flips
-    index.add(data)
-    # Binary range search keeps distances strictly below the radius.
-    lims, dist, found = index.range_search(data, settings.max_hamming + 1)
-    rows = np.repeat(np.arange(n), np.diff(lims).astype(np.int64))
-    return _ordered(rows, found.astype(np.int64), dist.astype(np.float64))
-
-
-def multihash_parameters(n: int, max_hamming: int) -> tuple[int, int, int]:
-    """``(substrings, bits each, flips)`` for multi-index hashing of ``n`` 64-bit codes.
-
-    Every split is exact for ``max_hamming`` (flips = ``max_hamming // substrings``); the one
-    chosen minimises the buckets probed plus the codes expected in them.
-    """
-    best = None
-    for nhash in range(2, max(2, min(max_hamming + 1, 32)) + 1):
-        bits = 64 // nhash
-        flips = max_hamming // nhash
-        probed = nhash * sum(math.comb(bits, k) for k in range(flips + 1))
-        cost = probed * (1 + n / 2.0**bits)
-        if best is None or cost < best[0]:
-            best = (cost, nhash, bits, flips)
-    return best[1:]
-
-
-def cosine_pairs(
-    vectors: np.ndarray, settings: DedupSettings = DEFAULT_SETTINGS
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Index pairs ``i < j`` of L2-normalised rows with cosine >= ``settings.min_cosine``.
-
-    The cosines are computed in float64 from ``vectors`` as given. Below
-    ``exact_search_below`` rows every pair is compared; above it, the cell join described in the
-    module docstring (deterministic for a given array).
-    """
-    n = len(vectors)
-    if n < 2:
-        return _no_pairs()
-    x32 = np.ascontiguousarray(vectors, dtype=np.float32)
-    radius = settings.min_cosine - _FLOAT32_MARGIN
-    if n < settings.exact_search_below:
-        rows, cols = _flat_candidates(x32, radius)
-    else:
-        rows, cols, _ = _ordered(*_ivf_candidates(x32, radius, settings.probes), None)
-    cosines = _cosines(vectors, rows, cols)
-    hit = cosines >= settings.min_cosine
-    return rows[hit], cols[hit], cosines[hit]
-
-
-def ivf_nlist(n: int, probes: int) -> int:
-    """The number of k-means cells for ``n`` vectors: ``sqrt(probes * n)``, at least 8 per cell.
-
-    Each vector's work is one row of distances to the cells plus ``probes`` cells of about
-    ``n / nlist`` members; ``sqrt(probes * n)`` balances the two.
-    """
-    return max(1, min(round(math.sqrt(probes * n)), n // _MIN_PER_LIST))
-
-
-@dataclass(frozen=True)
-class _Kind:
-    """One match kind over distinct values: ``values[item]`` (or -1) and a symmetric neighbour
-    list per value (CSR: ``start``, ``neighbour``, ``distance``), the value itself excluded."""
-
-    name: str
-    values: np.ndarray
-    start: np.ndarray
-    neighbour: np.ndarray
-    distance: np.ndarray
-
-
-def _walk(n: int, kinds: list[_Kind]) -> dict[int, tuple[str, int, float]]:
-    """The greedy walk over items ``0..n-1`` (already in key order): item -> (kind, kept, dist).
-
-    Once a value has a kept item, every later item with that value matches it at distance 0, so
-    a value has at most one kept item: ``owner[value]``. Items whose values are unique and have
-    no neighbours are kept without a look.
-    """
-    crowded = np.zeros(n, dtype=bool)
-    owners = []
-    for kind in kinds:
-        has = kind.values >= 0
-        count = np.bincount(kind.values[has], minlength=len(kind.start) - 1)
-        busy = (count > 1) | (np.diff(kind.start) > 0)
-        crowded[has] |= busy[kind.values[has]]
-        owners.append(np.full(len(kind.start) - 1, -1, dtype=np.int64))
-    dropped: dict[int, tuple[str, int, float]] = {}
-    for item in np.flatnonzero(crowded).tolist():
-        match = None
-        for kind, owner in zip(kinds, owners, strict=True):
-            value = kind.values[item]
-            if value >= 0:
-                match = _nearest_kept(kind, owner, value)
-                if match is not None:
-                    dropped[item] = (kind.name, match[1], match[0])
-                    break
-        if match is None:
-            for kind, owner in zip(kinds, owners, strict=True):
-                value = kind.values[item]
-                if value >= 0:
-                    owner[value] = item
-    return dropped
-
-
-def _nearest_kept(kind: _Kind, owner: np.ndarray, value: int) -> tuple[float, int] | None:
-    """(distance, kept item) of the nearest kept item matching ``value``; ties: earliest item."""
-    best = (0.0, int(owner[value])) if owner[value] >= 0 else None
-    lo, hi = kind.start[value], kind.start[value + 1]
-    if hi > lo:
-        kept = owner[kind.neighbour[lo:hi]]
-        hit = kept >= 0
-        if hit.any():
-            kept, dist = kept[hit], kind.distance[lo:hi][hit]
-            first = np.lexsort((kept, dist))[0]
-            candidate = (float(dist[first]), int(kept[first]))
-            best = candidate if best is None else min(best, candidate)
-    return best
-
-
-def _exact_kind(sigs: list[Signature]) -> _Kind:
-    values, distinct = _distinct([s.item_id for s in sigs])
-    return _kind("exact", values, len(distinct), *_no_pairs())
-
-
-def _perceptual_kind(sigs: list[Signature], settings: DedupSettings) -> _Kind:
-    for s in sigs:
-        if not 0 <= s.phash < 1 << 64:
-            raise ValueError(f"phash of {s.key!r} is not a 64-bit unsigned int")
-        if s.thumbnail and len(s.thumbnail) != THUMBNAIL_BYTES:
-            raise ValueError(f"thumbnail of {s.key!r} is not {THUMBNAIL_BYTES} bytes")
-    values, distinct = _distinct([(s.scope, s.phash, s.thumbnail) for s in sigs])
-    codes = np.array([phash for _, phash, _ in distinct], dtype=np.uint64)
-    rows, cols, bits = hamming_pairs(codes, settings)
-    keep = _same_scope([scope for scope, _, _ in distinct], rows, cols)
-    tolerance = settings.max_colour_difference
-    if tolerance is not None:
-        keep &= _colours_close([thumb for _, _, thumb in distinct], rows, cols, tolerance)
-    return _kind("perceptual", values, len(distinct), rows[keep], cols[keep], bits[keep])
-
-
-def _embedding_kind(sigs: list[Signature], settings: DedupSettings) -> _Kind:
-    values, distinct = _distinct(
-        [None if s.embedding is None else (s.scope, s.embedding) for s in sigs], skip_none=True
-    )
-    if not distinct:
-        return _kind("embedding", values, 0, *_no_pairs())
-    if len({len(e) for _, e in distinct}) > 1:
-        raise ValueError("embeddings differ in length; were they made by one embedder?")
-    vectors = np.array([e for _, e in distinct], dtype=np.float64)
-    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
-    # Embedders give a zero row for an image they cannot describe: it matches nothing.
-    blank = norms < 1e-6
-    bad = np.flatnonzero(~blank & (np.abs(norms - 1.0) > 1e-3))
-    if len(bad):
-        item = int(np.flatnonzero(values == bad[0])[0])
-        raise ValueError(
-            f"embedding of {sigs[item].key!r} has norm {norms[bad[0]]:.4f}; "
-            "embeddings must be L2-normalised"
-        )
-    has = values >= 0
-    values[np.flatnonzero(has)[blank[values[has]]]] = -1
-    rows, cols, cosines = cosine_pairs(vectors, settings)
-    keep = _same_scope([scope for scope, _ in distinct], rows, cols) & ~blank[rows] & ~blank[cols]
-    return _kind("embedding", values, len(distinct), rows[keep], cols[keep], 1.0 - cosines[keep])
-
-
-def _same_scope(scopes: list[str], rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    ids, _ = _distinct(scopes)
-    return ids[rows] == ids[cols]
-
-
-def _distinct(items: list, skip_none: bool = False) -> tuple[np.ndarray, list]:
-    """Each item's index among the distinct items (first-seen order), and the distinct items."""
-    index: dict = {}
-    values = np.empty(len(items), dtype=np.int64)
-    for i, item in enumerate(items):
-        if skip_none and item is None:
-            values[i] = -1
-        else:
-            values[i] = index.setdefault(item, len(index))
-    return values, list(index)
-
-
-def _kind(name: str, values: np.ndarray, n_values: int, rows, cols, distance: np.ndarray) -> _Kind:
-    source = np.concatenate([rows, cols])
-    order = np.argsort(source, kind="stable")
-    start = np.zeros(n_values + 1, dtype=np.int64)
-    np.cumsum(np.bincount(source, minlength=n_values), out=start[1:])
-    return _Kind(
-        name,
-        values,
-        start,
-        np.concatenate([cols, rows])[order],
-        np.concatenate([distance, distance])[order],
-    )
-
-
-def _colours_close(thumbs: list[bytes], rows, cols, tolerance: int) -> np.ndarray:
-    """For each pair, whether the thumbnails agree within ``tolerance`` (missing ones agree)."""
-    present = np.array([len(t) == THUMBNAIL_BYTES for t in thumbs])
-    table = np.zeros((len(thumbs), THUMBNAIL_BYTES), dtype=np.int16)
+def _thumbnail_table(thumbnails: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Thumbnails as an int16 ``(n, 48)`` table, and which rows have one."""
+    present = np.array([len(t) == THUMBNAIL_BYTES for t in thumbnails], dtype=bool)
+    table = np.zeros((len(thumbnails), THUMBNAIL_BYTES), dtype=np.int16)
     if present.any():
-        packed = b"".join(t for t in thumbs if len(t) == THUMBNAIL_BYTES)
+        packed = b"".join(t for t in thumbnails if len(t) == THUMBNAIL_BYTES)
         table[present] = np.frombuffer(packed, dtype=np.uint8).reshape(-1, THUMBNAIL_BYTES)
-    close = np.empty(len(rows), dtype=bool)
-    step = 1 << 16
-    for lo in range(0, len(rows), step):
-        r, c = rows[lo : lo + step], cols[lo : lo + step]
-        diff = np.abs(table[r] - table[c]).max(axis=1)
-        close[lo : lo + step] = (diff <= tolerance) | ~present[r] | ~present[c]
-    return close
-
-
-def _flat_candidates(x32: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
-    import faiss
-
-    index = faiss.IndexFlatIP(x32.shape[1])
-    index.add(x32)
-    # Inner-product range search keeps similarities strictly above the radius.
-    lims, _, found = index.range_search(x32, radius)
-    rows = np.repeat(np.arange(len(x32)), np.diff(lims).astype(np.int64))
-    rows, cols, _ = _ordered(rows, found.astype(np.int64), None)
-    return rows, cols
-
-
-def _ivf_candidates(x32: np.ndarray, radius: float, probes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs above ``radius`` (float32) that share a probed cell; both orders, duplicates kept."""
-    import faiss
-
-    n, d = x32.shape
-    nlist = ivf_nlist(n, probes)
-    probes = min(probes, nlist)
-    if nlist == 1:
-        cells = np.zeros((n, 1), dtype=np.int64)
-    else:
-        rng = np.random.default_rng(_SEED)
-        sample = np.sort(rng.choice(n, min(n, _TRAIN_PER_LIST * nlist), replace=False))
-        kmeans = faiss.Kmeans(
-            d,
-            nlist,
-            niter=_KMEANS_ITERATIONS,
-            spherical=True,
-            seed=_SEED,
-            # An inverted file only needs a partition, not a converged clustering: a sample of
-            # 32 per cell keeps training linear in n (faiss warns below 39 unless told).
-            min_points_per_centroid=1,
-            max_points_per_centroid=_TRAIN_PER_LIST,
-        )
-        kmeans.train(x32[sample])
-        quantizer = faiss.IndexFlatIP(d)
-        quantizer.add(kmeans.centroids)
-        _, cells = quantizer.search(x32, probes)
-    home = cells[:, 0]
-    members_order = np.argsort(home, kind="stable")
-    members_start = np.searchsorted(home[members_order], np.arange(nlist + 1))
-    probed = cells.ravel()
-    probe_order = np.argsort(probed, kind="stable")
-    probe_start = np.searchsorted(probed[probe_order], np.arange(nlist + 1))
-    probe_item = probe_order // cells.shape[1]
-    rows, cols = [], []
-    for cell in range(nlist):
-        members = members_order[members_start[cell] : members_start[cell + 1]]
-        queries = probe_item[probe_start[cell] : probe_start[cell + 1]]
-        if len(members) and len(queries):
-            found = _block_join(x32, queries, members, radius)
-            rows.append(found[0])
-            cols.append(found[1])
-    if not rows:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    return np.concatenate(rows), np.concatenate(cols)
-
-
-def _block_join(x32: np.ndarray, queries, members, radius: float):
-    """Pairs (query, member) with inner product above ``radius``, in bounded BLAS blocks."""
-    rows, cols = [], []
-    width = min(len(members), 1 << 13)
-    height = max(1, _BLOCK // width)
-    for m0 in range(0, len(members), width):
-        block = members[m0 : m0 + width]
-        right = x32[block].T
-        for q0 in range(0, len(queries), height):
-            left = queries[q0 : q0 + height]
-            r, c = np.nonzero(x32[left] @ right > radius)
-            rows.append(left[r])
-            cols.append(block[c])
-    return np.concatenate(rows), np.concatenate(cols)
-
-
-def _cosines(vectors: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    out = np.empty(len(rows), dtype=np.float64)
-    step = max(1, _BLOCK // (8 * vectors.shape[1]))
-    for lo in range(0, len(rows), step):
-        a = vectors[rows[lo : lo + step]].astype(np.float64, copy=False)
-        b = vectors[cols[lo : lo + step]].astype(np.float64, copy=False)
-        out[lo : lo + step] = np.einsum("ij,ij->i", a, b)
-    return out
-
-
-def _ordered(rows: np.ndarray, cols: np.ndarray, values: np.ndarray | None):
-    """Pairs as ``i < j``, each once, sorted; self pairs removed."""
-    lo, hi = np.minimum(rows, cols), np.maximum(rows, cols)
-    keep = lo != hi
-    lo, hi = lo[keep], hi[keep]
-    n = int(hi.max()) + 1 if len(hi) else 1
-    _, first = np.unique(lo * n + hi, return_index=True)
-    return lo[first], hi[first], None if values is None else values[keep][first]
-
-
-def _no_pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64)
+    return table, present

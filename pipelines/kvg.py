@@ -34,12 +34,7 @@ from groundforge.annotators.teacher.prompts import load_template
 from groundforge.annotators.teacher.types import TeacherReply
 from groundforge.filters.consistency import check_consistency
 from groundforge.filters.decontaminate import ContaminationCheck
-from groundforge.filters.dedup import (
-    DedupSettings,
-    dedup_verdict,
-    find_duplicates,
-    signature_of,
-)
+from groundforge.filters.dedup import DedupSettings
 from groundforge.filters.detection import check_agreement, check_box_bounds, resolve_box
 from groundforge.filters.difficulty import SplitRule, count_correct, split_by_difficulty
 from groundforge.filters.image import ImageLimits, check_image
@@ -57,6 +52,7 @@ from groundforge.pipelines.crowd import (
     make_detection_sample,
     mark_uncertain,
 )
+from groundforge.pipelines.dedup import JoinFindings, dedup_check
 from groundforge.pipelines.metrics import TallyProvenance, model_namespace
 from groundforge.pipelines.plans import (
     PlanCrowds,
@@ -503,15 +499,8 @@ class KVGGraph:
             min_cosine=cfg.min_cosine,
             max_colour_difference=cfg.max_colour_difference,
         )
-        duplicates = (
-            records
-            | "signatures" >> beam.Map(signature_of, scope=cfg.scope)
-            | "all signatures" >> beam.combiners.ToList()
-            | "find duplicates" >> beam.Map(find_duplicates, settings=settings)
-        )
-        return self._stage(
-            records, "dedup", dedup_verdict, duplicates=beam.pvalue.AsSingleton(duplicates)
-        )
+        joined = records | "dedup join" >> JoinFindings(settings, scope=cfg.scope)
+        return self._stage(joined, "dedup", dedup_check)
 
     def _scenes(self, records):
         recipe, cfg = self.recipe, self.recipe.scenes
