@@ -77,6 +77,8 @@ def _clear_previous(out_dir: str) -> None:
     ]
     if stale:
         FileSystems.delete(stale)
+    # An interrupted run leaves its work folder: its rejection parts must not mix in either.
+    remove_folder(FileSystems.join(out_dir, WORK_DIR))
 
 
 def check_funnel(funnel: list[StageCount], rejections: Counter) -> None:
