@@ -71,9 +71,7 @@ def test_write_table_streams_rows_in_batches(tmp_path):
 
 def _rejections(n: int) -> list[Rejection]:
     reasons = [("image", "not_an_image"), ("dedup", "duplicate_exact"), ("box", "no_box")]
-    return [
-        Rejection(f"id{i:04d}", *reasons[i % 3], "{}", f"loc{i}") for i in range(n)
-    ]
+    return [Rejection(f"id{i:04d}", *reasons[i % 3], "{}", f"loc{i}") for i in range(n)]
 
 
 def _write_parts(folder: Path, rejections: list[Rejection], buckets: int) -> None:
@@ -84,7 +82,9 @@ def _write_parts(folder: Path, rejections: list[Rejection], buckets: int) -> Non
     folder.mkdir(parents=True, exist_ok=True)
     for (stage, reason, bucket), group in groups.items():
         rows = [rejection_to_row(r) for r in sorted(group, key=lambda r: r.item_id)]
-        write_table(str(folder / part_name(stage, reason, bucket)), rows, REJECTION_SCHEMA, "parquet")
+        write_table(
+            str(folder / part_name(stage, reason, bucket)), rows, REJECTION_SCHEMA, "parquet"
+        )
 
 
 def test_merged_rejections_are_complete_grouped_and_deterministic(tmp_path):
