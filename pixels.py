@@ -22,16 +22,13 @@ import hashlib
 from dataclasses import dataclass, replace
 from typing import Any
 
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
-
-_RAW = CompressionTypes.UNCOMPRESSED
-
 
 def load_pixels(ref: str) -> bytes:
     """The bytes parked at ``ref``."""
-    with FileSystems.open(ref, compression_type=_RAW) as fh:
-        return fh.read()
+    # Beam is imported where pixels move, so pure modules that read records stay light.
+    from groundforge.outputs.files import read_bytes
+
+    return read_bytes(ref)
 
 
 def image_bytes(item: Any) -> bytes:
@@ -61,12 +58,16 @@ class PixelStore:
     root: str
 
     def ref_for(self, data: bytes) -> str:
+        from apache_beam.io.filesystems import FileSystems
+
         digest = hashlib.sha256(data).hexdigest()
         return FileSystems.join(self.root, digest[:2], digest)
 
     def park(self, data: bytes) -> str:
         """Write ``data`` (once) and return its URI. The write is atomic: a reader never sees
         a half-written file."""
+        from apache_beam.io.filesystems import FileSystems
+
         from groundforge.outputs.files import write_bytes
 
         ref = self.ref_for(data)

@@ -140,7 +140,8 @@ def test_handler_settings_and_validation(tiny_detector_dir):
     h = GroundingDinoHandler(str(tiny_detector_dir), batch_size=3)
     assert h.batch_elements_kwargs() == {"min_batch_size": 3, "max_batch_size": 3}
     assert h.share_model_across_processes() is False
-    assert h.get_num_bytes([make_record(8, 8, "a", 0)]) == len(make_record(8, 8, "a", 0).image)
+    # Decoded RGB bytes: what the model sees, whether the record holds or parks its image.
+    assert h.get_num_bytes([make_record(8, 8, "a", 0)]) == 8 * 8 * 3
     for bad in (
         {"box_threshold": 1.5},
         {"text_threshold": -0.1},

@@ -262,7 +262,7 @@ def test_handler_settings_and_pickling():
     handler = embed.ImageEmbeddingHandler(TransformersImageEmbedder("some/model", batch_size=5))
     assert handler.batch_elements_kwargs() == {"min_batch_size": 5, "max_batch_size": 5}
     assert handler.share_model_across_processes() is False
-    assert handler.get_num_bytes([record(b"abc"), record(b"de")]) == 5
+    assert handler.get_num_bytes([record(b"abc"), record(b"de")]) == 2 * 8 * 8 * 3  # decoded RGB
     with pytest.raises(ValueError, match="inference_args"):
         handler.validate_inference_args({"threshold": 0.5})
     copy = pickle.loads(pickle.dumps(handler))
