@@ -590,7 +590,10 @@ class KVGGraph:
     def _join_plans(self, records, plans, pool_stage: str, unused: str):
         """Route each record to the plans (scenes, crowds) that use it, joined by record key;
         count the unused ones as drops at ``pool_stage``. Yields ``(plan_id, (slot, record))``."""
-        keyed = records | f"{pool_stage} key records" >> beam.Map(lambda r: (record_key(r), r))
+        # Planning has taken what it needs of the vectors: records cross the joins without them.
+        keyed = records | f"{pool_stage} key records" >> beam.Map(
+            lambda r: (record_key(r), replace(r, embedding=None))
+        )
         wanted = plans | f"{pool_stage} wanted members" >> beam.FlatMap(wanted_members)
         joined = {"record": keyed, "want": wanted} | f"{pool_stage} join members" >> (
             beam.CoGroupByKey()
