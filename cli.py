@@ -524,15 +524,23 @@ def _codec_params(codec: str, max_pixels: int | None) -> dict:
 
 @export.command("llamafactory")
 @_export_options
-@click.option("--name", default="groundforge", show_default=True, help="Dataset name.")
+@click.option(
+    "--name",
+    default="groundforge",
+    show_default=True,
+    help="Dataset name prefix: each split is the dataset NAME_<split>.",
+)
 def export_llamafactory(data, dest, codec, max_pixels, splits, name) -> None:
-    """Sharegpt JSON with <image> placeholders, images/ beside it, and dataset_info.json.
+    """One sharegpt dataset per split: NAME_<split>.json, images/ and dataset_info.json.
 
-    DATA is a run folder or its shards/ folder.
+    Each split gets its own file and dataset_info.json entry, NAME_<split>: put the training
+    splits in LLaMA-Factory's `dataset:` and NAME_val in `eval_dataset:`, so val is never
+    trained on. DATA is a run folder or its shards/ folder.
     """
     from groundforge.outputs.export import export_llamafactory as write
+    from groundforge.outputs.export import llamafactory_datasets
 
-    path = write(
+    paths = write(
         data,
         dest,
         codec=codec,
@@ -540,7 +548,14 @@ def export_llamafactory(data, dest, codec, max_pixels, splits, name) -> None:
         splits=list(splits) or None,
         dataset_name=name,
     )
-    click.echo(f"wrote {path} and {Path(dest) / 'dataset_info.json'}")
+    if not paths:
+        raise click.ClickException(f"no samples in {data} for the splits asked for")
+    for split, path in paths.items():
+        click.echo(f"wrote {path} ({split})")
+    click.echo(f"and {Path(dest) / 'dataset_info.json'}; in LLaMA-Factory's config:")
+    for key, names in llamafactory_datasets(name, list(paths)).items():
+        if names:
+            click.echo(f"  {key}: {','.join(names)}")
 
 
 @export.command("verl")
