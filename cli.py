@@ -222,15 +222,21 @@ def inspect(run_dir: str, samples: int, no_verify: bool, beam_args: tuple[str, .
 
 
 def _overrides(settings: tuple[str, ...]) -> dict:
-    """``--set sft.max_steps=2`` options as config overrides (values read as YAML)."""
+    """``--set sft.max_steps=2`` options as config overrides (values read as YAML, but a string
+    field keeps ``no``/``yes``/``on``/``off`` and numbers as written)."""
     import yaml
+
+    from groundforge.trainer.config import parse_override
 
     overrides = {}
     for item in settings:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise click.BadParameter(f"{item!r}: expected FIELD=VALUE, e.g. sft.max_steps=2")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = parse_override(key.strip(), value)
+        except yaml.YAMLError as exc:
+            raise click.BadParameter(f"{item!r}: the value is not YAML ({exc})") from None
     return overrides
 
 
@@ -256,7 +262,8 @@ def _train_options(func):
             "settings",
             multiple=True,
             metavar="FIELD=VALUE",
-            help="Override one config field, e.g. --set sft.max_steps=2 (repeatable).",
+            help="Override one config field, e.g. --set sft.max_steps=2 or "
+            "--set sft.save_strategy=no (repeatable; read as the field's type).",
         ),
     ]
     for option in reversed(options):

@@ -334,3 +334,43 @@ def test_the_cache_stays_out_of_the_shards(run_dir, tmp_path):
     build_sft_dataset(run_dir, get_codec("norm1000"), BUDGET, cache_dir=tmp_path / "cache")
     assert sorted(p.name for p in (run_dir / "shards" / "sft").iterdir()) == before
     assert list((tmp_path / "cache").glob("*.arrow"))
+
+
+# -- --set overrides ----------------------------------------------------------------------------
+
+
+def test_set_values_are_read_as_the_field_type(tmp_path):
+    from groundforge.cli import _overrides
+    from groundforge.trainer.config import TrainConfigError, load_train_config
+
+    settings = (
+        "sft.save_strategy=no",  # a Literal of strings: YAML alone reads it as false
+        "grpo.split=off",  # a plain string
+        "sft.split=2024",
+        "sft.lr_scheduler_type=constant",
+        "freeze_vision=no",  # booleans keep YAML's yes/no/on/off
+        "sft.gradient_checkpointing=off",
+        "grpo.use_vllm=true",
+        "sft.max_steps=2",
+        "sft.learning_rate=3.0e-6",
+        "lora={r: 8}",
+        "lora.target_modules=[q_proj, v_proj]",
+        "attn_implementation=null",
+    )
+    overrides = _overrides(settings)
+    assert overrides["sft.save_strategy"] == "no" and overrides["freeze_vision"] is False
+    cfg = load_train_config(None, overrides)
+    assert cfg.sft.save_strategy == "no" and cfg.grpo.split == "off" and cfg.sft.split == "2024"
+    assert cfg.sft.lr_scheduler_type == "constant"
+    assert cfg.freeze_vision is False and cfg.sft.gradient_checkpointing is False
+    assert cfg.grpo.use_vllm is True
+    assert cfg.sft.max_steps == 2 and isinstance(cfg.sft.max_steps, int)
+    assert cfg.sft.learning_rate == 3e-6
+    assert cfg.lora is not None and cfg.lora.r == 8
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.attn_implementation is None
+    # A value the field's type cannot take is still refused, naming the field.
+    with pytest.raises(TrainConfigError, match="sft.save_strategy"):
+        load_train_config(None, _overrides(("sft.save_strategy=sometimes",)))
+    with pytest.raises(TrainConfigError, match="sft.max_steps"):
+        load_train_config(None, _overrides(("sft.max_steps=no",)))
