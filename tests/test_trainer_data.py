@@ -374,3 +374,39 @@ def test_set_values_are_read_as_the_field_type(tmp_path):
         load_train_config(None, _overrides(("sft.save_strategy=sometimes",)))
     with pytest.raises(TrainConfigError, match="sft.max_steps"):
         load_train_config(None, _overrides(("sft.max_steps=no",)))
+
+
+# -- training log -------------------------------------------------------------------------------
+
+
+def test_each_run_starts_its_own_log(tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    from groundforge.trainer.callbacks import LOG_FILE, TrainLogCallback, read_log
+
+    def run(steps, start=0):
+        """A run's callback events: train begin at ``start``, then one log per step."""
+        callback = TrainLogCallback(tmp_path / LOG_FILE)
+        state = TrainerState(global_step=start)
+        callback.on_train_begin(None, state, TrainerControl())
+        for step in steps:
+            state.global_step = step
+            callback.on_log(None, state, TrainerControl(), logs={"loss": float(step)})
+
+    run([1, 2, 3])
+    run([1, 2])
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
+    assert [r["step"] for r in read_log(tmp_path / "train_log.1.jsonl")] == [1, 2, 3]
+    run([1])
+    assert [r["step"] for r in read_log(tmp_path / "train_log.2.jsonl")] == [1, 2]
+    assert [r["step"] for r in read_log(tmp_path)] == [1]
+    # A run killed after step 4, resumed from its step-2 checkpoint: the log goes on from there.
+    run([1, 2, 3, 4])
+    with (tmp_path / LOG_FILE).open("a") as log:
+        log.write('{"step": 5, "metr')  # the half-written line of a killed run
+    run([3, 4], start=2)
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]
+    assert [r["metrics"]["loss"] for r in read_log(tmp_path)] == [1.0, 2.0, 3.0, 4.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "train_log.1.jsonl", "train_log.2.jsonl", "train_log.3.jsonl", LOG_FILE
+    ]  # fmt: skip
