@@ -222,15 +222,21 @@ def inspect(run_dir: str, samples: int, no_verify: bool, beam_args: tuple[str, .
 
 
 def _overrides(settings: tuple[str, ...]) -> dict:
-    """``--set sft.max_steps=2`` options as config overrides (values read as YAML)."""
+    """``--set sft.max_steps=2`` options as config overrides (values read as YAML, but a string
+    field keeps ``no``/``yes``/``on``/``off`` and numbers as written)."""
     import yaml
+
+    from groundforge.trainer.config import parse_override
 
     overrides = {}
     for item in settings:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise click.BadParameter(f"{item!r}: expected FIELD=VALUE, e.g. sft.max_steps=2")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = parse_override(key.strip(), value)
+        except yaml.YAMLError as exc:
+            raise click.BadParameter(f"{item!r}: the value is not YAML ({exc})") from None
     return overrides
 
 
@@ -256,7 +262,8 @@ def _train_options(func):
             "settings",
             multiple=True,
             metavar="FIELD=VALUE",
-            help="Override one config field, e.g. --set sft.max_steps=2 (repeatable).",
+            help="Override one config field, e.g. --set sft.max_steps=2 or "
+            "--set sft.save_strategy=no (repeatable; read as the field's type).",
         ),
     ]
     for option in reversed(options):
@@ -524,15 +531,23 @@ def _codec_params(codec: str, max_pixels: int | None) -> dict:
 
 @export.command("llamafactory")
 @_export_options
-@click.option("--name", default="groundforge", show_default=True, help="Dataset name.")
+@click.option(
+    "--name",
+    default="groundforge",
+    show_default=True,
+    help="Dataset name prefix: each split is the dataset NAME_<split>.",
+)
 def export_llamafactory(data, dest, codec, max_pixels, splits, name) -> None:
-    """Sharegpt JSON with <image> placeholders, images/ beside it, and dataset_info.json.
+    """One sharegpt dataset per split: NAME_<split>.json, images/ and dataset_info.json.
 
-    DATA is a run folder or its shards/ folder.
+    Each split gets its own file and dataset_info.json entry, NAME_<split>: put the training
+    splits in LLaMA-Factory's `dataset:` and NAME_val in `eval_dataset:`, so val is never
+    trained on. DATA is a run folder or its shards/ folder.
     """
     from groundforge.outputs.export import export_llamafactory as write
+    from groundforge.outputs.export import llamafactory_datasets
 
-    path = write(
+    paths = write(
         data,
         dest,
         codec=codec,
@@ -540,7 +555,14 @@ def export_llamafactory(data, dest, codec, max_pixels, splits, name) -> None:
         splits=list(splits) or None,
         dataset_name=name,
     )
-    click.echo(f"wrote {path} and {Path(dest) / 'dataset_info.json'}")
+    if not paths:
+        raise click.ClickException(f"no samples in {data} for the splits asked for")
+    for split, path in paths.items():
+        click.echo(f"wrote {path} ({split})")
+    click.echo(f"and {Path(dest) / 'dataset_info.json'}; in LLaMA-Factory's config:")
+    for key, names in llamafactory_datasets(name, list(paths)).items():
+        if names:
+            click.echo(f"  {key}: {','.join(names)}")
 
 
 @export.command("verl")

@@ -13,9 +13,13 @@ further; with verl the same for the processor. The other codecs are relative fra
 0..1) or the stored image itself (``pixel``): images are written at their stored size. Pass
 ``resize=False``/``True`` to override.
 
-**LLaMA-Factory** (:func:`export_llamafactory`): ``dest/<dataset_name>.json``, a list of sharegpt
-records, ``dest/images/<sha256>.png`` (one PNG per distinct written image, named by the sha256 of
-its bytes) and ``dest/dataset_info.json`` (the dataset's entry merged into any existing file)::
+**LLaMA-Factory** (:func:`export_llamafactory`): one dataset per non-empty split,
+``dest/<dataset_name>_<split>.json`` (a list of sharegpt records of that split only), one
+``dest/dataset_info.json`` entry per split named ``<dataset_name>_<split>`` (merged into any
+existing file) and ``dest/images/<sha256>.png`` (one PNG per distinct written image, named by the
+sha256 of its bytes, shared by the splits). The training splits go in LLaMA-Factory's
+``dataset:`` (``groundforge_sft,groundforge_grpo``) and ``val`` in ``eval_dataset:``
+(``groundforge_val``), so no evaluation sample is trained on. A record::
 
     {"messages": [
         {"role": "user", "content": "<image>Find and give the bounding box of
@@ -54,7 +58,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,26 +160,26 @@ def user_prompt(question: str, reasoning: bool) -> str:
     return f"{text}{REASONING_INSTRUCTION}" if reasoning else text
 
 
-def _samples(shards_dir: str | Path, splits: Sequence[str] | None, fmt: str | None) -> Iterator:
-    from groundforge.outputs.shards import detect_format, read_samples, shards_folder
-
-    shards_dir = shards_folder(shards_dir)
-    fmt = fmt or detect_format(shards_dir)
-    if splits is None:
-        yield from read_samples(shards_dir, fmt=fmt)
-        return
-    for split in splits:
-        yield from read_samples(shards_dir, split, fmt=fmt)
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, "utf-8")
     tmp.replace(path)
 
 
+EVAL_SPLITS = ("val",)
+
+
+def split_dataset_name(dataset_name: str, split: str) -> str:
+    """The LLaMA-Factory dataset name (and file stem) of one split.
+
+    >>> split_dataset_name("groundforge", "val")
+    'groundforge_val'
+    """
+    return f"{dataset_name}_{split}"
+
+
 def dataset_info_entry(dataset_name: str) -> dict[str, Any]:
-    """LLaMA-Factory's ``dataset_info.json`` entry for the exported sharegpt file."""
+    """LLaMA-Factory's ``dataset_info.json`` entry for an exported sharegpt file."""
     return {
         dataset_name: {
             "file_name": f"{dataset_name}.json",
@@ -191,6 +195,63 @@ def dataset_info_entry(dataset_name: str) -> dict[str, Any]:
     }
 
 
+def sharegpt_record(sample: Any, codec: BoxCodec, image_name: str, exported: ExportImage) -> dict:
+    """One sample as a sharegpt record whose image is ``images/<image_name>``."""
+    box = render_answer_box(sample, exported, codec)
+    think = think_text(sample.rationale)
+    answer = box if think is None else f"<think>{think}</think><answer>{box}</answer>"
+    return {
+        "messages": [
+            {"role": "user", "content": user_prompt(sample.question, think is not None)},
+            {"role": "assistant", "content": answer},
+        ],
+        "images": [f"images/{image_name}"],
+    }
+
+
+def _write_sharegpt(
+    samples: Iterable, json_path: Path, codec: BoxCodec, resize: bool | None, written: set[str]
+) -> int:
+    """Stream ``samples`` into ``json_path`` (images beside it, each written once); returns the
+    row count. An empty split writes no file."""
+    images_dir = json_path.parent / "images"
+    tmp = json_path.with_name(f".{json_path.name}.tmp-{os.getpid()}")
+    count = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            out.write("[")
+            for sample in samples:
+                exported = export_image(sample, codec, resize)
+                name = f"{exported.sha256}.png"
+                if name not in written:
+                    image_path = images_dir / name
+                    if not image_path.is_file():
+                        image_path.write_bytes(exported.png)
+                    written.add(name)
+                record = sharegpt_record(sample, codec, name, exported)
+                out.write(",\n" if count else "\n")
+                out.write(json.dumps(record, ensure_ascii=False))
+                count += 1
+            out.write("\n]\n")
+        if count:
+            tmp.replace(json_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return count
+
+
+def _read_dataset_info(info_path: Path) -> dict[str, Any]:
+    if not info_path.is_file():
+        return {}
+    try:
+        info = json.loads(info_path.read_text("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{info_path} is not JSON ({exc}); fix or remove it") from exc
+    if not isinstance(info, dict):
+        raise ValueError(f"{info_path} does not hold a JSON object; fix or remove it")
+    return info
+
+
 def export_llamafactory(
     shards_dir: str | Path,
     dest: str | Path,
@@ -200,55 +261,53 @@ def export_llamafactory(
     dataset_name: str = "groundforge",
     resize: bool | None = None,
     fmt: str | None = None,
-) -> Path:
-    """Write the shards (``splits``, default all) as a LLaMA-Factory sharegpt dataset in
-    ``dest``; returns the JSON file. See the module doc for the layout and the image frame."""
+) -> dict[str, Path]:
+    """Write each non-empty split (``splits``, default all) as its own LLaMA-Factory sharegpt
+    dataset ``<dataset_name>_<split>`` in ``dest``; returns split -> JSON file. See the module
+    doc for the layout and the image frame."""
+    from groundforge.outputs.shards import (
+        detect_format,
+        read_samples,
+        shards_folder,
+        splits_on_disk,
+    )
+
     box_codec = get_codec(codec, **dict(codec_params or {}))
     dest = Path(dest)
-    images_dir = dest / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    json_path = dest / f"{dataset_name}.json"
-    tmp = json_path.with_name(f".{json_path.name}.tmp-{os.getpid()}")
-    written: set[str] = set()
-    count = 0
-    with open(tmp, "w", encoding="utf-8") as out:
-        out.write("[")
-        for sample in _samples(shards_dir, splits, fmt):
-            exported = export_image(sample, box_codec, resize)
-            name = f"{exported.sha256}.png"
-            if name not in written:
-                image_path = images_dir / name
-                if not image_path.is_file():
-                    image_path.write_bytes(exported.png)
-                written.add(name)
-            box = render_answer_box(sample, exported, box_codec)
-            think = think_text(sample.rationale)
-            answer = box if think is None else f"<think>{think}</think><answer>{box}</answer>"
-            record = {
-                "messages": [
-                    {"role": "user", "content": user_prompt(sample.question, think is not None)},
-                    {"role": "assistant", "content": answer},
-                ],
-                "images": [f"images/{name}"],
-            }
-            out.write(",\n" if count else "\n")
-            out.write(json.dumps(record, ensure_ascii=False))
-            count += 1
-        out.write("\n]\n")
-    tmp.replace(json_path)
-
     info_path = dest / "dataset_info.json"
-    info: dict[str, Any] = {}
-    if info_path.is_file():
-        try:
-            info = json.loads(info_path.read_text("utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{info_path} is not JSON ({exc}); fix or remove it") from exc
-        if not isinstance(info, dict):
-            raise ValueError(f"{info_path} does not hold a JSON object; fix or remove it")
-    info.update(dataset_info_entry(dataset_name))
+    # Checked before any row is written, so a broken file costs no export time.
+    info = _read_dataset_info(info_path)
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    shards_dir = shards_folder(shards_dir)
+    fmt = fmt or detect_format(shards_dir)
+    if splits is None:
+        splits = sorted(splits_on_disk(shards_dir, fmt))
+
+    written: set[str] = set()
+    paths: dict[str, Path] = {}
+    for split in dict.fromkeys(splits):
+        name = split_dataset_name(dataset_name, split)
+        path = dest / f"{name}.json"
+        samples = read_samples(shards_dir, split, fmt=fmt)
+        if _write_sharegpt(samples, path, box_codec, resize, written):
+            paths[split] = path
+            info.update(dataset_info_entry(name))
     _write_atomic(info_path, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
-    return json_path
+    return paths
+
+
+def llamafactory_datasets(dataset_name: str, splits: Sequence[str]) -> dict[str, list[str]]:
+    """The exported dataset names for LLaMA-Factory's ``dataset`` (training) and
+    ``eval_dataset`` keys: the :data:`EVAL_SPLITS` go to evaluation only.
+
+    >>> llamafactory_datasets("kvg", ["grpo", "sft", "val"])
+    {'dataset': ['kvg_grpo', 'kvg_sft'], 'eval_dataset': ['kvg_val']}
+    """
+    names: dict[str, list[str]] = {"dataset": [], "eval_dataset": []}
+    for split in splits:
+        key = "eval_dataset" if split in EVAL_SPLITS else "dataset"
+        names[key].append(split_dataset_name(dataset_name, split))
+    return names
 
 
 def verl_features() -> Any:

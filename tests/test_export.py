@@ -9,15 +9,19 @@ import json
 import apache_beam as beam
 import datasets
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 from samples import make_sample, png_bytes
 
+from groundforge.cli import main
 from groundforge.outputs.export import (
     IMAGE_TOKEN,
     REASONING_INSTRUCTION,
     dataset_info_entry,
+    export_image,
     export_llamafactory,
     export_verl,
+    sharegpt_record,
     think_text,
 )
 from groundforge.outputs.shards import WriteShards, finalize_shards, read_samples
@@ -85,6 +89,25 @@ def shards(tmp_path_factory):
     return write(samples, tmp_path_factory.mktemp("export") / "shards")
 
 
+SPLITS = ("grpo", "sft", "val")
+SHAREGPT_ENTRY = {
+    "file_name": "kvg_val.json",
+    "formatting": "sharegpt",
+    "columns": {"messages": "messages", "images": "images"},
+    "tags": {
+        "role_tag": "role",
+        "content_tag": "content",
+        "user_tag": "user",
+        "assistant_tag": "assistant",
+    },
+}
+
+
+def load_records(paths):
+    """Every split's records, in the order of ``paths`` (split -> file)."""
+    return [record for path in paths.values() for record in json.loads(path.read_text())]
+
+
 def user_and_answer(record):
     user, assistant = record["messages"]
     assert (user["role"], assistant["role"]) == ("user", "assistant")
@@ -99,10 +122,10 @@ def user_and_answer(record):
 )
 def test_llamafactory_records_images_and_boxes(shards, tmp_path, codec, params):
     dest = tmp_path / "lf"
-    path = export_llamafactory(shards, dest, codec=codec, codec_params=params)
-    assert path == dest / "groundforge.json"
-    records = json.loads(path.read_text())
-    samples = list(read_samples(str(shards)))
+    paths = export_llamafactory(shards, dest, codec=codec, codec_params=params)
+    assert paths == {split: dest / f"groundforge_{split}.json" for split in SPLITS}
+    records = load_records(paths)
+    samples = [s for split in SPLITS for s in read_samples(str(shards), split)]
     assert len(records) == len(samples) == 12
     box_codec = get_codec(codec, **params)
     for record, sample in zip(records, samples, strict=True):
@@ -146,7 +169,7 @@ def test_llamafactory_records_images_and_boxes(shards, tmp_path, codec, params):
 
 
 def test_llamafactory_answer_examples(shards, tmp_path):
-    records = json.loads(export_llamafactory(shards, tmp_path, codec_params=SMALL_QWEN).read_text())
+    records = load_records(export_llamafactory(shards, tmp_path, codec_params=SMALL_QWEN))
     by_question = {user_and_answer(r)[0]: user_and_answer(r)[1] for r in records}
     chad = (
         "<image>Find and give the bounding box of <|object_ref_start|>Chad<|object_ref_end|>"
@@ -170,34 +193,83 @@ def test_llamafactory_answer_examples(shards, tmp_path):
     )
 
 
-def test_llamafactory_splits_and_dataset_info_merge(shards, tmp_path):
+def test_llamafactory_one_dataset_per_split(shards, tmp_path):
+    dest = tmp_path / "lf"
+    paths = export_llamafactory(shards, dest, codec="norm1000", dataset_name="kvg")
+    assert sorted(p.name for p in dest.glob("*.json")) == [
+        "dataset_info.json", "kvg_grpo.json", "kvg_sft.json", "kvg_val.json"
+    ]  # fmt: skip
+    info = json.loads((dest / "dataset_info.json").read_text())
+    assert set(info) == {"kvg_grpo", "kvg_sft", "kvg_val"}
+    assert info["kvg_val"] == SHAREGPT_ENTRY
+    for split in SPLITS:
+        assert {f"kvg_{split}": info[f"kvg_{split}"]} == dataset_info_entry(f"kvg_{split}")
+        assert info[f"kvg_{split}"]["file_name"] == paths[split].name
+    codec = get_codec("norm1000")
+    exported = {}
+    for split in SPLITS:
+        records = json.loads(paths[split].read_text())
+        samples = list(read_samples(str(shards), split))
+        # Each file holds exactly its split's rows: 8 sft, 3 val (samples 0, 3, 6), 1 grpo.
+        assert len(records) == len(samples) == {"sft": 8, "val": 3, "grpo": 1}[split]
+        for sample, record in zip(samples, records, strict=True):
+            assert sample.split == split
+            image = export_image(sample, codec)
+            assert record == sharegpt_record(sample, codec, f"{image.sha256}.png", image)
+            exported[sample.sample_id] = record
+    # No val sample's record is in a training file.
+    val_ids = [s.sample_id for s in read_samples(str(shards), "val")]
+    training = load_records({s: paths[s] for s in SPLITS if s != "val"})
+    assert val_ids and not [i for i in val_ids if exported[i] in training]
+
+
+def test_llamafactory_split_filter_and_dataset_info_merge(shards, tmp_path):
     dest = tmp_path / "lf"
     dest.mkdir()
     other = {"other": {"file_name": "other.json", "formatting": "alpaca"}}
     (dest / "dataset_info.json").write_text(json.dumps(other))
-    path = export_llamafactory(
-        shards, dest, codec="norm1000", splits=["val"], dataset_name="kvg_val"
-    )
-    assert path.name == "kvg_val.json"
-    records = json.loads(path.read_text())
-    assert len(records) == 3  # samples 0, 3, 6
+    paths = export_llamafactory(shards, dest, codec="norm1000", splits=["val"], dataset_name="kvg")
+    assert paths == {"val": dest / "kvg_val.json"}
+    assert sorted(p.name for p in dest.glob("*.json")) == ["dataset_info.json", "kvg_val.json"]
+    assert len(json.loads(paths["val"].read_text())) == 3
     export_llamafactory(shards, dest, codec="norm1000", splits=["sft", "grpo"], dataset_name="kvg")
     info = json.loads((dest / "dataset_info.json").read_text())
-    assert set(info) == {"other", "kvg_val", "kvg"}
-    assert info["other"] == other["other"]
-    assert info["kvg_val"] == {
-        "file_name": "kvg_val.json",
-        "formatting": "sharegpt",
-        "columns": {"messages": "messages", "images": "images"},
-        "tags": {
-            "role_tag": "role",
-            "content_tag": "content",
-            "user_tag": "user",
-            "assistant_tag": "assistant",
-        },
+    assert set(info) == {"other", "kvg_val", "kvg_sft", "kvg_grpo"}
+    assert info["other"] == other["other"] and info["kvg_val"] == SHAREGPT_ENTRY
+    assert len(json.loads((dest / "kvg_sft.json").read_text())) == 8
+
+
+def test_llamafactory_skips_empty_splits(tmp_path):
+    shards = write([make_sample(i, "sft") for i in range(2)], tmp_path / "shards")
+    paths = export_llamafactory(shards, tmp_path / "lf", codec="norm1000", splits=["sft", "val"])
+    assert list(paths) == ["sft"]
+    assert sorted(p.name for p in (tmp_path / "lf").glob("*.json")) == [
+        "dataset_info.json", "groundforge_sft.json"
+    ]  # fmt: skip
+    assert set(json.loads((tmp_path / "lf" / "dataset_info.json").read_text())) == {
+        "groundforge_sft"
     }
-    assert {"kvg": info["kvg"]} == dataset_info_entry("kvg")
-    assert len(json.loads((dest / "kvg.json").read_text())) == 9
+
+
+def test_llamafactory_command_line(shards, tmp_path):
+    dest = tmp_path / "lf"
+    args = ["export", "llamafactory", str(shards), "--to", str(dest), "--codec", "norm1000"]
+    result = CliRunner().invoke(main, [*args, "--name", "kvg"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "  dataset: kvg_grpo,kvg_sft\n" in result.output
+    assert "  eval_dataset: kvg_val\n" in result.output
+    assert sorted(json.loads((dest / "dataset_info.json").read_text())) == [
+        "kvg_grpo", "kvg_sft", "kvg_val"
+    ]  # fmt: skip
+    only = tmp_path / "only"
+    result = CliRunner().invoke(main, [*args[:4], str(only), *args[5:], "--split", "sft"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "eval_dataset" not in result.output and "  dataset: groundforge_sft\n" in result.output
+    assert sorted(p.name for p in only.glob("*.json")) == [
+        "dataset_info.json", "groundforge_sft.json"
+    ]  # fmt: skip
+    help_text = CliRunner().invoke(main, ["export", "llamafactory", "--help"]).output
+    assert "NAME_<split>.json" in help_text and "eval_dataset" in help_text
 
 
 def test_llamafactory_refuses_a_broken_dataset_info(shards, tmp_path):

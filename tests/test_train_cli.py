@@ -109,12 +109,13 @@ def test_exports_from_the_command_line(demo_run, tmp_path):
     val = sum(1 for _ in read_samples(str(demo_run / "shards"), "val"))
     invoke("export", "llamafactory", demo_run, "--to", tmp_path / "lf", "--split", "val",
            "--max-pixels", BUDGET)  # fmt: skip
-    records = json.loads((tmp_path / "lf" / "groundforge.json").read_text())
+    records = json.loads((tmp_path / "lf" / "groundforge_val.json").read_text())
     assert len(records) == val
     for record in records:
         assert record["messages"][0]["content"].count("<image>") == len(record["images"]) == 1
         assert (tmp_path / "lf" / record["images"][0]).is_file()
-    assert "groundforge" in json.loads((tmp_path / "lf" / "dataset_info.json").read_text())
+    info = json.loads((tmp_path / "lf" / "dataset_info.json").read_text())
+    assert list(info) == ["groundforge_val"]
 
     invoke("export", "verl", demo_run / "shards", "--to", tmp_path / "verl")
     splits = sorted(p.stem for p in (tmp_path / "verl").glob("*.parquet"))

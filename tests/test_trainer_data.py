@@ -334,3 +334,79 @@ def test_the_cache_stays_out_of_the_shards(run_dir, tmp_path):
     build_sft_dataset(run_dir, get_codec("norm1000"), BUDGET, cache_dir=tmp_path / "cache")
     assert sorted(p.name for p in (run_dir / "shards" / "sft").iterdir()) == before
     assert list((tmp_path / "cache").glob("*.arrow"))
+
+
+# -- --set overrides ----------------------------------------------------------------------------
+
+
+def test_set_values_are_read_as_the_field_type(tmp_path):
+    from groundforge.cli import _overrides
+    from groundforge.trainer.config import TrainConfigError, load_train_config
+
+    settings = (
+        "sft.save_strategy=no",  # a Literal of strings: YAML alone reads it as false
+        "grpo.split=off",  # a plain string
+        "sft.split=2024",
+        "sft.lr_scheduler_type=constant",
+        "freeze_vision=no",  # booleans keep YAML's yes/no/on/off
+        "sft.gradient_checkpointing=off",
+        "grpo.use_vllm=true",
+        "sft.max_steps=2",
+        "sft.learning_rate=3.0e-6",
+        "lora={r: 8}",
+        "lora.target_modules=[q_proj, v_proj]",
+        "attn_implementation=null",
+    )
+    overrides = _overrides(settings)
+    assert overrides["sft.save_strategy"] == "no" and overrides["freeze_vision"] is False
+    cfg = load_train_config(None, overrides)
+    assert cfg.sft.save_strategy == "no" and cfg.grpo.split == "off" and cfg.sft.split == "2024"
+    assert cfg.sft.lr_scheduler_type == "constant"
+    assert cfg.freeze_vision is False and cfg.sft.gradient_checkpointing is False
+    assert cfg.grpo.use_vllm is True
+    assert cfg.sft.max_steps == 2 and isinstance(cfg.sft.max_steps, int)
+    assert cfg.sft.learning_rate == 3e-6
+    assert cfg.lora is not None and cfg.lora.r == 8
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.attn_implementation is None
+    # A value the field's type cannot take is still refused, naming the field.
+    with pytest.raises(TrainConfigError, match="sft.save_strategy"):
+        load_train_config(None, _overrides(("sft.save_strategy=sometimes",)))
+    with pytest.raises(TrainConfigError, match="sft.max_steps"):
+        load_train_config(None, _overrides(("sft.max_steps=no",)))
+
+
+# -- training log -------------------------------------------------------------------------------
+
+
+def test_each_run_starts_its_own_log(tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    from groundforge.trainer.callbacks import LOG_FILE, TrainLogCallback, read_log
+
+    def run(steps, start=0):
+        """A run's callback events: train begin at ``start``, then one log per step."""
+        callback = TrainLogCallback(tmp_path / LOG_FILE)
+        state = TrainerState(global_step=start)
+        callback.on_train_begin(None, state, TrainerControl())
+        for step in steps:
+            state.global_step = step
+            callback.on_log(None, state, TrainerControl(), logs={"loss": float(step)})
+
+    run([1, 2, 3])
+    run([1, 2])
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
+    assert [r["step"] for r in read_log(tmp_path / "train_log.1.jsonl")] == [1, 2, 3]
+    run([1])
+    assert [r["step"] for r in read_log(tmp_path / "train_log.2.jsonl")] == [1, 2]
+    assert [r["step"] for r in read_log(tmp_path)] == [1]
+    # A run killed after step 4, resumed from its step-2 checkpoint: the log goes on from there.
+    run([1, 2, 3, 4])
+    with (tmp_path / LOG_FILE).open("a") as log:
+        log.write('{"step": 5, "metr')  # the half-written line of a killed run
+    run([3, 4], start=2)
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]
+    assert [r["metrics"]["loss"] for r in read_log(tmp_path)] == [1.0, 2.0, 3.0, 4.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "train_log.1.jsonl", "train_log.2.jsonl", "train_log.3.jsonl", LOG_FILE
+    ]  # fmt: skip

@@ -5,6 +5,10 @@ TRL already logs ``rewards/<name>/mean`` for every GRPO reward; this callback wr
 (TRL logs ``None`` for a reward that was NaN on every row), and, during GRPO, records the last
 completions with the last box read from each (raw values in the model's frame), which is the
 quickest way to spot a reward stuck at 0 because of a coordinate-frame or format mistake.
+
+Each run has its own log: a run that starts from step 0 moves an earlier ``train_log.jsonl`` to
+``train_log.<n>.jsonl`` (1 for the oldest); a run resumed from a checkpoint continues the log,
+without the records logged after that checkpoint (those steps run again).
 """
 
 from __future__ import annotations
@@ -48,6 +52,14 @@ class TrainLogCallback(TrainerCallback):
         self.path = Path(path)
         self.completions = completions
         self._trainer: Any = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or not self.path.is_file():
+            return
+        if state.global_step == 0:
+            rotate_log(self.path)
+        else:
+            keep_log_until(self.path, state.global_step)
 
     def attach(self, trainer: Any) -> None:
         """Read the trainer's last completions (GRPO keeps them for its own logging)."""
@@ -102,6 +114,31 @@ class TrainLogCallback(TrainerCallback):
             quads = extract_quads(text)
             samples.append({"text": text[:_TEXT_CHARS], "box": list(quads[-1]) if quads else None})
         return samples
+
+
+def rotate_log(path: Path) -> Path:
+    """Move the log at ``path`` to the first free ``<stem>.<n>.jsonl``; returns the new path."""
+    n = 1
+    while (moved := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+        n += 1
+    path.replace(moved)
+    return moved
+
+
+def keep_log_until(path: Path, step: int) -> None:
+    """Drop the records of steps after ``step`` (a resumed run logs them again), and a last line
+    a killed run left half written."""
+    kept = []
+    for line in path.read_text("utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept), "utf-8")
+    tmp.replace(path)
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:

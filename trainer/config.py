@@ -21,11 +21,14 @@ what they mean there. Errors name the file and the field.
 from __future__ import annotations
 
 import copy
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from groundforge.trainer.data import REASONING_INSTRUCTION
 from groundforge.yamlfile import describe_errors, read_yaml
@@ -191,6 +194,72 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
             node[key] = {}
         node = node[key]
     node[keys[-1]] = value
+
+
+def _members(annotation: Any) -> tuple[Any, ...]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def field_annotation(dotted: str) -> Any:
+    """The type of the config field ``dotted`` names (``"sft.save_strategy"``), or None when
+    it names no field.
+
+    >>> field_annotation("sft.max_steps"), field_annotation("sft.nothing")
+    (<class 'int'>, None)
+    """
+    node: Any = TrainConfig
+    annotation = None
+    for key in dotted.split("."):
+        models = [m for m in _members(node) if isinstance(m, type) and issubclass(m, BaseModel)]
+        field = models[0].model_fields.get(key) if models else None
+        if field is None:
+            return None
+        node = annotation = field.annotation
+    return annotation
+
+
+def _takes_text(annotation: Any) -> bool:
+    """Whether a field of this type accepts a string (``str`` or a ``Literal`` of strings)."""
+    for member in _members(annotation):
+        if member is str:
+            return True
+        if typing.get_origin(member) is Literal and any(
+            isinstance(v, str) for v in typing.get_args(member)
+        ):
+            return True
+    return False
+
+
+def parse_override(dotted: str, text: str) -> Any:
+    """The value of ``--set FIELD=TEXT``: ``TEXT`` read as YAML, except that a string field
+    keeps a scalar YAML would read as a boolean, a number or a date as the text written, so
+    ``save_strategy=no`` is ``"no"``, while a boolean field still reads ``no`` as false. A
+    field without a boolean type keeps ``yes``/``no``/``on``/``off`` as text too, so a number
+    field refuses them instead of reading 0 or 1.
+
+    >>> parse_override("sft.save_strategy", "no"), parse_override("freeze_vision", "no")
+    ('no', False)
+    >>> parse_override("sft.split", "2024"), parse_override("sft.max_steps", "2")
+    ('2024', 2)
+    """
+    value = yaml.safe_load(text)
+    if value is None or isinstance(value, (str, list, dict)):
+        return value
+    annotation = field_annotation(dotted)
+    if annotation is None:
+        return value
+    if isinstance(value, bool) and bool not in _members(annotation):
+        # Lax validation would turn a boolean into 0 or 1; the text gets a clear error.
+        return text.strip()
+    if not _takes_text(annotation):
+        return value
+    try:
+        TypeAdapter(annotation).validate_python(value, strict=True)
+    except ValidationError:
+        return text.strip()
+    return value
 
 
 def merge_overrides(data: dict, overrides: Mapping[str, Any] | None) -> dict:
