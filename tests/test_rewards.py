@@ -97,21 +97,21 @@ KVG_CASES = {
     "two_boxes_last_right": (
         lambda c: f"{THINK}<answer>{render(c, WRONG, GT)}</answer>",
         1,
-        1,
+        0,  # a KVG answer holds one box: several are no parsable box
         1.0,
         1.0,
     ),
     "two_boxes_last_wrong": (
         lambda c: f"{THINK}<answer>{render(c, GT, WRONG)}</answer>",
         1,
-        1,
+        0,  # a KVG answer holds one box: several are no parsable box
         0.0,
         8 / 49,
     ),
     "duplicate_boxes": (
         lambda c: f"{THINK}<answer>{render(c, PARTIAL, PARTIAL)}</answer>",
         1,
-        1,
+        0,  # a KVG answer holds one box: several are no parsable box
         5 / 7,
         6 / 7,
     ),
