@@ -76,7 +76,7 @@ def is_empty_list(answer: str, codec: BoxCodec, width: int, height: int) -> bool
     or what the codec renders for no boxes (the empty string for ``norm1000``).
 
     >>> from groundforge.schemas.codecs import get_codec
-    >>> is_empty_list("```json\n[ ]\n```", get_codec("pixel"), 64, 48)
+    >>> is_empty_list("```json\\n[ ]\\n```", get_codec("pixel"), 64, 48)
     True
     """
     compact = re.sub(r"\s+", "", _FENCE.sub("", answer.strip()))

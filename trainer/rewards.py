@@ -676,8 +676,10 @@ def variance_guided_looking(
 
     Rollouts of one prompt are the rows sharing a ``sample_id`` in this call. A rollout earns
     the variance-weighted coverage of the true boxes its group disagrees on by its ``<look>``
-    regions, minus ``penalty`` x its share of look regions covering (cov >= ``cover``) no
-    uncertain box, clipped to [0, 1]; 0 for the whole group when every rollout agrees.
+    regions, each look's coverage weighted by its precision (the share of the look on uncertain
+    boxes, so a whole-image look earns little), minus ``penalty`` x its share of look regions
+    covering (cov >= ``cover``) no uncertain box, clipped to [0, 1]; 0 for the whole group when
+    every rollout agrees, and 0 for a rollout whose answer is no box list.
 
     >>> from groundforge.schemas.codecs import get_codec
     >>> f = variance_guided_looking(get_codec("pixel"))
