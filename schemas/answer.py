@@ -71,7 +71,14 @@ def split_think_look_answer(text: object) -> tuple[str, str, str] | None:
     return think, look, answer
 
 
-def _is_empty_list(answer: str, codec: BoxCodec, width: int, height: int) -> bool:
+def is_empty_list(answer: str, codec: BoxCodec, width: int, height: int) -> bool:
+    """True when ``answer`` is an explicit empty box list: ``[]``, optionally in a code fence,
+    or what the codec renders for no boxes (the empty string for ``norm1000``).
+
+    >>> from groundforge.schemas.codecs import get_codec
+    >>> is_empty_list("```json\\n[ ]\\n```", get_codec("pixel"), 64, 48)
+    True
+    """
     compact = re.sub(r"\s+", "", _FENCE.sub("", answer.strip()))
     rendered = re.sub(r"\s+", "", codec.render_many([], width, height))
     return compact in ("[]", rendered)
@@ -94,7 +101,7 @@ def box_list(answer: str | None, codec: BoxCodec, width: int, height: int) -> li
     boxes = codec.parse(answer, width, height)
     if boxes:
         return boxes
-    return [] if _is_empty_list(answer, codec, width, height) else None
+    return [] if is_empty_list(answer, codec, width, height) else None
 
 
 @dataclass(frozen=True)

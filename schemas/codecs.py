@@ -180,15 +180,32 @@ class BoxCodec:
         """Every box in ``text``, in order, in pixels of the image: corners put right, clipped to
         the image, degenerate boxes dropped. Values that are fractions (:func:`is_fraction`) are
         read as fractions of the image whatever the frame."""
+        boxes = []
+        for written in self.parse_as_written(text, width, height):
+            box = Box.from_corners(*written.to_list()).clip(width, height)
+            if not box.is_degenerate:
+                boxes.append(box)
+        return boxes
+
+    def parse_as_written(
+        self, text: object, width: int, height: int, fractions: bool = True
+    ) -> list[Box]:
+        """Every box in ``text``, in order, in pixels of the image, exactly as written: corners
+        kept in the written order (an inverted box has x2 < x1 or y2 < y1, hence no area), not
+        clipped, degenerate boxes kept. With ``fractions`` (the default, as :meth:`parse`)
+        fraction-like values (:func:`is_fraction`) are read as fractions of the image; without,
+        every value is read in the codec's frame.
+
+        >>> PixelCodec().parse_as_written("[110, 70, 10, 20] [0.1, 0.1, 0.5, 0.5]", 640, 480, False)
+        [Box(x1=110.0, y1=70.0, x2=10.0, y2=20.0), Box(x1=0.1, y1=0.1, x2=0.5, y2=0.5)]
+        """
         frame = self._checked_frame(width, height)
         boxes = []
         for quad in extract_quads(text):
-            fw, fh = (1.0, 1.0) if is_fraction(quad) else frame
+            fw, fh = (1.0, 1.0) if fractions and is_fraction(quad) else frame
             x1, x2 = (x * width / fw for x in quad[0::2])
             y1, y2 = (y * height / fh for y in quad[1::2])
-            box = Box.from_corners(x1, y1, x2, y2).clip(width, height)
-            if not box.is_degenerate:
-                boxes.append(box)
+            boxes.append(Box(x1, y1, x2, y2))
         return boxes
 
     def parse_last(self, text: object, width: int, height: int) -> Box | None:

@@ -25,7 +25,7 @@ from groundforge.outputs.export import (
     think_text,
 )
 from groundforge.outputs.shards import WriteShards, finalize_shards, read_samples
-from groundforge.outputs.verl_reward import compute_score, detection_f1, format_ok
+from groundforge.outputs.verl_reward import compute_score, default_spec
 from groundforge.schemas.box import Box
 from groundforge.schemas.codecs import get_codec, smart_resize
 from groundforge.schemas.records import stable_id
@@ -363,7 +363,7 @@ def test_reward_of_a_shifted_box_is_its_iou(verl_dir, tmp_path):
     gt = row["reward_model"]["ground_truth"]
     text = f'<think>x</think><answer>[{{"bbox_2d": {moved}, "label": "Chad"}}]</answer>'
     assert compute_score("groundforge/flag", text, gt) == pytest.approx(expected, abs=1e-9)
-    # The last box of the answer counts; an unparsable answer falls back to text boxes.
+    # The last box of the answer counts.
     both = f"<answer>{truth['boxes'][0]} then {moved}</answer>"
     assert compute_score("groundforge/flag", both, gt) == pytest.approx(expected, abs=1e-9)
     # The ground truth already parsed works too, and the optional terms.
@@ -372,11 +372,29 @@ def test_reward_of_a_shifted_box_is_its_iou(verl_dir, tmp_path):
     assert compute_score("groundforge/flag", text, gt, format_weight=0.5) == pytest.approx(
         expected + 0.5
     )
+    # Like the trainer's rewards: no <answer> block is no answer, whatever boxes the text holds.
     bare = json.dumps(moved)
-    assert compute_score("groundforge/flag", bare, gt, format_weight=0.5) == pytest.approx(expected)
+    assert compute_score("groundforge/flag", bare, gt, format_weight=0.5) == 0.0
+    right = json.dumps(truth["boxes"][0])
+    assert compute_score("groundforge/flag", right, gt) == 0.0
+    assert compute_score("groundforge/flag", f"<answer>{right}</answer>", gt) == 1.0
+    # The threshold is strict, as the docstring and DeepPerception's "IoU if IoU > tau" say.
+    assert compute_score("groundforge/flag", text, gt, iou_threshold=expected) == 0.0
+    assert compute_score(
+        "groundforge/flag", text, gt, iou_threshold=expected - 1e-6
+    ) == pytest.approx(expected, abs=1e-9)
+    # Inverted corners are no box (IoU 0), as on the benchmark.
+    x1, y1, x2, y2 = truth["boxes"][0]
+    inverted = f"<answer>[{x2}, {y2}, {x1}, {y1}]</answer>"
+    assert compute_score("groundforge/flag", inverted, gt) == 0.0
+    # A preset scores as the trainer's: DeepPerception pays 1 + 0.5 + 0.5 for the right box.
+    good = f"<think>the flag</think><answer>{right}</answer>"
+    assert compute_score("groundforge/flag", good, gt, rewards="deepperception") == 2.0
+    with pytest.raises(ValueError, match="no preset"):
+        compute_score("groundforge/flag", good, gt, rewards="best")
 
 
-def test_reward_for_detection_is_f1_at_half_iou(verl_dir, tmp_path):
+def test_reward_for_detection_is_weighted_precision_recall(verl_dir, tmp_path):
     (row,) = load_split(verl_dir, "grpo", tmp_path)
     assert row["ability"] == "detection"
     gt = row["reward_model"]["ground_truth"]
@@ -384,24 +402,31 @@ def test_reward_for_detection_is_f1_at_half_iou(verl_dir, tmp_path):
     assert len(boxes) == 3
     render = json.dumps
     assert compute_score("d", f"<answer>{render(boxes)}</answer>", gt) == 1.0
-    assert compute_score("d", f"<answer>{render(boxes[:2])}</answer>", gt) == pytest.approx(0.8)
+    two = f"<answer>{render(boxes[:2])}</answer>"
+    assert compute_score("d", two, gt) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
     far = [[70, 50, 79, 59]]
-    two_and_far = render(boxes[:2] + far)
-    assert compute_score("d", two_and_far, gt) == pytest.approx(2 * 2 / 6)
+    two_and_far = f"<answer>{render(boxes[:2] + far)}</answer>"
+    assert compute_score("d", two_and_far, gt) == pytest.approx(0.5 * 2 / 3 + 0.5 * 2 / 3)
+    assert compute_score("d", render(boxes), gt) == 0.0  # no <answer> block
     assert compute_score("d", "nothing", gt) == 0.0
+    # Boxes outside the image are wrong predictions, not dropped: P = 2 / 52.
+    outside = [[100 + i, 100, 110 + i, 110] for i in range(50)]
+    flood = f"<answer>{render(boxes[:2] + outside)}</answer>"
+    assert compute_score("d", flood, gt) == pytest.approx(0.5 * 2 / 52 + 0.5 * 2 / 3)
+    # The DIP-R1 format term reads the think/look/answer layout.
+    reply = f"<think>three</think><look>{render(boxes[:1])}</look><answer>{render(boxes)}</answer>"
+    assert compute_score("d", reply, gt, format_weight=1.0) == 2.0
 
 
-def test_reward_helpers():
-    assert format_ok("<think>a</think>\n<answer>[1, 2, 3, 4]</answer>")
-    assert not format_ok("<think></think><answer>[1, 2, 3, 4]</answer>")
-    assert not format_ok("<think>a</think><answer>x</answer><answer>y</answer>")
-    assert not format_ok("<answer>[1, 2, 3, 4]</answer>")
-    assert detection_f1([], []) == 1.0
-    assert detection_f1([Box(0, 0, 1, 1)], []) == 0.0
-    # Hungarian, not greedy: a greedy pass would match the first prediction to the first gt.
-    gt = [Box(0, 0, 10, 10), Box(6, 0, 16, 10)]
-    pred = [Box(3, 0, 13, 10), Box(0, 0, 9, 10)]
-    assert detection_f1(pred, gt) == 1.0
+def test_default_spec():
+    assert default_spec("detect", 0.5, 0.3, 0.7) == {
+        "weighted_precision_recall": {"weight": 1.0, "iou": 0.7},
+        "think_look_answer_format": 0.5,
+    }
+    assert default_spec("kvg", 0.5, 0.3, 0.7) == {
+        "iou_thresholded": {"weight": 1.0, "tau": 0.3},
+        "think_answer_format": 0.5,
+    }
 
 
 def test_verl_skips_empty_splits(tmp_path):

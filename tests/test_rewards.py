@@ -1,6 +1,7 @@
 """GRPO rewards: exact values on hand-written completions in every codec."""
 
 import doctest
+import json
 
 import numpy as np
 import pytest
@@ -97,21 +98,21 @@ KVG_CASES = {
     "two_boxes_last_right": (
         lambda c: f"{THINK}<answer>{render(c, WRONG, GT)}</answer>",
         1,
-        1,
+        0,  # a KVG answer holds one box: several are no parsable box
         1.0,
         1.0,
     ),
     "two_boxes_last_wrong": (
         lambda c: f"{THINK}<answer>{render(c, GT, WRONG)}</answer>",
         1,
-        1,
+        0,  # a KVG answer holds one box: several are no parsable box
         0.0,
         8 / 49,
     ),
     "duplicate_boxes": (
         lambda c: f"{THINK}<answer>{render(c, PARTIAL, PARTIAL)}</answer>",
         1,
-        1,
+        0,  # a KVG answer holds one box: several are no parsable box
         5 / 7,
         6 / 7,
     ),
@@ -742,3 +743,333 @@ def test_rewards_of_your_own_by_import_path():
 
 def test_doctests():
     assert doctest.testmod(rewards_module).failed == 0
+
+
+# ---------------------------------------------------------------------------- gaming
+
+IMAGE = Box(0, 0, W, H)
+# 50 small boxes along the bottom edge, far from every true box
+FLOOD = [
+    Box(10 + 40 * (i % 25), 780 + 30 * (i // 25), 30 + 40 * (i % 25), 800 + 30 * (i // 25))
+    for i in range(50)
+]
+# 50 boxes wholly outside the image, and one mostly outside (70 of its 224 px wide inside)
+OUTSIDE = [Box(W + 10 + 20 * i, 10, W + 30 + 20 * i, 30) for i in range(50)]
+MOSTLY_OUTSIDE = Box(1050, 420, 1274, 672)
+
+
+def inverted(box):
+    return Box(box.x2, box.y2, box.x1, box.y1)
+
+
+def written(codec, boxes, label=None):
+    """Boxes in the codec's text exactly as given: not clipped, corners not put right."""
+    fw, fh = codec.frame(W, H)
+    spans = []
+    for b in boxes:
+        values = [b.x1 * fw / W, b.y1 * fh / H, b.x2 * fw / W, b.y2 * fh / H]
+        values = [round(v, codec.decimals) if codec.decimals else round(v) for v in values]
+        spans.append(codec._span(values, label))
+    return codec._join(spans)
+
+
+def wrong_frame(codec, boxes):
+    """The boxes in another frame: pixels where fractions are expected, else fractions."""
+    other = get_codec("pixel" if codec.frame(W, H) == (1.0, 1.0) else "norm01")
+    return other.render_many(list(boxes), W, H)
+
+
+def kvg(codec, answer):
+    return f"{THINK}<answer>{answer}</answer>"
+
+
+# name -> (gaming completion builder, the preset terms that must catch it); the honest
+# completion is the right box, well formed. Terms: iou (the preset's IoU term), format, parsable.
+KVG_GAMING = {
+    "whole_image_box": (lambda c: kvg(c, render(c, IMAGE)), {"iou"}),
+    "fifty_extra_boxes": (lambda c: kvg(c, render(c, *FLOOD, GT)), {"parsable"}),
+    "outside_image": (lambda c: kvg(c, written(c, [GT.shift(W, 0)])), {"iou"}),
+    "mostly_outside_image": (lambda c: kvg(c, written(c, [GT.shift(700, 0)])), {"iou"}),
+    "duplicated_true_box": (lambda c: kvg(c, render(c, GT, GT)), {"parsable"}),
+    "inverted_corners": (lambda c: kvg(c, written(c, [inverted(GT)])), {"iou", "parsable"}),
+    "no_answer_tags": (lambda c: f"{THINK}{render(c, GT)}", {"iou", "format", "parsable"}),
+    "wrong_frame": (lambda c: kvg(c, wrong_frame(c, [GT])), {"iou"}),
+    "empty_answer": (lambda c: kvg(c, ""), {"iou", "format", "parsable"}),
+    "empty_list_answer": (lambda c: kvg(c, "[]"), {"iou", "parsable"}),
+}
+KVG_TERMS = {
+    "deepperception": {
+        "iou": "iou_thresholded",
+        "format": "think_answer_format",
+        "parsable": "parsable_box",
+    },
+    "karl": {"iou": "karl_iou", "format": "think_answer_format", "parsable": "parsable_box"},
+}
+PRESETS = {"deepperception": DEEPPERCEPTION, "karl": KARL, "dip_r1": DIP_R1}
+
+
+def scores(funcs, texts, cols):
+    """Each reward's values: name -> list aligned with ``texts``."""
+    return {f.__name__: f(None, texts, **cols) for f in funcs}
+
+
+def total(funcs, weights, texts, cols):
+    per = [f(None, texts, **cols) for f in funcs]
+    return [
+        sum(w * v[i] for w, v in zip(weights, per, strict=True) if v[i] is not None)
+        for i in range(len(texts))
+    ]
+
+
+def assert_gaming_loses(honest, gaming, totals, caught):
+    for name in honest:
+        assert gaming[name] <= honest[name], name
+    for name in caught:
+        assert gaming[name] < honest[name], name
+    assert totals[1] < totals[0]
+
+
+@pytest.mark.parametrize("level", [0, 2, 4])
+@pytest.mark.parametrize("preset", list(KVG_TERMS))
+@pytest.mark.parametrize("row", list(KVG_GAMING))
+@codec_names
+def test_gaming_never_pays_kvg(codec_name, row, preset, level):
+    codec = CODECS[codec_name]
+    build, caught = KVG_GAMING[row]
+    texts = [KVG_CASES["right"][0](codec), build(codec)]
+    cols = kvg_cols(2, knowledge_level=[level] * 2)
+    funcs, weights = build_rewards(PRESETS[preset], codec)
+    # every IoU variant on its own, too
+    funcs += [iou_reward(codec, v) for v in ("continuous", "squared", "giou")]
+    weights += [0.0] * 3
+    values = scores(funcs, texts, cols)
+    honest = {k: v[0] for k, v in values.items()}
+    gaming = {k: v[1] for k, v in values.items()}
+    caught = {KVG_TERMS[preset][t] for t in caught}
+    if "iou_thresholded" in caught or "karl_iou" in caught:
+        caught |= {"iou_continuous", "iou_squared", "iou_giou"}
+    assert_gaming_loses(honest, gaming, total(funcs, weights, texts, cols), caught)
+
+
+T_TRUTHS = [T0, T1]
+DET_THINK = "A crowd; two people, one half hidden."
+
+
+def look_text(codec, looks):
+    return written(codec, looks)
+
+
+def det_written(codec, answer, looks=(T1,)):
+    return (
+        f"<think>{DET_THINK}</think><look>{look_text(codec, looks)}</look><answer>{answer}</answer>"
+    )
+
+
+def honest_det(codec):
+    return det(codec, [T0, T1], look=[T1])
+
+
+# The group the candidate rollout is scored in: T0 is always found, T1 by one of three, so with
+# the honest candidate T1 is found by half the group (the uncertain box, weight 1).
+def det_group(codec):
+    return [det(codec, [T0, T1], look=[T0]), det(codec, [T0], look=[F1]), det(codec, [T0])]
+
+
+# name -> (gaming rollout builder, the terms that must catch it: format, pr, looking)
+DET_GAMING = {
+    "whole_image_look": (lambda c: det(c, [T0, T1], look=[IMAGE]), {"looking"}),
+    "whole_image_box": (lambda c: det(c, [IMAGE], look=[T1]), {"pr", "looking"}),
+    "fifty_extra_boxes": (lambda c: det(c, [T0, T1, *FLOOD], look=[T1]), {"pr"}),
+    "outside_image": (lambda c: det_written(c, written(c, [T0, T1, *OUTSIDE])), {"pr"}),
+    "mostly_outside_image": (
+        lambda c: det_written(c, written(c, [T0, T1, MOSTLY_OUTSIDE])),
+        {"pr"},
+    ),
+    "duplicated_true_boxes": (lambda c: det(c, [T0, T1, T0, T1], look=[T1]), {"pr"}),
+    "inverted_corners": (
+        lambda c: det_written(c, written(c, [inverted(T0), inverted(T1)])),
+        {"pr", "looking"},
+    ),
+    "no_answer_tags": (
+        lambda c: (
+            f"<think>{DET_THINK}</think><look>{look_text(c, [T1])}</look>"
+            + c.render_many([T0, T1], W, H)
+        ),
+        {"format", "pr", "looking"},
+    ),
+    "wrong_frame": (lambda c: det(c, wrong_frame(c, [T0, T1]), look=[T1]), {"pr", "looking"}),
+    "empty_answer": (lambda c: det(c, "[]", look=[T1]), {"pr", "looking"}),
+    "look_flood": (lambda c: det(c, [T0, T1], look=[T0, T1, *FLOOD]), {"looking"}),
+    "look_outside_image": (
+        lambda c: det_written(c, c.render_many([T0, T1], W, H), looks=[T1.shift(W, 0)]),
+        {"looking"},
+    ),
+    "inverted_look": (
+        lambda c: det_written(c, c.render_many([T0, T1], W, H), looks=[inverted(T1)]),
+        {"looking"},
+    ),
+    "look_in_wrong_frame": (
+        lambda c: (
+            f"<think>{DET_THINK}</think><look>{wrong_frame(c, [T1])}</look>"
+            f"<answer>{c.render_many([T0, T1], W, H)}</answer>"
+        ),
+        {"looking"},
+    ),
+}
+DET_TERMS = {
+    "format": "think_look_answer_format",
+    "pr": "weighted_precision_recall",
+    "looking": "variance_guided_looking",
+}
+
+
+@pytest.mark.parametrize("row", list(DET_GAMING))
+@codec_names
+def test_gaming_never_pays_dip_r1(codec_name, row):
+    codec = CODECS[codec_name]
+    build, caught = DET_GAMING[row]
+    funcs, weights = build_rewards(DIP_R1, codec)
+    results = []
+    for candidate in (honest_det(codec), build(codec)):
+        texts = [candidate, *det_group(codec)]
+        cols = det_cols(len(texts), T_TRUTHS)
+        values = scores(funcs, texts, cols)
+        results.append(
+            ({k: v[0] for k, v in values.items()}, total(funcs, weights, texts, cols)[0])
+        )
+    (honest, honest_total), (gaming, gaming_total) = results
+    assert honest == {name: 1.0 for name in DET_TERMS.values()}
+    assert_gaming_loses(
+        honest, gaming, [honest_total, gaming_total], {DET_TERMS[t] for t in caught}
+    )
+
+
+def test_whole_image_look_earns_little_and_a_tight_group_look_in_full():
+    codec = CODECS["pixel"]
+    group = det_group(codec)
+    cols = det_cols(4, T_TRUTHS)
+    f = variance_guided_looking(codec)
+    whole = f(None, [det(codec, [T0, T1], look=[IMAGE]), *group], **cols)[0]
+    # T1 is 56448 of 940800 px: the whole-image look is that precise
+    assert whole == pytest.approx(56448 / 940800)
+    # a look twice the size of the uncertain box earns half
+    wide = Box(T1.x1 - 112, T1.y1, T1.x2 + 112, T1.y2)
+    assert f(None, [det(codec, [T0, T1], look=[wide]), *group], **cols)[0] == pytest.approx(0.5)
+    # no answer box list: no looking reward either
+    assert f(None, [det(codec, "people", look=[T1]), *group], **cols)[0] == 0.0
+
+
+def test_boxes_outside_the_image_are_wrong_predictions():
+    codec = CODECS["pixel"]
+    f = weighted_precision_recall(codec)
+    text = det_written(codec, written(codec, [T0, T1, *OUTSIDE]))
+    assert f(None, [text], **det_cols(1, T_TRUTHS)) == approx([0.5 * 2 / 52 + 0.5])
+    # a box a little over the edge still matches when its IoU (unclipped) is high enough
+    over = Box(T1.x1 + 400, T1.y1, T1.x2 + 400, T1.y2)  # x 960..1184, the image ends at 1120
+    truth = Box(960, 420, 1120, 672)
+    assert f(None, [det_written(codec, written(codec, [over]))], **det_cols(1, [truth])) == [1.0]
+
+
+def test_inverted_box_scores_zero_like_the_benchmark():
+    from groundforge.trainer.evaluate import extract_box_reference
+
+    codec = CODECS["norm1000"]
+    text = kvg(codec, written(codec, [inverted(GT)]))
+    for f in (iou_reward(codec), iou_reward(codec, "giou"), parsable_box(codec)):
+        assert f(None, [text], **kvg_cols(1)) == [0.0]
+    quad = extract_box_reference(text)
+    assert quad is not None and Box(*quad).iou(Box(200, 200, 500, 600)) == 0.0
+
+
+def test_fractions_setting_reads_the_benchmark_way():
+    codec = CODECS["pixel"]
+    text = kvg(codec, wrong_frame(codec, [GT]))
+    assert iou_reward(codec)(None, [text], **kvg_cols(1)) == approx([0.0])
+    assert iou_reward(codec, fractions=True)(None, [text], **kvg_cols(1)) == approx([1.0])
+
+
+def test_parsable_box_max_boxes():
+    codec = CODECS["pixel"]
+    text = kvg(codec, render(codec, WRONG, GT))
+    assert parsable_box(codec)(None, [text], **kvg_cols(1)) == [0.0]
+    assert parsable_box(codec, max_boxes=2)(None, [text], **kvg_cols(1)) == [1.0]
+    with pytest.raises(ValueError, match="max_boxes"):
+        parsable_box(codec, max_boxes=0)
+
+
+# ---------------------------------------------------------------------------- verl
+
+VERL_CODECS = {  # the trainer's codec -> (name, params, size of the exported image)
+    "pixel": ("pixel", {}, (W, H)),
+    "norm1000": ("norm1000", {}, (W, H)),
+    "norm1000-plain": ("norm1000", {"tokens": False}, (W, H)),
+    # verl gets the image already resized to the frame: 560 x 420
+    "qwen25vl": ("qwen25vl", {"max_pixels": 560 * 420}, (560, 420)),
+    "qwen3vl": ("qwen3vl", {}, (W, H)),
+    "norm01": ("norm01", {}, (W, H)),
+}
+
+
+def verl_truth(codec_name, task, truths):
+    name, params, (w, h) = VERL_CODECS[codec_name]
+    codec = get_codec(name, **params)
+    boxes = [codec.to_frame(b.scale(w / W, h / H), w, h) for b in truths]
+    return {
+        "codec": name,
+        "codec_params": params,
+        "width": w,
+        "height": h,
+        "task": task,
+        "boxes": boxes,
+    }
+
+
+@codec_names
+def test_verl_compute_score_equals_the_trainer_totals(codec_name):
+    from groundforge.outputs.verl_reward import compute_score, default_spec
+
+    codec = CODECS[codec_name]
+    kvg_texts = [b(codec) for b, *_ in KVG_CASES.values()] + [
+        b(codec) for b, _ in KVG_GAMING.values()
+    ]
+    det_rows = (
+        [(b(codec), truths) for b, truths, _ in DET_CASES.values()]
+        + [(b(codec), T_TRUTHS) for b, _ in DET_GAMING.values()]
+        + [(honest_det(codec), T_TRUTHS)]
+    )
+    specs = {
+        "deepperception": DEEPPERCEPTION,
+        "karl": KARL,
+        "dip_r1": DIP_R1,
+        None: None,  # the default spec: accuracy plus a format term
+    }
+    checked = 0
+    for preset, spec in specs.items():
+        options = {} if preset else {"format_weight": 0.5, "iou_threshold": 0.5}
+        for text in kvg_texts:
+            trainer_spec = spec or default_spec("kvg", **options)
+            funcs, weights = build_rewards(trainer_spec, codec)
+            expected = total(funcs, weights, [text], kvg_cols(1))[0]
+            truth = verl_truth(codec_name, "kvg", [GT])
+            got = compute_score(
+                "groundforge/aircraft",
+                text,
+                json.dumps(truth),
+                {"knowledge_level": 2},
+                rewards=preset,
+                **options,
+            )
+            assert got == pytest.approx(expected, abs=1e-9), (preset, text)
+            checked += 1
+        for text, truths in det_rows:
+            trainer_spec = spec or default_spec("detect", **options)
+            funcs, weights = build_rewards(trainer_spec, codec)
+            expected = total(funcs, weights, [text], det_cols(1, truths))[0]
+            truth = verl_truth(codec_name, "detect", truths)
+            got = compute_score("groundforge/person", text, truth, rewards=preset, **options)
+            assert got == pytest.approx(expected, abs=1e-9), (preset, text)
+            checked += 1
+    assert checked == 4 * (len(kvg_texts) + len(det_rows))
+    # the comparison is not vacuous: totals spread over several values
+    funcs, weights = build_rewards(DEEPPERCEPTION, codec)
+    assert len(set(total(funcs, weights, kvg_texts, kvg_cols(len(kvg_texts))))) >= 3

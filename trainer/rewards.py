@@ -23,16 +23,29 @@ codecs). A completion without any ``<answer>`` tag has no answer and scores as u
 prefers ``<answer>`` blocks, like the KVG-Bench scorer). Boxes in ``<think>`` never count when
 an answer block exists, so a truncated answer cannot fall back onto boxes in the reasoning.
 
+**Boxes as written** (:func:`answer_boxes`). A reward sees every box the way the KVG-Bench
+scorer does: corners in the written order, never clipped, never dropped. An inverted box
+(``[100, 100, 0, 0]``) or a degenerate one has no area and IoU 0 with everything, as on the
+benchmark. A box wholly or mostly outside the image keeps its outside part, so its IoU with any
+true box is at most its share inside the image (below 1/2 when mostly outside): it never matches
+at the default IoU 0.5 and counts as a wrong prediction, never silently dropped. Values are read
+in the codec's frame only (``fractions=False``): 0..1 values where pixels or 0..1000 are expected
+are a tiny box near the origin, not the box they would be in another frame; ``fractions=True``
+reads fraction-like values as fractions of the image, as the benchmark scorer does.
+
 **KVG (one true box, the first of ``gt_boxes``; the prediction is the LAST box of the answer).**
 
 - ``think_answer_format``: 1 if the text is ``<think>T</think><answer>A</answer>`` with T and A
   non-blank, each tag exactly once, only whitespace around and between the blocks; else 0.
-- ``parsable_box``: 1 if the answer holds at least one box in the codec's frame; else 0.
+- ``parsable_box``: 1 if the answer holds one box (up to ``max_boxes``, default 1) in the
+  codec's frame and its last box has an area as written; else 0. A KVG answer names one box: a
+  flood of boxes ending with a guess is not a well-formed answer.
 - ``iou_continuous`` = IoU; ``iou_thresholded`` = IoU if IoU > tau else 0 (tau default 0.5;
   DeepPerception ran 0.85); ``iou_squared`` = IoU**2; ``iou_giou`` = (GIoU + 1) / 2, where
   GIoU = IoU - (area(C) - area(A u B)) / area(C) and C is the smallest box enclosing both, so
   the reward lies in [0, 1]: 1 for a perfect box, 1/2 for touching disjoint boxes, towards 0 for
-  far-apart ones. No parsable box scores 0 in every variant.
+  far-apart ones. No box, or a last box without area (inverted, degenerate), scores 0 in every
+  variant.
 - ``karl_iou`` (KARL): with L = ``knowledge_level`` (0 best known .. 4 least known; None means
   the middle level 2), reward = min(s_plus[L] * IoU, 1) if IoU > threshold (0.65) else
   s_minus[L]; s_plus = (0.65, 0.85, 1.0, 1.2, 1.4), s_minus = (-0.6, -0.5, -0.4, -0.2, 0.0).
@@ -50,19 +63,25 @@ an answer block exists, so a truncated answer cannot fall back onto boxes in the
 - ``weighted_precision_recall``: M = the one-to-one matches of :func:`match_boxes` at
   IoU >= ``iou`` (0.5); P = M / predictions, R = M / truths; reward = lam * P + (1 - lam) * R
   (lam = 0.5). 1 if both are empty; 0 if the answer is no box list, if there are no predictions
-  while truths exist, or predictions while no truths exist (all false positives).
+  while truths exist, or predictions while no truths exist (all false positives). Every box
+  written is a prediction: duplicates, boxes without area and boxes outside the image count in
+  P's denominator and match nothing.
 - ``variance_guided_looking`` (group level): the rollouts of one prompt are the rows of this
   call that share a ``sample_id`` (in order of first appearance; they need not be contiguous).
   With G rollouts in the group, p_k = (rollouts whose answer matched true box k) / G and
   v_k = p_k (1 - p_k). If sum v = 0 (all rollouts agree, no truths, or a single rollout) every
   rollout of the group gets 0. Otherwise w_k = v_k / sum v, and a rollout with look regions
-  J (the boxes of its ``<look>`` blocks) earns
-  ``clip(sum_k w_k max_j cov(j, k) - penalty * idle / |J|, 0, 1)``, where
-  cov(j, k) = area(j n box_k) / area(box_k), and ``idle`` counts the look regions that cover no
-  uncertain box, "cover" meaning cov >= ``cover`` (0.5). Uncertain boxes are the true boxes with
-  v_k > 0, plus the row's ``uncertain_regions`` when present (``use_uncertain_regions``): a look
-  at an annotated ambiguous area is not idle, but it earns nothing by itself. No look region
-  scores 0. The group is what one call sees: under TRL a group is whole when each process
+  J (the boxes of its ``<look>`` blocks, as written) earns
+  ``clip(sum_k w_k max_j cov(j, k) * prec(j) - penalty * idle / |J|, 0, 1)``, where
+  cov(j, k) = area(j n box_k) / area(box_k) and prec(j) = area(j n U) / area(j) is the look's
+  precision, U the union of the uncertain true boxes (:func:`look_precision`): a look pays for
+  covering an uncertain box tightly, so a look over the whole image (or any look mostly off the
+  uncertain boxes) earns little, while one look around two overlapping uncertain boxes earns in
+  full. ``idle`` counts the look regions that cover no uncertain box, "cover" meaning
+  cov >= ``cover`` (0.5). Uncertain boxes are the true boxes with v_k > 0, plus the row's
+  ``uncertain_regions`` when present (``use_uncertain_regions``): a look at an annotated
+  ambiguous area is not idle, but it earns nothing by itself. No look region, or no answer box
+  list, scores 0. The group is what one call sees: under TRL a group is whole when each process
   gets whole groups (one process, or a per-process generation batch that is a multiple of
   ``num_generations``); a partial group is scored on the rollouts present.
 
@@ -95,8 +114,8 @@ from typing import Any
 
 import numpy as np
 
-from groundforge.schemas.answer import box_list, parse_detection_reply, split_think_answer
-from groundforge.schemas.box import Box, coverage_matrix, match_boxes
+from groundforge.schemas.answer import is_empty_list, parse_detection_reply, split_think_answer
+from groundforge.schemas.box import Box, as_array, coverage_matrix, match_boxes
 from groundforge.schemas.codecs import BoxCodec
 
 __all__ = [
@@ -107,12 +126,14 @@ __all__ = [
     "KARL",
     "REWARDS",
     "RewardFunc",
+    "answer_boxes",
     "answer_text",
     "build_rewards",
     "completion_text",
     "coverage_matrix",
     "iou_reward",
     "karl_iou",
+    "look_precision",
     "match_boxes",
     "parsable_box",
     "think_answer_format",
@@ -199,8 +220,45 @@ def answer_text(text: str, require_answer: bool = True) -> str | None:
     return None if require_answer else text
 
 
-def _look_regions(text: str, codec: BoxCodec, width: int, height: int) -> list[Box]:
-    return [box for block in _LOOK_BLOCK.findall(text) for box in codec.parse(block, width, height)]
+def answer_boxes(
+    text: str,
+    codec: BoxCodec,
+    width: int,
+    height: int,
+    require_answer: bool = True,
+    fractions: bool = False,
+) -> list[Box] | None:
+    """The boxes of the answer (:func:`answer_text`) as written, in pixels of the image: corners
+    in the written order, not clipped, degenerate ones kept
+    (:meth:`~groundforge.schemas.codecs.BoxCodec.parse_as_written`); ``[]`` for an explicit
+    empty list, None when there is no answer or it is no box list. Values are read in the codec's
+    frame only, unless ``fractions`` (then fraction-like values are fractions of the image, as
+    the KVG-Bench scorer reads them).
+
+    >>> from groundforge.schemas.codecs import get_codec
+    >>> answer_boxes("<answer>[100, 100, 0, 0], [700, 0, 800, 50]</answer>", get_codec("pixel"),
+    ...              640, 480)
+    [Box(x1=100.0, y1=100.0, x2=0.0, y2=0.0), Box(x1=700.0, y1=0.0, x2=800.0, y2=50.0)]
+    >>> answer_boxes("<answer>[]</answer>", get_codec("pixel"), 640, 480)
+    []
+    """
+    answer = answer_text(text, require_answer)
+    if answer is None:
+        return None
+    boxes = codec.parse_as_written(answer, width, height, fractions)
+    if boxes:
+        return boxes
+    return [] if is_empty_list(answer, codec, width, height) else None
+
+
+def _look_regions(
+    text: str, codec: BoxCodec, width: int, height: int, fractions: bool
+) -> list[Box]:
+    return [
+        box
+        for block in _LOOK_BLOCK.findall(text)
+        for box in codec.parse_as_written(block, width, height, fractions)
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,12 +279,51 @@ def _as_boxes(values: object) -> list[Box]:
 
 
 def _giou(a: Box, b: Box) -> float:
+    if a.is_degenerate or b.is_degenerate:
+        return -1.0
     inter = a.intersection(b)
     union = a.area + b.area - inter
     hull = (max(a.x2, b.x2) - min(a.x1, b.x1)) * (max(a.y2, b.y2) - min(a.y1, b.y1))
-    if union <= 0 or hull <= 0:
-        return -1.0
     return inter / union - (hull - union) / hull
+
+
+def _union_area(boxes: np.ndarray) -> float:
+    """The area of the union of ``(n, 4)`` boxes with positive extent, exactly: the boxes'
+    edges cut the plane into cells and each cell is in the union or not."""
+    if not len(boxes):
+        return 0.0
+    xs, ys = np.unique(boxes[:, [0, 2]]), np.unique(boxes[:, [1, 3]])
+    cx, cy = (xs[:-1] + xs[1:]) / 2, (ys[:-1] + ys[1:]) / 2
+    in_x = (boxes[:, 0:1] < cx) & (cx < boxes[:, 2:3])
+    in_y = (boxes[:, 1:2] < cy) & (cy < boxes[:, 3:4])
+    covered = (in_y[:, :, None] & in_x[:, None, :]).any(axis=0)
+    return float((np.outer(np.diff(ys), np.diff(xs)) * covered).sum())
+
+
+def look_precision(looks: Sequence[Box], targets: Sequence[Box]) -> np.ndarray:
+    """The share of each look's area that lies on the union of ``targets``; 0 for a look
+    without area (degenerate or inverted as written).
+
+    >>> look_precision([Box(0, 0, 10, 10), Box(0, 0, 40, 10), Box(9, 9, 0, 0)],
+    ...                [Box(0, 0, 10, 10), Box(5, 0, 20, 10)]).tolist()
+    [1.0, 0.5, 0.0]
+    """
+    out = np.zeros(len(looks))
+    t = as_array(targets)
+    for j, look in enumerate(looks):
+        if look.is_degenerate or not len(t):
+            continue
+        inside = np.column_stack(
+            [
+                np.maximum(t[:, 0], look.x1),
+                np.maximum(t[:, 1], look.y1),
+                np.minimum(t[:, 2], look.x2),
+                np.minimum(t[:, 3], look.y2),
+            ]
+        )
+        inside = inside[(inside[:, 2] > inside[:, 0]) & (inside[:, 3] > inside[:, 1])]
+        out[j] = _union_area(inside) / look.area
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,8 +421,11 @@ def think_answer_format(prompts: object, completions: Sequence[object], **column
     return out
 
 
-def parsable_box(codec: BoxCodec, require_answer: bool = True) -> RewardFunc:
-    """A reward of 1.0 when the answer holds at least one box in the codec's frame, else 0.0.
+def parsable_box(
+    codec: BoxCodec, require_answer: bool = True, max_boxes: int = 1, fractions: bool = False
+) -> RewardFunc:
+    """A reward of 1.0 when the answer holds 1 to ``max_boxes`` boxes in the codec's frame and
+    the last one (the prediction) has an area as written, else 0.0.
 
     >>> from groundforge.schemas.codecs import get_codec
     >>> f = parsable_box(get_codec("pixel"))
@@ -333,6 +433,8 @@ def parsable_box(codec: BoxCodec, require_answer: bool = True) -> RewardFunc:
     ...   height=[48] * 2)
     [1.0, 0.0]
     """
+    if isinstance(max_boxes, bool) or not isinstance(max_boxes, int) or max_boxes < 1:
+        raise ValueError(f"max_boxes must be an integer >= 1, got {max_boxes!r}")
 
     def reward(prompts: object, completions: Sequence[object], **columns: Any):
         rows = _Rows("parsable_box", completions, columns)
@@ -341,21 +443,34 @@ def parsable_box(codec: BoxCodec, require_answer: bool = True) -> RewardFunc:
             if not rows.applies(i, KVG):
                 out.append(None)
                 continue
-            answer = answer_text(text, require_answer)
-            boxes = [] if answer is None else codec.parse(answer, *rows.size(i))
-            out.append(1.0 if boxes else 0.0)
+            boxes = answer_boxes(text, codec, *rows.size(i), require_answer, fractions) or []
+            ok = 1 <= len(boxes) <= max_boxes and not boxes[-1].is_degenerate
+            out.append(1.0 if ok else 0.0)
         return out
 
-    return _named(reward, "parsable_box", parsable_box.__doc__ or "", require_answer=require_answer)
+    return _named(
+        reward,
+        "parsable_box",
+        parsable_box.__doc__ or "",
+        require_answer=require_answer,
+        max_boxes=max_boxes,
+        fractions=fractions,
+    )
 
 
-def _last_answer_box(rows: _Rows, i: int, codec: BoxCodec, require_answer: bool) -> Box | None:
-    answer = answer_text(rows.texts[i], require_answer)
-    return None if answer is None else codec.parse_last(answer, *rows.size(i))
+def _last_answer_box(
+    rows: _Rows, i: int, codec: BoxCodec, require_answer: bool, fractions: bool
+) -> Box | None:
+    boxes = answer_boxes(rows.texts[i], codec, *rows.size(i), require_answer, fractions)
+    return boxes[-1] if boxes else None
 
 
 def iou_reward(
-    codec: BoxCodec, variant: str = "continuous", tau: float = 0.5, require_answer: bool = True
+    codec: BoxCodec,
+    variant: str = "continuous",
+    tau: float = 0.5,
+    require_answer: bool = True,
+    fractions: bool = False,
 ) -> RewardFunc:
     """An IoU reward between the answer's last box and the first gt box, named ``iou_<variant>``.
 
@@ -392,12 +507,20 @@ def iou_reward(
                 out.append(None)
                 continue
             truth = rows.first_truth(i)
-            pred = _last_answer_box(rows, i, codec, require_answer)
+            pred = _last_answer_box(rows, i, codec, require_answer, fractions)
             out.append(0.0 if pred is None else float(score(pred, truth)))
         return out
 
     doc = f"{name}: see iou_reward." + (f" tau={tau}" if variant == "thresholded" else "")
-    return _named(reward, name, doc, variant=variant, tau=tau, require_answer=require_answer)
+    return _named(
+        reward,
+        name,
+        doc,
+        variant=variant,
+        tau=tau,
+        require_answer=require_answer,
+        fractions=fractions,
+    )
 
 
 def _knowledge_level(value: object, name: str) -> int:
@@ -415,6 +538,7 @@ def karl_iou(
     s_plus: Sequence[float] = (0.65, 0.85, 1.0, 1.2, 1.4),
     s_minus: Sequence[float] = (-0.6, -0.5, -0.4, -0.2, 0.0),
     require_answer: bool = True,
+    fractions: bool = False,
 ) -> RewardFunc:
     """KARL's knowledge-aware IoU reward: min(s_plus[L] * IoU, 1) if IoU > threshold else
     s_minus[L], L = ``knowledge_level`` (None: level 2); no parsable box counts as IoU 0.
@@ -439,7 +563,7 @@ def karl_iou(
                 continue
             level = _knowledge_level(rows.get("knowledge_level", i), "karl_iou")
             truth = rows.first_truth(i)
-            pred = _last_answer_box(rows, i, codec, require_answer)
+            pred = _last_answer_box(rows, i, codec, require_answer, fractions)
             iou = 0.0 if pred is None else pred.iou(truth)
             out.append(min(s_plus[level] * iou, 1.0) if iou > threshold else s_minus[level])
         return out
@@ -452,6 +576,7 @@ def karl_iou(
         s_plus=s_plus,
         s_minus=s_minus,
         require_answer=require_answer,
+        fractions=fractions,
     )
 
 
@@ -498,7 +623,11 @@ def _precision_recall(pred: list[Box] | None, truths: list[Box], iou: float, lam
 
 
 def weighted_precision_recall(
-    codec: BoxCodec, lam: float = 0.5, iou: float = 0.5, require_answer: bool = True
+    codec: BoxCodec,
+    lam: float = 0.5,
+    iou: float = 0.5,
+    require_answer: bool = True,
+    fractions: bool = False,
 ) -> RewardFunc:
     """lam * P + (1 - lam) * R over a one-to-one matching at IoU >= ``iou``; 1 if both lists are
     empty, 0 if the answer is no box list or exactly one of the lists is empty.
@@ -519,8 +648,7 @@ def weighted_precision_recall(
             if not rows.applies(i, DETECT):
                 out.append(None)
                 continue
-            width, height = rows.size(i)
-            pred = box_list(answer_text(text, require_answer), codec, width, height)
+            pred = answer_boxes(text, codec, *rows.size(i), require_answer, fractions)
             out.append(float(_precision_recall(pred, rows.truths(i), iou, lam)))
         return out
 
@@ -531,6 +659,7 @@ def weighted_precision_recall(
         lam=lam,
         iou=iou,
         require_answer=require_answer,
+        fractions=fractions,
     )
 
 
@@ -541,13 +670,16 @@ def variance_guided_looking(
     cover: float = 0.5,
     use_uncertain_regions: bool = True,
     require_answer: bool = True,
+    fractions: bool = False,
 ) -> RewardFunc:
     """DIP-R1's group-level looking reward (see the module docstring for the formula).
 
     Rollouts of one prompt are the rows sharing a ``sample_id`` in this call. A rollout earns
     the variance-weighted coverage of the true boxes its group disagrees on by its ``<look>``
-    regions, minus ``penalty`` x its share of look regions covering (cov >= ``cover``) no
-    uncertain box, clipped to [0, 1]; 0 for the whole group when every rollout agrees.
+    regions, each look's coverage weighted by its precision (the share of the look on uncertain
+    boxes, so a whole-image look earns little), minus ``penalty`` x its share of look regions
+    covering (cov >= ``cover``) no uncertain box, clipped to [0, 1]; 0 for the whole group when
+    every rollout agrees, and 0 for a rollout whose answer is no box list.
 
     >>> from groundforge.schemas.codecs import get_codec
     >>> f = variance_guided_looking(get_codec("pixel"))
@@ -585,9 +717,10 @@ def variance_guided_looking(
                     "disagree on gt_boxes"
                 )
         hits = np.zeros((len(members), len(truths)), dtype=bool)
+        answers = []
         for r, i in enumerate(members):
-            width, height = rows.size(i)
-            pred = box_list(answer_text(rows.texts[i], require_answer), codec, width, height)
+            pred = answer_boxes(rows.texts[i], codec, *rows.size(i), require_answer, fractions)
+            answers.append(pred)
             for _, k, _ in match_boxes(pred or [], truths, iou):
                 hits[r, k] = True
         p = hits.mean(axis=0) if len(truths) else np.zeros(0)
@@ -596,16 +729,19 @@ def variance_guided_looking(
         if total <= 0:
             return [0.0] * len(members)
         w = v / total
-        uncertain = [truths[k] for k in np.flatnonzero(v > 0)]
+        uncertain_truths = [truths[k] for k in np.flatnonzero(v > 0)]
+        uncertain = list(uncertain_truths)
         if use_uncertain_regions:
             uncertain += _as_boxes(rows.get("uncertain_regions", members[0], required=False))
         scores = []
-        for i in members:
-            looks = _look_regions(rows.texts[i], codec, *rows.size(i))
-            if not looks:
+        for i, pred in zip(members, answers, strict=True):
+            looks = _look_regions(rows.texts[i], codec, *rows.size(i), fractions)
+            if not looks or pred is None:
                 scores.append(0.0)
                 continue
-            gain = float((w * coverage_matrix(looks, truths).max(axis=0)).sum())
+            precision = look_precision(looks, uncertain_truths)
+            earned = coverage_matrix(looks, truths) * precision[:, None]
+            gain = float((w * earned.max(axis=0)).sum())
             covers = coverage_matrix(looks, uncertain) >= cover
             idle = float((~covers.any(axis=1)).mean())
             scores.append(float(np.clip(gain - penalty * idle, 0.0, 1.0)))
@@ -620,6 +756,7 @@ def variance_guided_looking(
         cover=cover,
         use_uncertain_regions=use_uncertain_regions,
         require_answer=require_answer,
+        fractions=fractions,
     )
 
 
@@ -633,8 +770,12 @@ def _think_answer_format_factory(codec: BoxCodec | None = None) -> RewardFunc:
 
 
 def _iou_factory(variant: str) -> Callable[..., RewardFunc]:
-    def factory(codec: BoxCodec, tau: float = 0.5, require_answer: bool = True) -> RewardFunc:
-        return iou_reward(codec, variant, tau=tau, require_answer=require_answer)
+    def factory(
+        codec: BoxCodec, tau: float = 0.5, require_answer: bool = True, fractions: bool = False
+    ) -> RewardFunc:
+        return iou_reward(
+            codec, variant, tau=tau, require_answer=require_answer, fractions=fractions
+        )
 
     factory.__name__ = f"iou_{variant}"
     return factory
