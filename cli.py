@@ -349,11 +349,16 @@ def _one_model(model: str | None, endpoint: str | None) -> None:
 @click.option("--split", default="val", show_default=True, help="The split of --shards.")
 @_model_options
 @click.option(
+    "--scorer",
+    type=click.Choice(["kvgbench", "codec"]),
+    help="How a reply's box is read. kvgbench (the default): the published KVG-Bench scorer's "
+    "pattern cascade, 0..1000 frame. codec: the project's codec parser for --codec's frame "
+    "(last box, put right and clipped; the default when --codec is given).",
+)
+@click.option(
     "--codec",
-    default="norm1000",
-    show_default=True,
     type=click.Choice(["norm1000", "qwen25vl", "qwen3vl", "norm01", "pixel"]),
-    help="The frame of the model's answer boxes (norm1000: the reference scorer's).",
+    help="The frame of the model's answer boxes for --scorer codec (default norm1000).",
 )
 @click.option(
     "--max-pixels",
@@ -379,6 +384,7 @@ def eval_(
     served_model,
     api_key_env,
     device,
+    scorer,
     codec,
     max_pixels,
     reasoning,
@@ -389,8 +395,10 @@ def eval_(
 ) -> None:
     """Score a model on KVG-Bench (Acc@0.5 and mean IoU per category, seen / unseen / all).
 
-    With --shards, on a split of our own shards; `detect` samples get precision, recall, F1 and
-    AP at IoU 0.5. --out writes metrics.json and predictions.jsonl.
+    Boxes are read with the published KVG-Bench scorer unless --scorer codec (or --codec) is
+    given. With --shards, on a split of our own shards; `detect` samples get precision, recall,
+    F1 and AP at IoU 0.5. --out writes metrics.json and predictions.jsonl (the scorer used is in
+    its config).
     """
     from groundforge.outputs.console import progress_bar
     from groundforge.outputs.shards import detect_format, shards_folder
@@ -412,6 +420,7 @@ def eval_(
             endpoint=endpoint,
             served_model=served_model,
             api_key_env=api_key_env,
+            scorer=scorer,
             codec=codec,
             codec_params={"max_pixels": max_pixels} if max_pixels else None,
             reasoning=reasoning,

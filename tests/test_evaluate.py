@@ -1,6 +1,7 @@
-"""Evaluation: the reference box extraction, the scorer's arithmetic on canned answers, other
-codecs, detection metrics, loading KVG-Bench parquet and our shards, and end-to-end runs against
-the tiny Qwen2.5-VL in process and behind ``transformers serve``."""
+"""Evaluation: the scorer's arithmetic on canned answers (the KVG-Bench cascade itself is in
+test_kvgbench_score.py), the codec scorer, detection metrics, loading KVG-Bench parquet and our
+shards, and end-to-end runs against the tiny Qwen2.5-VL in process and behind
+``transformers serve``."""
 
 from __future__ import annotations
 
@@ -22,89 +23,21 @@ from groundforge.trainer.evaluate import (
     BenchItem,
     detection_ap,
     evaluate,
-    extract_box_reference,
-    extract_box_with_source,
     format_table,
     load_kvg_bench,
     load_shard_items,
     match_boxes,
     prf,
     read_report,
+    resolve_scorer,
     run_eval,
-    score_box,
     write_report,
 )
-
-# -- the reference extraction ----------------------------------------------------------------
 
 
 def test_doctests():
     result = doctest.testmod(evaluate_module)
     assert result.attempted > 0 and result.failed == 0
-
-
-EXTRACTION_TABLE = [
-    # Qwen2-VL answers, with and without box tokens and labels
-    ("<|box_start|>(10,20),(300,400)<|box_end|>", (10, 20, 300, 400)),
-    ("Beagle(10,20),(300,400)", (10, 20, 300, 400)),
-    ("( 10 , 20 ), ( 300 , 400 )", (10, 20, 300, 400)),
-    ("[10.5, 20, 30.25, 40]", (10.5, 20, 30.25, 40)),
-    # <answer> first, even when another pattern or an earlier box is outside it
-    ("<think>(10,10),(20,20)</think><answer>[30, 30, 40, 40]</answer>", (30, 30, 40, 40)),
-    ("<think>[1, 1, 9, 9]</think><answer>(5,5),(50,50)</answer> (6,6),(60,60)", (5, 5, 50, 50)),
-    # several <answer> blocks: the last box of them
-    ("<answer>(1,1),(90,90)</answer> <answer>(2,2),(80,80)</answer>", (2, 2, 80, 80)),
-    # an <answer> without a box falls back to the whole text; an unclosed one is no block
-    ("<answer>the left one</answer> (10,10),(20,20)", (10, 10, 20, 20)),
-    ("<think>(10,10),(20,20)</think><answer>[30, 30, 40, 40]", (10, 10, 20, 20)),
-    # pattern order: point pairs before lists before tuples, wherever they are in the text
-    ("[1, 2, 30, 40] then (5,6),(70,80)", (5, 6, 70, 80)),
-    ("(5,6),(70,80) then [1, 2, 30, 40]", (5, 6, 70, 80)),
-    ("(5, 5, 50, 50) [6, 6, 60, 60] (7, 7, 70, 70)", (6, 6, 60, 60)),
-    ("(5, 5, 50, 50) and (7, 7, 70, 70)", (7, 7, 70, 70)),
-    # the last match of the first pattern that matches
-    ("(1,1),(10,10) and (2,2),(20,20)", (2, 2, 20, 20)),
-    ("[1, 1, 10, 10], [2, 2, 20, 20], [3, 3, 30, 30]", (3, 3, 30, 30)),
-    # four values summing to < 4 are 0..1 and scaled by 1000 (a reference quirk included)
-    ("[0.1, 0.2, 0.3, 0.4]", (100, 200, 300, 400)),
-    ("<answer>(0.25,0.5),(0.75,1)</answer>", (250, 500, 750, 1000)),
-    ("[0, 0, 1, 2]", (0, 0, 1000, 2000)),
-    ("[1, 1, 1, 1]", (1, 1, 1, 1)),
-    ("[1, 0.5, 1, 1.5]", (1, 0.5, 1, 1.5)),
-    # no match
-    ("I cannot find it.", None),
-    ("[10, 20, 30]", None),
-    ("[-10, 20, 30, 40]", None),
-    ("", None),
-    (None, None),
-]
-
-
-@pytest.mark.parametrize(("text", "expected"), EXTRACTION_TABLE)
-def test_reference_extraction(text, expected):
-    got = extract_box_reference(text)
-    if expected is None:
-        assert got is None
-    else:
-        assert got == pytest.approx(tuple(float(v) for v in expected), abs=1e-9)
-
-
-def test_extraction_says_where_it_found_the_box():
-    text = "<think>(1,1),(9,9)</think><answer>[30, 30, 40, 40]</answer>"
-    assert extract_box_with_source(text).source == "answer/list"
-    assert extract_box_with_source("x (5, 5, 50, 50)").source == "text/tuple"
-    assert extract_box_with_source("nothing") is None
-
-
-def test_score_box():
-    assert score_box((0, 0, 100, 100), (0, 0, 100, 100)) == 1.0
-    assert score_box((0, 0, 100, 50), (0, 0, 100, 100)) == 0.5
-    assert score_box((50, 0, 150, 100), (0, 0, 100, 100)) == pytest.approx(1 / 3)
-    assert score_box((200, 200, 300, 300), (0, 0, 100, 100)) == 0.0
-    assert score_box(None, (0, 0, 100, 100)) == 0.0
-    # corners are taken as written: an inverted box has no area
-    assert score_box((100, 100, 0, 0), (0, 0, 100, 100)) == 0.0
-    assert score_box(Box(0, 0, 10, 10), [0, 0, 10, 20]) == 0.5
 
 
 # -- canned answers --------------------------------------------------------------------------
@@ -139,11 +72,11 @@ CASES = (*DEFAULT_CASES, EXTRA_DOG)
 
 # question id -> (answer in the 0..1000 frame as a box, or None, the text, its IoU)
 CANNED = {
-    # aircraft (seen): an exact box, then a 0..1 answer in tags after a decoy in <think>
+    # aircraft (seen): an exact box, then an <answer> pair after a decoy pair in <think>
     "101": ((100, 100, 500, 600), "<|box_start|>(100,100),(500,600)<|box_end|>", 1.0),
     "102": (
         (0, 0, 200, 200),
-        "<think>all of it (0,0),(1000,1000)?</think><answer>[0.0, 0.0, 0.2, 0.2]</answer>",
+        "<think>all of it (0,0),(1000,1000)?</think><answer>(0,0),(200,200)</answer>",
         0.25,
     ),
     # bird (seen): the request failed
@@ -153,7 +86,7 @@ CANNED = {
     "107": ((250, 0, 750, 500), "Poodle(250,0),(750,500)", 1 / 3),
     # flower (unseen): no box in the answer
     "105": (None, "I do not know this flower.", 0.0),
-    # flag (our own domain, in neither list): a tuple
+    # flag (our own domain, in neither list): an integer tuple
     "106": ((100, 300, 900, 700), "(100, 300, 900, 700)", 1.0),
 }
 
@@ -207,14 +140,16 @@ def test_canned_answers_score_exactly(bench_items):
     by_id = {p.question_id: p for p in report.predictions}
     for qid, (box, _, iou) in CANNED.items():
         p = by_id[qid]
-        assert p.iou == pytest.approx(iou, abs=1e-12)
+        assert p.iou == pytest.approx(iou, rel=1e-7)  # the reference computes in float32
         assert p.correct == (iou >= 0.5)
         assert p.frame == "norm1000"
         assert p.boxes == ([] if box is None else [pytest.approx(list(map(float, box)))])
     assert by_id["103"].error == "timeout" and by_id["103"].answer is None
-    assert by_id["102"].pattern == "answer/list"
-    assert by_id["106"].pattern == "text/tuple"
+    assert by_id["102"].pattern == "answer_point_pair"
+    assert by_id["104"].pattern == "int_list"
+    assert by_id["106"].pattern == "int_tuple"
     assert by_id["105"].error is None and by_id["105"].pattern is None
+    assert report.config["scorer"] == "kvgbench" and report.config["codec"] == "norm1000"
 
     g = report.metrics["grounding"]
     cats = g["categories"]
@@ -234,11 +169,14 @@ def test_canned_answers_score_exactly(bench_items):
         row = cats[name] if name in cats else g[name]
         assert (row["n"], row["correct"]) == (n, correct), name
         assert row["acc"] == pytest.approx(acc, abs=1e-9), name
-        assert row["miou"] == pytest.approx(miou, abs=1e-12), name
+        assert row["miou"] == pytest.approx(miou, rel=1e-7), name
     assert cats["bird"]["failed"] == 1 and g["seen"]["failed"] == 1 and g["all"]["failed"] == 1
     assert cats["flower"]["no_box"] == 1 and g["all"]["no_box"] == 1
     assert report.metrics["failures"] == {"timeout": 1}
     assert report.metrics["n_failed"] == 1 and report.metrics["n_items"] == 7
+    # the failed request is left out of the pattern counts
+    assert g["patterns"] == {"none": 1, "answer_point_pair": 1, "point_pair": 2, "int_list": 1,
+                             "int_tuple": 1}  # fmt: skip
     assert "detection" not in report.metrics
 
     # every request carries its item's image and the question as given
@@ -246,7 +184,7 @@ def test_canned_answers_score_exactly(bench_items):
     assert [r.images for r in backend.requests] == [(i.image,) for i in bench_items]
 
     table = format_table(report)
-    for name in ("aircraft", "flag", "seen", "unseen", "all", "42.86", "0.4405", "timeout 1"):
+    for name in ("aircraft", "flag", "all", "42.86", "0.4405", "timeout 1", "scorer kvgbench"):
         assert name in table
 
 
@@ -293,14 +231,52 @@ def test_other_codecs_give_the_same_ious(bench_items, codec, render):
         box, text, _ = CANNED[item.question_id]
         answers[item.question_id] = text if box is None else render(item, box)
     report = evaluate(bench_items, CannedBackend(answers), codec=codec)
+    assert report.config["scorer"] == "codec" and report.config["codec"] == codec
+    assert "patterns" not in report.metrics["grounding"]
     for ref, got in zip(reference.predictions, report.predictions, strict=True):
-        assert got.frame == "pixel"
-        assert got.iou == pytest.approx(ref.iou, abs=1e-9)
+        assert got.frame == "pixel" and got.pattern is None
+        assert got.iou == pytest.approx(ref.iou, rel=1e-7)
         assert got.correct == ref.correct
     for name in ("seen", "unseen", "all"):
         ref, got = reference.metrics["grounding"][name], report.metrics["grounding"][name]
         assert got["acc"] == pytest.approx(ref["acc"])
-        assert got["miou"] == pytest.approx(ref["miou"], abs=1e-9)
+        assert got["miou"] == pytest.approx(ref["miou"], rel=1e-7)
+
+
+def test_the_codec_scorer_puts_boxes_right_and_clips_them(bench_items):
+    # the kvgbench scorer takes corners as written; the codec scorer repairs them
+    item = bench_items[0]  # aircraft, answer (100, 100, 500, 600)
+    texts = {item.question_id: "(500,600),(100,100)"}
+    kvg = evaluate([item], CannedBackend(texts))
+    assert kvg.predictions[0].boxes == [[500.0, 600.0, 100.0, 100.0]]
+    assert kvg.predictions[0].iou == 0.0
+    fixed = evaluate([item], CannedBackend(texts), scorer="codec")
+    assert fixed.config == {**fixed.config, "scorer": "codec", "codec": "norm1000"}
+    assert fixed.predictions[0].iou == pytest.approx(1.0)
+
+
+def test_resolve_scorer():
+    assert resolve_scorer() == ("kvgbench", "norm1000")
+    assert resolve_scorer("kvgbench", "norm1000") == ("kvgbench", "norm1000")
+    assert resolve_scorer(codec="qwen25vl") == ("codec", "qwen25vl")
+    assert resolve_scorer(codec="norm1000") == ("codec", "norm1000")
+    assert resolve_scorer("codec") == ("codec", "norm1000")
+    with pytest.raises(ValueError, match="0..1000 frame only"):
+        resolve_scorer("kvgbench", "qwen25vl")
+    with pytest.raises(ValueError, match="unknown scorer"):
+        resolve_scorer("nope")
+
+
+def test_eval_help_names_the_scorers():
+    from click.testing import CliRunner
+
+    from groundforge.cli import main
+
+    result = CliRunner().invoke(main, ["eval", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "--scorer [kvgbench|codec]" in text
+    assert "published KVG-Bench scorer" in text and "codec parser" in text
 
 
 def test_unknown_codec_fails_before_asking(bench_items):
@@ -315,7 +291,7 @@ def test_report_round_trip(bench_items, tmp_path):
     metrics_path, predictions_path = write_report(report, tmp_path / "out")
     body = json.loads(metrics_path.read_text())
     assert body["grounding"]["all"]["correct"] == 3
-    assert body["config"]["codec"] == "norm1000"
+    assert body["config"]["codec"] == "norm1000" and body["config"]["scorer"] == "kvgbench"
     assert len(predictions_path.read_text().splitlines()) == 7
     again = read_report(tmp_path / "out")
     assert again.metrics == json.loads(json.dumps(report.metrics))
@@ -515,6 +491,7 @@ def test_run_eval_in_process(tiny_vlm_dir, bench_file, tmp_path):
     )
     assert calls == [(4, 6), (6, 6)]
     assert report.config["model"] == str(tiny_vlm_dir) and report.config["codec"] == "norm1000"
+    assert report.config["scorer"] == "kvgbench"
     assert report.metrics["n_failed"] == 0  # the tiny model always says something
     check_run(report, tmp_path)
 
@@ -549,5 +526,7 @@ def test_run_eval_argument_errors(bench_file, tmp_path):
         run_eval(bench=bench_file, model="m", served_model="x")
     with pytest.raises(ValueError, match="unknown box codec"):
         run_eval(bench=bench_file, model="m", codec="nope")
+    with pytest.raises(ValueError, match="0..1000 frame only"):
+        run_eval(bench=bench_file, model="m", scorer="kvgbench", codec="qwen25vl")
     with pytest.raises(ValueError, match="no items"):
         run_eval(bench=bench_file, model="m", limit=0)

@@ -6,41 +6,32 @@ The pipeline is: load :class:`BenchItem` rows (:func:`load_kvg_bench` for the be
 plus :data:`REASONING_SUFFIX` when ``reasoning``), score every reply, and summarise
 (:func:`evaluate` -> :class:`EvalReport`; :func:`run_eval` wires it for the CLI).
 
-**Grounding metric** (KVG-Bench, DeepPerception / KARL): a reply's box is scored by its IoU with
-the answer box; an item is correct at IoU >= 0.5. Acc@0.5 (in %) and mean IoU are averaged over
-*instances*, per category and over the seen, unseen and all items. A failed request (a reply
-with an ``error``) and a reply holding no readable box score IoU 0; both are counted.
+**Scorers.** ``scorer`` says how a grounding reply's box is read and scored:
 
-**The reference box extraction** (:func:`extract_box_reference`), for answers in the Qwen2-VL
-0..1000 frame (``codec="norm1000"``, the default), mirrors the reference scorer:
+- ``kvgbench`` (the default): the published KVG-Bench scorer
+  (:mod:`groundforge.trainer.kvgbench_score`): its ordered cascade of eight patterns over the
+  whole reply, in the Qwen2-VL 0..1000 frame, no match is ``(0, 0, 0, 0)``; the IoU as it
+  computes it (no clipping, an inverted or empty box scores 0), the best over the answer boxes.
+- ``codec``: the project's codec parser (:mod:`groundforge.schemas.codecs`) for the frame the
+  model answers in (``codec``: ``norm1000``, ``qwen25vl`` (pixels of the processor's resized
+  image), ``qwen3vl``, ``norm01``, ``pixel``): the reply's last box, put right and clipped, in
+  pixels of the item's image, compared with the answer box converted to pixels. IoU is unchanged
+  by scaling x and y (each by its own factor), so a box gets the same IoU in any frame.
 
-1. search the ``<answer>...</answer>`` blocks first (closed blocks, case-sensitive, all blocks of
-   the text joined), and the whole text only when no pattern matches inside them;
-2. try, in this order, the patterns ``(x1,y1),(x2,y2)`` (a Qwen2-VL box with or without its
-   ``<|box_start|>`` tokens), ``[a, b, c, d]`` and ``(a, b, c, d)``; numbers are unsigned
-   integers or decimals, with any whitespace around them;
-3. take the **last** match of the **first** pattern that matches anywhere in the scope (a later
-   pattern is never tried when an earlier one matched, even if it appears later in the text);
-4. if the four values sum to less than 4 they are read as 0..1 fractions and multiplied by 1000;
-5. no match scores IoU 0. Corners are not put right and boxes are not clipped: a box with
-   ``x2 <= x1`` or ``y2 <= y1`` has no area and scores 0, as with the reference's IoU.
-
-**Other frames.** ``codec`` names the frame of the *model's* answers. With any codec other than
-``norm1000`` the reply is parsed by that codec (:mod:`groundforge.schemas.codecs`: its last box,
-put right and clipped, in pixels of the item's image, e.g. ``qwen25vl`` answers in pixels of the
-processor's resized image) and compared with the answer box converted to pixels. Scores stay
-comparable with the reference: IoU is unchanged by scaling x and y (each by its own factor), so a
-box gets the same IoU in the 0..1000 frame, in pixels or in a resized frame.
+Giving a ``codec`` without a ``scorer`` picks ``codec``; the ``kvgbench`` scorer reads the
+0..1000 frame only. An item is correct at IoU >= 0.5; Acc@0.5 (in %) and mean IoU are averaged
+over *instances*, per category and over the seen, unseen and all items. A failed request (a
+reply with an ``error``) and a reply holding no readable box score IoU 0; both are counted.
 
 **Detection rows** (items with ``task == "detect"``: many answer boxes, the reply a box list) are
-scored with the DIP-R1 metrics instead: every box the codec reads from the reply (for
-``norm1000`` too: there is no reference scorer for lists), matched one-to-one with the answer boxes
-by the Hungarian algorithm (:func:`groundforge.schemas.box.match_boxes`), gives precision, recall
-and F1 at IoU 0.5 (micro-averaged over boxes), and pycocotools' COCOeval gives AP@0.5
-(:func:`detection_ap`). COCOeval ranks detections by score and a chat model gives none, so each
-box gets a **rank-based pseudo-score** ``1 / (1 + rank)`` (its 0-based position in the reply):
-a model's earlier boxes are taken as its more confident ones; boxes of equal rank in different
-images tie and pycocotools breaks ties in item order (a stable sort).
+scored with the DIP-R1 metrics instead: every box the codec reads from the reply (``norm1000``
+with the ``kvgbench`` scorer: there is no reference scorer for lists), matched one-to-one with
+the answer boxes by the Hungarian algorithm (:func:`groundforge.schemas.box.match_boxes`),
+gives precision, recall and F1 at IoU 0.5 (micro-averaged over boxes), and pycocotools'
+COCOeval gives AP@0.5 (:func:`detection_ap`). COCOeval ranks detections by score and a chat
+model gives none, so each box gets a **rank-based pseudo-score** ``1 / (1 + rank)`` (its 0-based
+position in the reply): a model's earlier boxes are taken as its more confident ones; boxes of
+equal rank in different images tie and pycocotools breaks ties in item order (a stable sort).
 
 Heavy libraries (torch, transformers, pyarrow, PIL, scipy, pycocotools, Beam) are imported inside
 the functions that need them.
@@ -55,127 +46,34 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from groundforge.schemas.box import Box, match_boxes
 from groundforge.schemas.records import sha256_hex
+from groundforge.trainer.kvgbench_score import (
+    CORRECT_IOU,
+    PATTERN_NAMES,
+    SEEN_CATEGORIES,
+    UNSEEN_CATEGORIES,
+    best_iou,
+    instance_groups,
+    reference_match,
+    score_group,
+)
 
 Quad = tuple[float, float, float, float]
 
-SEEN_CATEGORIES: tuple[str, ...] = ("aircraft", "car", "reptilia", "bird", "food")
-UNSEEN_CATEGORIES: tuple[str, ...] = ("dog", "mollusca", "mammal", "flower", "landmark")
 # The reasoning models' prompt suffix (the R1-style template of the reference inference code).
 REASONING_SUFFIX = (
     "  Output the thinking process in <think> </think> and final answer (bounding box) in "
     "<answer> </answer> tags."
 )
-CORRECT_IOU = 0.5
+SCORERS: tuple[str, ...] = ("kvgbench", "codec")
 DETECTION_TASKS: frozenset[str] = frozenset({"detect"})
 REFERENCE_FRAME = 1000.0
-
-# -- the reference extraction ----------------------------------------------------------------
-
-_NUM = r"(\d+(?:\.\d*)?|\.\d+)"
-_SEP = r"\s*,\s*"
-REFERENCE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    (
-        "point_pair",
-        re.compile(rf"\(\s*{_NUM}{_SEP}{_NUM}\s*\)\s*,\s*\(\s*{_NUM}{_SEP}{_NUM}\s*\)"),
-    ),
-    ("list", re.compile(rf"\[\s*{_NUM}{_SEP}{_NUM}{_SEP}{_NUM}{_SEP}{_NUM}\s*\]")),
-    ("tuple", re.compile(rf"\(\s*{_NUM}{_SEP}{_NUM}{_SEP}{_NUM}{_SEP}{_NUM}\s*\)")),
-)
-_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-
-
-@dataclass(frozen=True)
-class Extraction:
-    """What :func:`extract_box_with_source` found: the box (0..1000 frame), the scope searched
-    (``answer`` or ``text``) and the pattern that matched (a name of :data:`REFERENCE_PATTERNS`).
-    """
-
-    box: Quad
-    scope: str
-    pattern: str
-
-    @property
-    def source(self) -> str:
-        return f"{self.scope}/{self.pattern}"
-
-
-def extract_box_with_source(text: object) -> Extraction | None:
-    """:func:`extract_box_reference` with where the box was found; ``None`` for no match."""
-    if not isinstance(text, str):
-        return None
-    blocks = _ANSWER_BLOCK.findall(text)
-    scopes = ([("answer", "\n".join(blocks))] if blocks else []) + [("text", text)]
-    for scope, body in scopes:
-        for name, pattern in REFERENCE_PATTERNS:
-            matches = pattern.findall(body)
-            if matches:
-                values = tuple(float(v) for v in matches[-1])
-                if sum(values) < 4:
-                    values = tuple(v * REFERENCE_FRAME for v in values)
-                return Extraction(values, scope, name)  # type: ignore[arg-type]
-    return None
-
-
-def extract_box_reference(text: object) -> Quad | None:
-    """The box of a free-text answer as the KVG-Bench reference scorer reads it, in 0..1000.
-
-    Inside ``<answer>`` first, then anywhere; patterns ``(x1,y1),(x2,y2)``, ``[a, b, c, d]``,
-    ``(a, b, c, d)`` in that order; the last match of the first pattern that matches; four
-    values summing to less than 4 are fractions and are multiplied by 1000; ``None`` when
-    nothing matches (the scorer then gives IoU 0). See the module docstring for the details.
-
-    >>> extract_box_reference("<|box_start|>(10,20),(300,400)<|box_end|>")
-    (10.0, 20.0, 300.0, 400.0)
-    >>> extract_box_reference("<think>[1, 2, 3, 4]</think><answer>(0.1, 0.2, 0.5, 0.6)</answer>")
-    (100.0, 200.0, 500.0, 600.0)
-    >>> extract_box_reference("[5, 5, 9, 9] then (1,2),(30,40) and [7, 7, 50, 50]")
-    (1.0, 2.0, 30.0, 40.0)
-    >>> extract_box_reference("no box") is None
-    True
-    """
-    found = extract_box_with_source(text)
-    return None if found is None else found.box
-
-
-def _quad(box: Quad | Sequence[float] | Box) -> Quad:
-    if isinstance(box, Box):
-        return (box.x1, box.y1, box.x2, box.y2)
-    values = tuple(float(v) for v in box)
-    if len(values) != 4:
-        raise ValueError(f"a box needs 4 values, got {len(values)}")
-    return values  # type: ignore[return-value]
-
-
-def score_box(pred: Quad | Sequence[float] | Box | None, gt: Quad | Sequence[float] | Box) -> float:
-    """IoU of a predicted and an answer box given as ``(x1, y1, x2, y2)`` in one frame.
-
-    Corners are taken as written: a box with ``x2 <= x1`` or ``y2 <= y1`` has no area and scores
-    0, as does ``pred=None`` (no box found).
-
-    >>> score_box((0, 0, 100, 100), (50, 0, 150, 100))
-    0.3333333333333333
-    >>> score_box(None, (0, 0, 1, 1)), score_box((10, 10, 0, 0), (0, 0, 10, 10))
-    (0.0, 0.0)
-    """
-    if pred is None:
-        return 0.0
-    px1, py1, px2, py2 = _quad(pred)
-    gx1, gy1, gx2, gy2 = _quad(gt)
-    if not (px2 > px1 and py2 > py1 and gx2 > gx1 and gy2 > gy1):
-        return 0.0
-    w = min(px2, gx2) - max(px1, gx1)
-    h = min(py2, gy2) - max(py1, gy1)
-    inter = w * h if w > 0 and h > 0 else 0.0
-    union = (px2 - px1) * (py2 - py1) + (gx2 - gx1) * (gy2 - gy1) - inter
-    return inter / union if union > 0 else 0.0
-
 
 # -- items -----------------------------------------------------------------------------------
 
@@ -219,14 +117,18 @@ def _image_size(data: bytes) -> tuple[int, int]:
         return image.size
 
 
+_NUM = r"\s*(\d+(?:\.\d*)?)\s*"
+_ANSWER_BOX = re.compile(rf"\({_NUM},{_NUM}\)\s*,\s*\({_NUM},{_NUM}\)")
+
+
 def parse_answer_boxes(answer: str) -> tuple[Quad, ...]:
     """Every ``(x1,y1),(x2,y2)`` box of a KVG-Bench ``answer`` cell, in 0..1000.
 
     >>> parse_answer_boxes("<|box_start|>(12,34),(560,780)<|box_end|>")
     ((12.0, 34.0, 560.0, 780.0),)
     """
-    pattern = REFERENCE_PATTERNS[0][1]
-    return tuple(tuple(float(v) for v in m) for m in pattern.findall(answer or ""))  # type: ignore[misc]
+    found = _ANSWER_BOX.findall(answer or "")
+    return tuple(tuple(float(v) for v in m) for m in found)  # type: ignore[misc]
 
 
 BENCH_COLUMNS = ("question_id", "category", "question", "answer", "image")
@@ -413,10 +315,11 @@ def detection_ap(
 class Prediction:
     """One item's reply and score.
 
-    ``boxes`` and ``gt_boxes`` are in ``frame``: ``norm1000`` when the reference extraction read
+    ``boxes`` and ``gt_boxes`` are in ``frame``: ``norm1000`` when the kvgbench scorer read
     the reply, else ``pixel``. Grounding items have ``iou`` and ``correct``; detection items
     have ``tp``, ``fp``, ``fn`` (``iou``/``correct`` are ``None``). ``error`` is the failure
-    kind of a failed request; ``pattern`` says where the reference extraction found the box.
+    kind of a failed request; ``pattern`` names the kvgbench cascade's pattern that read the box
+    (:data:`~groundforge.trainer.kvgbench_score.PATTERN_NAMES`).
     """
 
     question_id: str
@@ -478,6 +381,22 @@ def build_requests(
     ]
 
 
+def resolve_scorer(scorer: str | None = None, codec: str | None = None) -> tuple[str, str]:
+    """The ``(scorer, codec)`` of a run: no ``scorer`` means ``codec`` when a codec is given,
+    else ``kvgbench``; the ``kvgbench`` scorer reads ``norm1000`` only; ``codec`` defaults to
+    ``norm1000``. Raises ``ValueError`` on an unknown scorer or a frame it cannot read."""
+    if scorer is None:
+        scorer = "kvgbench" if codec is None else "codec"
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r}: choose from {', '.join(SCORERS)}")
+    if scorer == "kvgbench" and codec not in (None, "norm1000"):
+        raise ValueError(
+            f"the kvgbench scorer reads the 0..1000 frame only, not codec {codec!r}: "
+            "use scorer 'codec' for other frames"
+        )
+    return scorer, codec or "norm1000"
+
+
 def score_reply(
     item: BenchItem,
     text: str | None,
@@ -485,8 +404,10 @@ def score_reply(
     codec: str = "norm1000",
     codec_params: dict[str, Any] | None = None,
     iou_threshold: float = CORRECT_IOU,
+    scorer: str = "kvgbench",
 ) -> Prediction:
-    """Score one reply (``text``, or ``error`` for a failed request) against its item."""
+    """Score one reply (``text``, or ``error`` for a failed request) against its item with
+    ``scorer`` (see the module docstring); detection items always go through ``codec``."""
     from groundforge.schemas.codecs import get_codec
 
     base = {
@@ -510,21 +431,17 @@ def score_reply(
             fp=len(preds) - tp,
             fn=len(gts) - tp,
         )
-    if codec == "norm1000":
-        found = None if reply is None else extract_box_with_source(reply)
-        iou = (
-            0.0
-            if found is None
-            else max((score_box(found.box, g) for g in item.boxes), default=0.0)
-        )
+    if scorer == "kvgbench":
+        found = reference_match(reply)
+        iou = best_iou(found.box, item.boxes)
         return Prediction(
             **base,
-            boxes=[] if found is None else [list(found.box)],
+            boxes=[] if found.pattern is None else [list(found.box)],
             gt_boxes=[list(g) for g in item.boxes],
             frame="norm1000",
             iou=iou,
             correct=iou >= iou_threshold,
-            pattern=None if found is None else found.source,
+            pattern=found.pattern,
         )
     gts = item.pixel_boxes()
     parser = get_codec(codec, **(codec_params or {}))
@@ -546,14 +463,9 @@ def _parse_all(text: str, item: BenchItem, codec: str, params: dict[str, Any]) -
     return get_codec(codec, **params).parse(text, item.width, item.height)
 
 
-def _grounding_row(preds: Sequence[Prediction]) -> dict[str, Any]:
-    n = len(preds)
-    correct = sum(bool(p.correct) for p in preds)
+def _grounding_row(preds: Sequence[Prediction], iou_threshold: float) -> dict[str, Any]:
     return {
-        "n": n,
-        "correct": correct,
-        "acc": 100.0 * correct / n if n else None,
-        "miou": sum(p.iou or 0.0 for p in preds) / n if n else None,
+        **score_group([p.iou or 0.0 for p in preds], iou_threshold),
         "failed": sum(p.error is not None for p in preds),
         "no_box": sum(p.error is None and not p.boxes for p in preds),
     }
@@ -587,14 +499,6 @@ def _detection_row(
     }
 
 
-def _ordered_categories(
-    categories: Iterable[str], seen: Sequence[str], unseen: Sequence[str]
-) -> list[str]:
-    present = set(categories)
-    known = [c for c in (*seen, *unseen) if c in present]
-    return known + sorted(present - set(known))
-
-
 def summarize(
     predictions: Sequence[Prediction],
     items: Sequence[BenchItem],
@@ -608,7 +512,8 @@ def summarize(
     (instance-weighted): ``n``, ``correct``, ``acc`` (Acc@IoU>=threshold, %), ``miou`` (0..1),
     ``failed``, ``no_box``; categories in neither list count in ``all`` and their own row only.
     ``detection``: per category and ``all``: box counts, ``precision``, ``recall``, ``f1``,
-    ``ap50``. ``failures``: failed requests by kind.
+    ``ap50``. ``failures``: failed requests by kind. ``grounding.patterns`` counts the replies
+    the kvgbench scorer read by each pattern of its cascade (``none``: no match).
     """
     by_id = {item.question_id: item for item in items}
     grounding = [p for p in predictions if not p.is_detection]
@@ -626,21 +531,28 @@ def summarize(
         "unseen_categories": list(unseen),
     }
     if grounding:
-        cats = _ordered_categories((p.category for p in grounding), seen, unseen)
+        per_category, splits = instance_groups([p.category for p in grounding], seen, unseen)
+
+        def row(positions: list[int]) -> dict[str, Any]:
+            return _grounding_row([grounding[i] for i in positions], iou_threshold)
+
         metrics["grounding"] = {
-            "categories": {
-                c: _grounding_row([p for p in grounding if p.category == c]) for c in cats
-            },
-            "seen": _grounding_row([p for p in grounding if p.category in seen]),
-            "unseen": _grounding_row([p for p in grounding if p.category in unseen]),
-            "all": _grounding_row(grounding),
+            "categories": {c: row(pos) for c, pos in per_category.items()},
+            **{name: row(pos) for name, pos in splits.items()},
         }
+        matched = [
+            p.pattern or "none" for p in grounding if p.frame == "norm1000" and p.error is None
+        ]
+        if matched:
+            metrics["grounding"]["patterns"] = {
+                name: matched.count(name) for name in ("none", *PATTERN_NAMES) if name in matched
+            }
     if detection:
-        cats = _ordered_categories((p.category for p in detection), seen, unseen)
+        per_category, _ = instance_groups([p.category for p in detection], seen, unseen)
         metrics["detection"] = {
             "categories": {
-                c: _detection_row([p for p in detection if p.category == c], by_id, iou_threshold)
-                for c in cats
+                c: _detection_row([detection[i] for i in pos], by_id, iou_threshold)
+                for c, pos in per_category.items()
             },
             "all": _detection_row(detection, by_id, iou_threshold),
         }
@@ -650,7 +562,7 @@ def summarize(
 def evaluate(
     items: Sequence[BenchItem],
     backend: Any,
-    codec: str = "norm1000",
+    codec: str | None = None,
     codec_params: dict[str, Any] | None = None,
     reasoning: bool = False,
     suffix: str | None = None,
@@ -659,17 +571,20 @@ def evaluate(
     batch_size: int = 8,
     iou_threshold: float = CORRECT_IOU,
     progress: Progress | None = None,
+    scorer: str | None = None,
 ) -> EvalReport:
     """Ask ``backend`` (anything with ``answer(requests) -> replies``, one reply per request in
     order) about every item, ``batch_size`` requests at a time, and score the replies.
 
-    ``codec`` is the frame of the model's answers (see the module docstring); ``progress`` is
-    called with ``(done, total)`` after each batch.
+    ``scorer`` and ``codec`` (the frame of the model's answers) are resolved by
+    :func:`resolve_scorer` (see the module docstring); ``progress`` is called with
+    ``(done, total)`` after each batch.
     """
     from groundforge.schemas.codecs import get_codec
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    scorer, codec = resolve_scorer(scorer, codec)
     get_codec(codec, **(codec_params or {}))  # an unknown codec or bad parameter fails here
     items = list(items)
     requests = build_requests(items, reasoning, suffix)
@@ -683,12 +598,13 @@ def evaluate(
             ok = reply.error is None and reply.text is not None
             error = None if ok else (reply.error or "empty")
             predictions.append(
-                score_reply(item, reply.text, error, codec, codec_params, iou_threshold)
+                score_reply(item, reply.text, error, codec, codec_params, iou_threshold, scorer)
             )
         if progress is not None:
             progress(len(predictions), len(items))
     metrics = summarize(predictions, items, seen, unseen, iou_threshold)
     config = {
+        "scorer": scorer,
         "codec": codec,
         "codec_params": dict(codec_params or {}),
         "reasoning": reasoning,
@@ -738,7 +654,9 @@ def report_tables(report: EvalReport) -> list:
     tables = []
     grounding = report.metrics.get("grounding")
     if grounding:
-        table = Table(title="grounding (Acc@0.5, mean IoU)", title_justify="left")
+        scorer = report.config.get("scorer")
+        title = "grounding (Acc@0.5, mean IoU" + (f"; scorer {scorer})" if scorer else ")")
+        table = Table(title=title, title_justify="left")
         for col in ("category", "n", "Acc@0.5 %", "mIoU", "failed", "no box"):
             table.add_column(col, justify="left" if col == "category" else "right")
 
@@ -852,7 +770,7 @@ def run_eval(
     endpoint: str | None = None,
     served_model: str | None = None,
     api_key_env: str | None = None,
-    codec: str = "norm1000",
+    codec: str | None = None,
     codec_params: dict[str, Any] | None = None,
     reasoning: bool = False,
     max_tokens: int = 256,
@@ -866,12 +784,15 @@ def run_eval(
     seen: Sequence[str] = SEEN_CATEGORIES,
     unseen: Sequence[str] = UNSEEN_CATEGORIES,
     progress: Progress | None = None,
+    scorer: str | None = None,
 ) -> EvalReport:
     """Evaluate ``model`` (in-process) or ``endpoint`` (+ ``served_model``) on the KVG-Bench
     parquet ``bench`` or on the ``split`` of our ``shards``; write the report to ``out_dir``
     when given. Greedy decoding unless ``temperature`` > 0. ``limit`` keeps the first items.
     With ``codec="qwen25vl"`` and an in-process model, ``codec_params["max_pixels"]`` also sets
-    the processor's pixel budget so the frame the model sees is the one parsed."""
+    the processor's pixel budget so the frame the model sees is the one parsed. ``scorer``
+    (default ``kvgbench``, the published cascade; ``codec`` when only a codec is given) is
+    resolved by :func:`resolve_scorer`."""
     from groundforge.schemas.codecs import get_codec
 
     if (bench is None) == (shards is None):
@@ -883,6 +804,7 @@ def run_eval(
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     params = dict(codec_params or {})
+    scorer, codec = resolve_scorer(scorer, codec)
     get_codec(codec, **params)  # fail before loading anything
 
     if bench is not None:
@@ -918,6 +840,7 @@ def run_eval(
             unseen=unseen,
             batch_size=batch_size,
             progress=progress,
+            scorer=scorer,
         )
     finally:
         close = getattr(backend, "close", None)
