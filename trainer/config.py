@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from groundforge.trainer.data import REASONING_INSTRUCTION
 from groundforge.yamlfile import describe_errors, read_yaml
@@ -95,11 +103,20 @@ class StageSettings(_Strict):
     max_steps: int = Field(-1, ge=-1)  # -1: run num_train_epochs
     logging_steps: int = Field(10, ge=1)
     save_strategy: Literal["steps", "epoch", "no"] = "steps"
-    save_steps: int = Field(500, ge=1)
+    # Below 1: a fraction of the run's total steps (transformers' convention, rounded up), so
+    # the default checkpoints every tenth of any run; 1 or more: every that many steps.
+    save_steps: int | float = Field(0.1, gt=0)
     save_total_limit: int | None = Field(2, ge=1)
     gradient_checkpointing: bool = True
     split: str = "sft"
     limit: int | None = Field(None, ge=1)
+
+    @field_validator("save_steps")
+    @classmethod
+    def _whole_steps(cls, value: int | float) -> int | float:
+        if value > 1 and value != int(value):
+            raise ValueError(f"a fraction of the run below 1 or whole steps, not {value}")
+        return int(value) if value >= 1 else value
 
 
 class SFTSettings(StageSettings):
@@ -158,7 +175,9 @@ class GRPOSettings(StageSettings):
 class TrainConfig(_Strict):
     """A whole ``train.yaml``."""
 
-    # Weights' dtype. On a GPU, bfloat16/float32 weights train with bf16 autocast.
+    # Training precision. Trained weights load in float32 whatever this says (bf16 weights would
+    # round small updates away); on a GPU, bfloat16 and float32 mean bf16 autocast, float16 fp16
+    # autocast. With LoRA the frozen base weights load in this dtype.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "bfloat16"
     attn_implementation: str | None = None
     seed: int = 42

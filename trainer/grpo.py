@@ -8,11 +8,19 @@ from the knowledge map (:mod:`groundforge.trainer.knowledge`) given as ``knowled
 
 The data is the ``grpo`` split (the items the SFT model gets right only some of the time), or the
 ``sft`` split when the run has none (``grpo.fallback_split``).
+
+A generation batch holds several prompts of different lengths. TRL left-pads the prompt ids but
+builds the image inputs (``mm_token_type_ids`` among them) with the processor's own padding, so
+the processor must pad on the left too: right padding shifts the image positions of every
+shorter prompt (``get_rope_index`` then fails, or silently mis-positions the image). Rollouts
+never sample a vision special token (:func:`vision_token_ids`): one in a completion has no image
+features behind it and breaks the forward pass that scores the completion.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +42,40 @@ from groundforge.trainer.sft import (
 )
 
 _LOG = logging.getLogger(__name__)
+
+# Special tokens that frame or stand for image/video features: Qwen-VL's <|vision_start|>,
+# <|image_pad|>, ..., LLaVA's <image>, Gemma's <start_of_image>.
+_VISION_TOKEN = re.compile(r"image|video|vision", re.IGNORECASE)
+
+
+def vision_token_ids(processor: Any, model_config: Any = None) -> list[int]:
+    """The ids of every vision special token: the tokenizer's special tokens whose text names
+    an image, video or vision part, and the model config's ``*_token_id`` fields that do."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    ids = {
+        token_id
+        for token_id, token in tokenizer.added_tokens_decoder.items()
+        if token.special and _VISION_TOKEN.search(token.content)
+    }
+    for token in tokenizer.all_special_tokens:
+        if _VISION_TOKEN.search(token):
+            ids.add(tokenizer.convert_tokens_to_ids(token))
+    configs = [model_config, getattr(model_config, "text_config", None)]
+    for config in filter(None, configs):
+        for name, value in vars(config).items():
+            if name.endswith("_token_id") and _VISION_TOKEN.search(name) and isinstance(value, int):
+                ids.add(value)
+    return sorted(ids)
+
+
+def rollout_generation_kwargs(processor: Any, model_config: Any, use_vllm: bool) -> dict:
+    """GRPOConfig's ``generation_kwargs`` that keep vision special tokens out of rollouts
+    (``suppress_tokens`` for transformers' generate, ``bad_words`` for vLLM)."""
+    ids = vision_token_ids(processor, model_config)
+    if not use_vllm:
+        return {"suppress_tokens": ids}
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return {"bad_words": tokenizer.convert_ids_to_tokens(ids)}
 
 
 def reward_spec(rewards: str | Mapping[str, Any]) -> Mapping[str, Any]:
@@ -82,7 +124,8 @@ def run_grpo(
         )
     out = resolve_output_dir(output_dir, stage, "grpo")
     checkpoint = checkpoint_to_resume(out, resume)
-    policy = load_policy(model, cfg, weights=full_model_weights(checkpoint))
+    # TRL pads the prompt ids on the left; the image inputs must line up with them.
+    policy = load_policy(model, cfg, weights=full_model_weights(checkpoint), padding_side="left")
     peft_config = prepare_trainable(policy, cfg)
 
     if reward_funcs is None:
@@ -119,6 +162,9 @@ def run_grpo(
         temperature=stage.temperature,
         reward_weights=weights,
         log_completions=stage.log_completions,
+        generation_kwargs=rollout_generation_kwargs(
+            policy.processor, policy.model.config, stage.use_vllm
+        ),
         **vllm,
     )
     callback = log_callback(out)

@@ -9,9 +9,15 @@ The processor's pixel budget is set to the config's ``max_pixels``, the budget t
 resized to (:mod:`groundforge.trainer.data`), so the processor does not resize again and a
 Qwen2.5-VL's absolute-pixel boxes mean the same thing in the data and in the model's eyes.
 
+Weights that train are fp32 (:func:`weights_dtype`): updates of the size of a 2e-6 learning rate
+are far below a bf16 weight's resolution and would round away, so full fine-tuning keeps fp32
+master weights and gets bf16 (or fp16) from autocast on a GPU, and LoRA adapters stay fp32 (peft's
+default) on base weights frozen in the config's dtype.
+
 The output folder holds the final model (LoRA adapters merged into it) and its processor, so
 the GRPO stage and the evaluation load it like any checkpoint; with LoRA the adapters alone are
-also kept in ``adapter/``.
+also kept in ``adapter/``. A checkpoint is saved at ``save_steps`` (by default every tenth of
+the run) and on Ctrl-C (:mod:`groundforge.trainer.interrupt`); ``resume`` continues the latest.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from groundforge.annotators.teacher.embedded import (
 from groundforge.trainer.callbacks import LOG_FILE, TrainLogCallback
 from groundforge.trainer.config import StageSettings, TrainConfig, load_train_config
 from groundforge.trainer.data import build_sft_dataset, codec_name_for, make_codec
+from groundforge.trainer.interrupt import InterruptCallback, TrainingInterrupted
 
 _LOG = logging.getLogger(__name__)
 
@@ -121,10 +128,30 @@ def _set_pixel_budget(processor: Any, max_pixels: int, min_pixels: int | None) -
     return low
 
 
-def load_policy(model: str | Path, cfg: TrainConfig, weights: str | None = None) -> Policy:
-    """Load the model (dtype from the config) and its processor, with the run's pixel budget.
+def weights_dtype(cfg: TrainConfig) -> str:
+    """The dtype the model loads in for training: float32 for full fine-tuning (the optimizer's
+    master weights; the config's dtype is the autocast precision on a GPU), the config's dtype
+    with LoRA (the base weights stay frozen; peft keeps the adapters in float32).
+
+    >>> from groundforge.trainer.config import parse_train_config
+    >>> weights_dtype(parse_train_config({"dtype": "bfloat16"}))
+    'float32'
+    >>> weights_dtype(parse_train_config({"dtype": "bfloat16", "lora": {"r": 4}}))
+    'bfloat16'
+    """
+    return "float32" if cfg.lora is None else cfg.dtype
+
+
+def load_policy(
+    model: str | Path,
+    cfg: TrainConfig,
+    weights: str | None = None,
+    padding_side: str | None = None,
+) -> Policy:
+    """Load the model (in :func:`weights_dtype`) and its processor, with the run's pixel budget.
 
     ``weights`` is a checkpoint to take the weights from instead of ``model``'s (a resumed run).
+    ``padding_side`` sets the tokenizer's padding (GRPO needs ``"left"``).
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
@@ -138,6 +165,8 @@ def load_policy(model: str | Path, cfg: TrainConfig, weights: str | None = None)
         processor = AutoProcessor.from_pretrained(path)
     if not hasattr(processor, "image_processor"):
         raise TrainError(f"{path}: its processor ({type(processor).__name__}) reads no images")
+    if padding_side is not None:
+        processor.tokenizer.padding_side = padding_side
     codec_name = cfg.codec or codec_name_for(model_type)
     min_pixels = None
     if model_type in PIXEL_BUDGET_MODEL_TYPES:
@@ -148,7 +177,7 @@ def load_policy(model: str | Path, cfg: TrainConfig, weights: str | None = None)
             f"{model_type!r}"
         )
     codec = make_codec(codec_name, max_pixels=cfg.max_pixels, min_pixels=min_pixels)
-    kwargs: dict[str, Any] = {"dtype": cfg.dtype}
+    kwargs: dict[str, Any] = {"dtype": weights_dtype(cfg)}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     loaded = AutoModelForImageTextToText.from_pretrained(weights or path, **kwargs)
@@ -240,14 +269,25 @@ def full_model_weights(checkpoint: str | None) -> str | None:
 
 def train_and_save(trainer: Any, policy: Policy, output_dir: Path, checkpoint: str | None) -> str:
     """Train (from ``checkpoint`` when given), then save the final model (LoRA merged) and
-    processor to ``output_dir``."""
+    processor to ``output_dir``. On Ctrl-C, saves a checkpoint and raises
+    :class:`~groundforge.trainer.interrupt.TrainingInterrupted`."""
     if full_model_weights(checkpoint):
         _LOG.info(
             "weights restored from %s; the trainer's missing/unexpected keys warning that "
             "follows is expected (transformers#43701)",
             checkpoint,
         )
-    trainer.train(resume_from_checkpoint=checkpoint)
+    guard = InterruptCallback()
+    trainer.add_callback(guard)
+    with guard.catching():
+        trainer.train(resume_from_checkpoint=checkpoint)
+    if guard.interrupted:
+        step = trainer.state.global_step
+        saved = output_dir / f"checkpoint-{step}"
+        raise TrainingInterrupted(
+            f"training stopped at step {step} of {trainer.state.max_steps}; checkpoint in "
+            f"{saved}: run again with --resume to continue"
+        )
     model = trainer.model
     if hasattr(model, "merge_and_unload"):  # a peft model
         model.save_pretrained(str(output_dir / ADAPTER_DIR))
