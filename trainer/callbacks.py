@@ -100,7 +100,7 @@ class RewardStall:
             self._since[name] = self._since.get(name, 0) + covered
             if self._since[name] >= self.steps and name not in self._told:
                 self._told.add(name)
-                why = "mean exactly 0" if zero else f"one value ({mean}) within every group"
+                why = "mean exactly 0" if zero else f"mean {mean:g}, no variance within any group"
                 out[name] = f"{why} for {self._since[name]} steps"
         return out
 
