@@ -287,10 +287,59 @@ def train() -> None:
 @_train_options
 def train_sft(data, model, config_path, output, resume, settings) -> None:
     """Stage 1: supervised fine-tuning on the `sft` split (rationale, then answer box)."""
+    from groundforge.trainer.config import load_train_config
+    from groundforge.trainer.data import open_shards, rationale_count, select_split
     from groundforge.trainer.sft import run_sft
 
-    out = run_sft(data, model, config_path, output, _overrides(settings), resume)
+    overrides = _overrides(settings)
+    split = load_train_config(config_path, overrides).sft.split
+    dataset = select_split(open_shards(data), split)
+    with_rationale = rationale_count(dataset)
+    click.echo(
+        f"SFT targets: {with_rationale} of {len(dataset)} samples of split {split!r} have a "
+        "teacher rationale and train as <think>rationale</think><answer>box</answer> after the "
+        "reasoning instruction; the others train as the bare box after the bare question"
+    )
+    out = run_sft(data, model, config_path, output, overrides, resume)
     click.echo(f"model and processor saved to {out} (training log: {out}/train_log.jsonl)")
+
+
+def _grpo_answer_format(data, config_path, overrides: dict) -> dict:
+    """Say which answer format GRPO trains (decided from the data, as its prompts are) and
+    return the overrides, with rewards that read a bare box when the corpus has no rationales."""
+    from groundforge.trainer.config import load_train_config
+    from groundforge.trainer.data import grpo_split, rationale_count
+    from groundforge.trainer.grpo import reward_spec
+    from groundforge.trainer.rewards import bare_answer_spec
+
+    stage = load_train_config(config_path, overrides).grpo
+    dataset = grpo_split(data, stage.split, stage.fallback_split)
+    spec = reward_spec(stage.rewards)
+    with_rationale = rationale_count(dataset)
+    if with_rationale:
+        click.echo(
+            f"GRPO answer format: reasoning ({with_rationale} of {len(dataset)} samples have a "
+            "teacher rationale, so SFT taught <think>..</think><answer>..</answer>); prompts "
+            f"carry the reasoning instruction; rewards: {', '.join(spec)}"
+        )
+        return overrides
+    try:
+        bare = bare_answer_spec(spec)
+    except ValueError as err:
+        raise click.ClickException(
+            f"GRPO answer format: bare box (no sample has a teacher rationale, so SFT taught "
+            f"the bare box), but {err}. Give grpo.rewards that read a box (e.g. iou_giou, "
+            "parsable_box), or build the corpus with a `teacher` section for rationales."
+        ) from None
+    left_out = [name for name in spec if name not in bare]
+    click.echo(
+        f"GRPO answer format: bare box (none of the {len(dataset)} samples has a teacher "
+        "rationale, so SFT taught the bare box); prompts carry no think/answer instruction and "
+        f"the rewards read the whole reply: {', '.join(bare)}"
+        + (f" (left out: {', '.join(left_out)})" if left_out else "")
+        + ". For the think/answer format, build the corpus with a `teacher` section."
+    )
+    return {**overrides, "grpo.rewards": bare}
 
 
 @train.command("grpo")
@@ -307,7 +356,8 @@ def train_grpo(data, model, config_path, output, resume, settings, knowledge) ->
     """
     from groundforge.trainer.grpo import run_grpo
 
-    out = run_grpo(data, model, config_path, output, knowledge, _overrides(settings), resume)
+    overrides = _grpo_answer_format(data, config_path, _overrides(settings))
+    out = run_grpo(data, model, config_path, output, knowledge, overrides, resume)
     click.echo(f"model and processor saved to {out} (training log: {out}/train_log.jsonl)")
 
 

@@ -23,6 +23,7 @@ from groundforge.trainer import data as data_module
 from groundforge.trainer.data import (
     REASONING_INSTRUCTION,
     TrainDataError,
+    answer_format_of,
     build_grpo_dataset,
     build_sft_dataset,
     codec_name_for,
@@ -31,6 +32,7 @@ from groundforge.trainer.data import (
     load_knowledge_levels,
     make_codec,
     open_shards,
+    rationale_count,
     render_answer,
     resize_row,
     select_split,
@@ -286,6 +288,31 @@ def test_grpo_view_columns_and_knowledge_levels(run_dir, tmp_path):
         assert example["gt_boxes"] == resized["gt_boxes"]  # float64 all the way
         assert example["task"] == "kvg" and example["target"] == row["target"]
         assert example["knowledge_level"] == (3 if row["target"] == known else None)
+
+
+def test_grpo_asks_for_the_answer_format_sft_taught(run_dir, tmp_path):
+    codec = make_codec("qwen25vl", max_pixels=BUDGET)
+    shards = open_shards(run_dir)
+    # Half the flag samples have a rationale: SFT taught the instruction, so GRPO asks for it.
+    assert rationale_count(shards["grpo"]) == 1 and len(shards["grpo"]) == 2
+    assert answer_format_of(shards["grpo"]) == "reasoning"
+    # A corpus without rationales (the demo's): SFT taught the bare box after the bare question.
+    bare = write_shards(tmp_path / "bare", [replace(s, rationale=None) for s in flag_samples()])
+    assert rationale_count(open_shards(bare)["sft"]) == 0
+    for folder, suffix in ((run_dir, REASONING_INSTRUCTION), (bare, "")):
+        examples = build_grpo_dataset(folder, codec)
+        rows = open_shards(folder)["grpo"]
+        assert len(examples) == len(rows) == 2
+        for example, row in zip(examples, rows, strict=True):
+            assert example["prompt"][-1]["content"][1]["text"] == row["question"] + suffix
+    sft = build_sft_dataset(bare, codec, completion_only=True)
+    assert all(e["prompt"][-1]["content"][1]["text"].endswith("<|object_ref_end|>") for e in sft)
+    assert all(e["completion"][0]["content"][0]["text"].startswith("[{") for e in sft)
+    # The format can also be given; an unknown one is refused.
+    (forced,) = build_grpo_dataset(run_dir, codec, answer_format="bare", limit=1)
+    assert forced["prompt"][-1]["content"][1]["text"].endswith("<|object_ref_end|>")
+    with pytest.raises(TrainDataError, match="answer format 'json'"):
+        build_grpo_dataset(run_dir, codec, answer_format="json")
 
 
 def test_knowledge_map_errors_name_the_file(tmp_path):

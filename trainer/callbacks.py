@@ -6,6 +6,12 @@ TRL already logs ``rewards/<name>/mean`` for every GRPO reward; this callback wr
 completions with the last box read from each (raw values in the model's frame), which is the
 quickest way to spot a reward stuck at 0 because of a coordinate-frame or format mistake.
 
+A reward that gives GRPO nothing to learn from is reported (a warning on the console and a
+``stalled`` entry in the log record) once it has done so for ``stall_steps`` consecutive steps
+(:class:`RewardStall`): its mean is exactly 0, or it has one value within every group of
+completions of the last generation batch (no advantage between a prompt's completions; a mean
+of 0 is the usual case, e.g. a reward that needs ``<answer>`` on replies that never write it).
+
 Each run has its own log: a run that starts from step 0 moves an earlier ``train_log.jsonl`` to
 ``train_log.<n>.jsonl`` (1 for the oldest); a run resumed from a checkpoint continues the log,
 without the records logged after that checkpoint (those steps run again).
@@ -28,6 +34,7 @@ _LOG = logging.getLogger(__name__)
 
 LOG_FILE = "train_log.jsonl"
 _TEXT_CHARS = 300
+STALL_STEPS = 10
 
 
 def _finite(value: Any) -> bool:
@@ -43,14 +50,73 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def flat_groups(values: list[float | None], group: int) -> bool | None:
+    """Whether every group of ``group`` consecutive values has a single value (None and NaN are
+    left out; a group with none left does not count); None when no group counts.
+
+    >>> flat_groups([0.0, 0.0, 1.0, 1.0], 2), flat_groups([0.0, 1.0, 1.0, 1.0], 2)
+    (True, False)
+    >>> flat_groups([None, None], 2) is None
+    True
+    """
+    verdict = None
+    for start in range(0, len(values), max(group, 1)):
+        scored = {v for v in values[start : start + group] if _finite(v)}
+        if scored:
+            if len(scored) > 1:
+                return False
+            verdict = True
+    return verdict
+
+
+class RewardStall:
+    """Counts, per reward, the consecutive steps on which it gave no learning signal, and says
+    once per streak when a streak reaches ``steps``."""
+
+    def __init__(self, steps: int = STALL_STEPS) -> None:
+        if steps < 1:
+            raise ValueError(f"stall_steps must be >= 1, got {steps}")
+        self.steps = steps
+        self._since: dict[str, int] = {}
+        self._told: set[str] = set()
+        self._last_step = 0
+
+    def update(
+        self, step: int, means: dict[str, Any], flat: dict[str, bool | None] | None = None
+    ) -> dict[str, str]:
+        """Feed one log event (``means``: reward name -> mean; ``flat``: name -> whether every
+        group had one value); returns ``{name: why}`` for the streaks that reach ``steps`` now.
+        """
+        flat = flat or {}
+        covered = max(step - self._last_step, 1)  # steps since the previous log event
+        self._last_step = step
+        out = {}
+        for name, mean in means.items():
+            zero = _finite(mean) and mean == 0
+            if not (zero or flat.get(name)):
+                self._since.pop(name, None)
+                self._told.discard(name)
+                continue
+            self._since[name] = self._since.get(name, 0) + covered
+            if self._since[name] >= self.steps and name not in self._told:
+                self._told.add(name)
+                why = "mean exactly 0" if zero else f"mean {mean:g}, no variance within any group"
+                out[name] = f"{why} for {self._since[name]} steps"
+        return out
+
+
 class TrainLogCallback(TrainerCallback):
     """Append each log event to ``path`` as JSON: ``step``, ``epoch``, ``metrics`` (everything
     the trainer logged), ``rewards`` (name -> mean), ``nonfinite`` (rewards whose mean is NaN
-    or missing) and, once :meth:`attach` gave it a GRPO trainer, ``completions``."""
+    or missing), ``stalled`` (rewards that just gave no signal for ``stall_steps`` steps, with
+    why) and, once :meth:`attach` gave it a GRPO trainer, ``completions``."""
 
-    def __init__(self, path: str | Path, completions: int = 4) -> None:
+    def __init__(
+        self, path: str | Path, completions: int = 4, stall_steps: int = STALL_STEPS
+    ) -> None:
         self.path = Path(path)
         self.completions = completions
+        self.stall = RewardStall(stall_steps)
         self._trainer: Any = None
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -83,6 +149,20 @@ class TrainLogCallback(TrainerCallback):
                 state.global_step,
                 ", ".join(nonfinite),
             )
+        try:
+            flat = self._flat_rewards(rewards)
+        except Exception as exc:  # a log helper must never stop a training run
+            _LOG.warning("could not read the last rewards: %s", exc)
+            flat = {}
+        stalled = self.stall.update(state.global_step, rewards, flat)
+        for name, why in stalled.items():
+            _LOG.warning(
+                "step %d: reward %s gives GRPO nothing to learn from (%s): check that the "
+                "prompts ask for the answer format the reward reads and that SFT taught it",
+                state.global_step,
+                name,
+                why,
+            )
         record: dict[str, Any] = {
             "step": state.global_step,
             "epoch": _plain(state.epoch),
@@ -91,6 +171,8 @@ class TrainLogCallback(TrainerCallback):
         if rewards:
             record["rewards"] = {name: _plain(value) for name, value in rewards.items()}
             record["nonfinite"] = nonfinite
+        if stalled:
+            record["stalled"] = stalled
         try:
             samples = self._last_completions()
         except Exception as exc:  # a log helper must never stop a training run
@@ -101,6 +183,16 @@ class TrainLogCallback(TrainerCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as out:
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def _flat_rewards(self, names) -> dict[str, bool | None]:
+        # GRPOTrainer keeps each reward's values of the latest generation batch, in groups of
+        # num_generations consecutive completions.
+        logs = getattr(self._trainer, "_logs", None)
+        group = getattr(self._trainer, "num_generations", None)
+        if not isinstance(logs, dict) or not isinstance(group, int):
+            return {}
+        values = logs.get("rewards") or {}
+        return {name: flat_groups(list(values[name]), group) for name in names if name in values}
 
     def _last_completions(self) -> list[dict[str, Any]]:
         # GRPOTrainer keeps the latest generation batch in `_logs`; other trainers have none.

@@ -19,8 +19,16 @@ Two views come out:
   rationale) and ``images``; with ``completion_only=True`` the same turns as ``prompt`` and
   ``completion``, which makes TRL compute the loss on the answer only;
 - GRPO: a conversational ``prompt`` (optional system turn, user turn with image part, question
-  and the think/answer instruction), ``image`` and the columns the reward functions read:
-  ``sample_id``, ``task``, ``gt_boxes``, ``width``, ``height``, ``target``, ``knowledge_level``.
+  and, in the ``reasoning`` answer format, the think/answer instruction), ``image`` and the
+  columns the reward functions read: ``sample_id``, ``task``, ``gt_boxes``, ``width``,
+  ``height``, ``target``, ``knowledge_level``.
+
+**Answer format** (:func:`answer_format_of`), decided from the data so that GRPO asks for what SFT
+taught: ``reasoning`` when any sample of the split has a teacher rationale (SFT taught those
+samples the instruction and ``<think>..</think><answer>..</answer>``), ``bare`` when none has
+(SFT taught the bare question and the bare box, so GRPO prompts carry no instruction and the
+rewards must read the box from the whole reply, see
+:func:`groundforge.trainer.rewards.bare_answer_spec`).
 
 Message contents are always lists of ``{"type", "text"}`` parts: Arrow needs one type per column,
 and TRL fills image parts (``text`` None) with the row's images.
@@ -67,6 +75,8 @@ CODEC_BY_MODEL_TYPE = {
 }
 
 SPLITS_FILE = "dataset_dict.json"
+REASONING, BARE = "reasoning", "bare"
+ANSWER_FORMATS = (REASONING, BARE)
 
 
 class TrainDataError(ValueError):
@@ -213,10 +223,15 @@ def grpo_example(
     system: str | None = None,
     instruction: str = REASONING_INSTRUCTION,
     levels: Mapping[str, int] | None = None,
+    answer_format: str = REASONING,
 ) -> dict[str, Any]:
-    """One GRPO example of a resized row: the prompt, the image and the reward columns."""
+    """One GRPO example of a resized row: the prompt, the image and the reward columns; the
+    ``bare`` answer format asks the bare question, as SFT did without rationales."""
+    question = row["question"]
+    if answer_format == REASONING:
+        question += instruction_for(row, instruction)
     return {
-        "prompt": [*_head(system), _user_turn(row["question"] + instruction_for(row, instruction))],
+        "prompt": [*_head(system), _user_turn(question)],
         "image": row["image"],
         "sample_id": row["sample_id"],
         "task": row["task"],
@@ -331,6 +346,38 @@ def select_split(shards, split: str, fallback: str | None = None, limit: int | N
     return dataset
 
 
+def rationale_count(dataset) -> int:
+    """How many rows of a split carry a non-blank rationale (read in Arrow batches)."""
+    import pyarrow.compute as pc
+
+    if "rationale" not in dataset.column_names:
+        return 0
+    count = 0
+    column = dataset.select_columns(["rationale"]).with_format("arrow")
+    for batch in column.iter(batch_size=4096):
+        text = batch.column("rationale")
+        filled = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0)
+        count += int(pc.sum(filled.cast("int64")).as_py() or 0)
+    return count
+
+
+def answer_format_of(dataset) -> str:
+    """``reasoning`` when any row of the split has a rationale, else ``bare`` (module docstring).
+
+    >>> from datasets import Dataset
+    >>> answer_format_of(Dataset.from_dict({"rationale": [None, "  "]}))
+    'bare'
+    >>> answer_format_of(Dataset.from_dict({"rationale": [None, "the left flag"]}))
+    'reasoning'
+    """
+    return REASONING if rationale_count(dataset) else BARE
+
+
+def grpo_split(data: Any, split: str = "grpo", fallback: str | None = "sft"):
+    """The split GRPO trains on (``split``, else ``fallback`` when it is empty), whole."""
+    return select_split(open_shards(data), split, fallback=fallback)
+
+
 def _map(dataset, fn, features, cache_dir: str | Path | None, name: str):
     kwargs: dict[str, Any] = {"keep_in_memory": True}
     # Without a cache folder, datasets would write its cache next to the shards they came from.
@@ -392,16 +439,28 @@ def build_grpo_dataset(
     system: str | None = None,
     instruction: str = REASONING_INSTRUCTION,
     cache_dir: str | Path | None = None,
+    answer_format: str | None = None,
 ):
     """The GRPO view (see the module docstring) of one split of the shards.
 
     The ``grpo`` split holds the items the SFT model got right only some of the time; a run
     without a student pass has none, so by default an empty ``grpo`` split falls back to ``sft``.
+    ``answer_format`` (``reasoning`` or ``bare``; None: :func:`answer_format_of` the whole split)
+    decides whether prompts carry ``instruction``.
     """
     from datasets import Features, Image, List, Value
 
     levels = None if knowledge_map is None else load_knowledge_levels(knowledge_map)
-    dataset = select_split(open_shards(data), split, fallback=fallback, limit=limit)
+    dataset = grpo_split(data, split, fallback)
+    if answer_format is None:
+        answer_format = answer_format_of(dataset)
+        _LOG.info("GRPO answer format: %s (decided from the %d rows)", answer_format, len(dataset))
+    if answer_format not in ANSWER_FORMATS:
+        raise TrainDataError(
+            f"answer format {answer_format!r}: use one of {', '.join(ANSWER_FORMATS)}"
+        )
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
     features = Features(
         {
             "prompt": _message_features(),
@@ -417,6 +476,7 @@ def build_grpo_dataset(
     )
 
     def convert(row):
-        return grpo_example(resize_row(row, codec, max_pixels), system, instruction, levels)
+        resized = resize_row(row, codec, max_pixels)
+        return grpo_example(resized, system, instruction, levels, answer_format)
 
     return _map(dataset, convert, features, cache_dir, f"grpo-{codec.name}")

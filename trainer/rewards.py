@@ -128,6 +128,7 @@ __all__ = [
     "RewardFunc",
     "answer_boxes",
     "answer_text",
+    "bare_answer_spec",
     "build_rewards",
     "completion_text",
     "coverage_matrix",
@@ -819,6 +820,41 @@ DIP_R1 = _frozen(
     }
 )
 """DIP-R1: format, weighted precision-recall and variance-guided looking, weight 1 each."""
+
+
+# Rewards that pay for the tags themselves: nothing to read in a bare reply.
+_TAG_REWARDS = ("think_answer_format", "think_look_answer_format", "variance_guided_looking")
+
+
+def bare_answer_spec(spec: Mapping[str, float | Mapping[str, Any]]) -> dict[str, Any]:
+    """A reward spec for replies that are the bare box (a corpus without rationales, trained
+    without the think/answer instruction): the tag rewards (``think_answer_format``,
+    ``think_look_answer_format``, ``variance_guided_looking``) are left out and every other
+    reward of :data:`REWARDS` reads the whole reply (``require_answer=False``; an ``<answer>``
+    block, when there is one, still wins). Functions of your own are kept as they are. Raises
+    ValueError when nothing is left.
+
+    >>> bare_answer_spec(DEEPPERCEPTION)
+    {'iou_thresholded': {'weight': 1.0, 'tau': 0.85, 'require_answer': False}, \
+'parsable_box': {'weight': 0.5, 'require_answer': False}}
+    """
+    out: dict[str, Any] = {}
+    for name, value in spec.items():
+        if name in _TAG_REWARDS:
+            continue
+        if name not in REWARDS:
+            out[name] = value
+            continue
+        params = dict(value) if isinstance(value, Mapping) else {"weight": value}
+        if "require_answer" in inspect.signature(REWARDS[name]).parameters:
+            params["require_answer"] = False
+        out[name] = params
+    if not out:
+        raise ValueError(
+            f"rewards {', '.join(spec)}: every one pays for the think/answer tags, which a bare "
+            "box reply never has"
+        )
+    return out
 
 
 def import_reward(path: str) -> RewardFunc:
