@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -300,8 +301,21 @@ def train_sft(data, model, config_path, output, resume, settings) -> None:
         "teacher rationale and train as <think>rationale</think><answer>box</answer> after the "
         "reasoning instruction; the others train as the bare box after the bare question"
     )
-    out = run_sft(data, model, config_path, output, overrides, resume)
+    with _interruptible():
+        out = run_sft(data, model, config_path, output, overrides, resume)
     click.echo(f"model and processor saved to {out} (training log: {out}/train_log.jsonl)")
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """Ctrl-C during training: say where the checkpoint is and exit 130, without a traceback."""
+    from groundforge.trainer.interrupt import TrainingInterrupted
+
+    try:
+        yield
+    except TrainingInterrupted as stopped:
+        click.echo(f"interrupted: {stopped}", err=True)
+        raise SystemExit(130) from None
 
 
 def _grpo_answer_format(data, config_path, overrides: dict) -> dict:
@@ -357,7 +371,8 @@ def train_grpo(data, model, config_path, output, resume, settings, knowledge) ->
     from groundforge.trainer.grpo import run_grpo
 
     overrides = _grpo_answer_format(data, config_path, _overrides(settings))
-    out = run_grpo(data, model, config_path, output, knowledge, overrides, resume)
+    with _interruptible():
+        out = run_grpo(data, model, config_path, output, knowledge, overrides, resume)
     click.echo(f"model and processor saved to {out} (training log: {out}/train_log.jsonl)")
 
 

@@ -113,7 +113,8 @@ def run_grpo(
     """
     from trl import GRPOConfig, GRPOTrainer
 
-    from groundforge.trainer.rewards import build_rewards
+    from groundforge.trainer.data import BARE, answer_format_of, grpo_split
+    from groundforge.trainer.rewards import bare_answer_spec, build_rewards
 
     cfg = load_train_config(config_path, overrides)
     stage = cfg.grpo
@@ -128,8 +129,12 @@ def run_grpo(
     policy = load_policy(model, cfg, weights=full_model_weights(checkpoint), padding_side="left")
     peft_config = prepare_trainable(policy, cfg)
 
+    # Prompts and rewards follow what SFT taught: without rationales the reply is a bare box.
+    answer_format = answer_format_of(grpo_split(data, stage.split, stage.fallback_split))
     if reward_funcs is None:
         spec = reward_spec(stage.rewards)
+        if answer_format == BARE:
+            spec = bare_answer_spec(spec)
         if "karl_iou" in spec and knowledge_map is None:
             _LOG.warning("karl_iou without a knowledge map: every entity gets the middle level")
         funcs, weights = build_rewards(spec, policy.codec)
@@ -148,6 +153,7 @@ def run_grpo(
         system=cfg.system_prompt,
         instruction=cfg.instruction,
         cache_dir=out / DATA_CACHE,
+        answer_format=answer_format,
     )
     vllm: dict[str, Any] = {}
     if stage.use_vllm:
