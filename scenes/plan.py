@@ -32,7 +32,7 @@ import numpy as np
 
 from groundforge.scenes.distractors import DistractorIndex
 from groundforge.scenes.sampling import SceneMix
-from groundforge.schemas.records import stable_id
+from groundforge.schemas.records import Compact, stable_id
 
 # Vector sums are kept in fixed point (Python ints): integer addition is exact, so an entity's
 # mean vector is the same whatever order a runner adds its images in. 2**-40 is far below the
@@ -44,7 +44,7 @@ MemberRef = tuple[str, str, str, int]
 
 
 @dataclass(frozen=True)
-class PoolItem:
+class PoolItem(Compact):
     """What planning needs of one image: no pixels."""
 
     key: str
@@ -64,7 +64,7 @@ class PoolItem:
 
 
 @dataclass(frozen=True)
-class ScenePlan:
+class ScenePlan(Compact):
     """One scene to compose: its members in canvas order, and its queries.
 
     Member ``i`` is image ``indices[i]`` of entity ``entities[i]`` (images of an entity are

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from groundforge.schemas.box import Box
@@ -20,8 +20,24 @@ def stable_id(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+class Compact:
+    """Pickles as its class and its field values in order, without the field names: records
+    cross every shuffle of a run, and names would be most of their encoded size.
+
+    >>> import pickle
+    >>> chad = Entity("Chad", Box(0, 0, 2, 1))
+    >>> pickle.loads(pickle.dumps(chad)) == chad, b"name" in pickle.dumps(chad)
+    (True, False)
+    """
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return (self.__class__, tuple(getattr(self, f.name) for f in fields(self)))
+
+
 @dataclass(frozen=True)
-class Instance:
+class Instance(Compact):
     """One annotated object of an image (crowd detection), in the image's pixels.
 
     ``box`` is the ground truth the recipe chose; ``full`` (the whole extent, occluded parts
@@ -50,7 +66,7 @@ class Instance:
 
 
 @dataclass(frozen=True)
-class UncertainRegion:
+class UncertainRegion(Compact):
     """A place of a crowded image where a detector is unsure, and why: ``missed`` (a truth no
     confident candidate found), ``weak`` (found with a low IoU), ``occluded`` (a truth mostly
     hidden) or ``false_positive`` (a confident candidate matching no truth)."""
@@ -60,7 +76,7 @@ class UncertainRegion:
 
 
 @dataclass(frozen=True)
-class SourceItem:
+class SourceItem(Compact):
     """A pointer to one image before it is read: a file path, a URL or a dataset row.
 
     ``data`` carries the bytes when the source already holds them (a dataset row).
@@ -86,7 +102,7 @@ class SourceItem:
 
 
 @dataclass(frozen=True)
-class Detection:
+class Detection(Compact):
     """A candidate box proposed by an annotator, with its score and label."""
 
     box: Box
@@ -95,7 +111,7 @@ class Detection:
 
 
 @dataclass(frozen=True)
-class ImageRecord:
+class ImageRecord(Compact):
     """One image and what is known about it.
 
     ``image_id`` is the sha256 of the bytes as the source delivered them, so it identifies the
@@ -141,7 +157,7 @@ def record_key(record: ImageRecord) -> str:
 
 
 @dataclass(frozen=True)
-class Entity:
+class Entity(Compact):
     """A named instance in a sample's image."""
 
     name: str
@@ -149,7 +165,7 @@ class Entity:
 
 
 @dataclass(frozen=True)
-class Provenance:
+class Provenance(Compact):
     source_image_ids: tuple[str, ...] = ()
     locations: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
@@ -162,7 +178,7 @@ class Provenance:
 
 
 @dataclass(frozen=True)
-class KVGSample:
+class KVGSample(Compact):
     """One row of a shard.
 
     ``distractors`` says how the other entities of a composed scene were chosen (``hard``: the
@@ -205,7 +221,7 @@ class KVGSample:
 
 
 @dataclass(frozen=True)
-class Rejection:
+class Rejection(Compact):
     """An item a stage dropped, and why. ``detail`` is JSON text."""
 
     item_id: str
