@@ -27,7 +27,9 @@ root cause):
 
 A kept rationale's value is ``<think>T</think><look>L</look>`` (the parts stripped): the trainer
 appends the answer itself, in the codec of the model it trains. Look regions are written in the
-teacher's codec; the metric ``look`` gives them in pixels of the sample's image.
+teacher's codec; the metric ``look`` gives them in pixels of the sample's image, and
+:func:`groundforge.filters.rationale.with_rationale` stores every box of the kept text as a
+placeholder and a pixel box, for the trainer to write in the student's frame.
 """
 
 from __future__ import annotations

@@ -13,18 +13,20 @@ failing reason, in this order (cheap and structural first, so the reason names t
 6. ``rationale_wrong_box``: the answer's last box misses the target (metrics: ``iou``).
 
 A kept rationale's value is the think text only: the trainer renders the answer box itself, in the
-codec of the model it trains.
+codec of the model it trains. :func:`with_rationale` stores it on the sample as a box template:
+the boxes the teacher quoted, in the teacher's frame, become placeholders and pixel boxes, which
+the trainer writes in the student's frame like the answer.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from groundforge.filters.verdict import Verdict
 from groundforge.schemas.answer import split_think_answer
-from groundforge.schemas.codecs import BoxCodec
-from groundforge.schemas.records import KVGSample
+from groundforge.schemas.codecs import BoxCodec, box_template
+from groundforge.schemas.records import Entity, KVGSample
 
 # Phrases that give away that the teacher was handed the names and boxes.
 DEFAULT_LEAK_PHRASES = (
@@ -81,6 +83,25 @@ def find_leak(text: str, phrases: tuple[str, ...]) -> str | None:
         if re.search(r"(?<!\w)" + re.escape(_squash(phrase)), squashed):
             return phrase
     return None
+
+
+def with_rationale(sample: KVGSample, text: str, codec: BoxCodec, **changes) -> KVGSample:
+    """The sample holding the kept rationale ``text`` (written by a teacher with ``codec``) as a
+    box template (:func:`groundforge.schemas.codecs.box_template`): ``rationale`` with every box
+    as a placeholder, ``rationale_boxes`` those boxes in the sample's pixels; ``changes`` are
+    further fields to set.
+
+    >>> from groundforge.schemas.codecs import get_codec
+    >>> from groundforge.schemas.records import Provenance
+    >>> sample = KVGSample("s", b"", 640, 480, "flag", "kvg", "q", "Chad", (), (), "sft",
+    ...                    Provenance())
+    >>> kept = with_rationale(sample, "Chad is (100,100),(500,500).", get_codec("norm1000"))
+    >>> kept.rationale, kept.rationale_boxes[0].box.to_list()
+    ('Chad is ⟦box 0⟧.', [64.0, 48.0, 320.0, 240.0])
+    """
+    template, boxes, labels = box_template(text, codec, sample.width, sample.height)
+    named = tuple(Entity(label or "", box) for box, label in zip(boxes, labels, strict=True))
+    return replace(sample, rationale=template, rationale_boxes=named, **changes)
 
 
 def check_rationale(

@@ -30,7 +30,8 @@ sha256 of its bytes, shared by the splits). The training splits go in LLaMA-Fact
      "images": ["images/3f1c...e9.png"]}
 
 A sample with a rationale gets the reasoning instruction (:data:`REASONING_INSTRUCTION`) after
-its question and ``<think>RATIONALE</think><answer>BOX</answer>`` as the answer; one without
+its question and ``<think>RATIONALE</think><answer>BOX</answer>`` as the answer (the boxes the
+rationale quotes written like BOX: same codec, same written image); one without
 gets the bare question and the box alone. A ``kvg`` answer is the target's box labelled with its
 name; a ``detect`` answer is every ground-truth box, unlabelled.
 
@@ -64,7 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from groundforge.schemas.box import Box
-from groundforge.schemas.codecs import BoxCodec, get_codec
+from groundforge.schemas.codecs import BoxCodec, get_codec, render_box_template
 from groundforge.schemas.records import sha256_hex
 from groundforge.trainer.evaluate import REASONING_SUFFIX
 
@@ -143,6 +144,20 @@ def think_text(rationale: str | None) -> str | None:
     return text or None
 
 
+def rationale_text(sample: Any, exported: ExportImage, codec: BoxCodec) -> str | None:
+    """The sample's stored rationale with the boxes it quotes (``rationale_boxes``) written by
+    ``codec`` in the exported image's frame, as the answer box is; None without a rationale."""
+    if sample.rationale is None:
+        return None
+    sx, sy = exported.width / sample.width, exported.height / sample.height
+    quoted = getattr(sample, "rationale_boxes", ())
+    boxes = [e.box.scale(sx, sy) for e in quoted]
+    labels = [e.name or None for e in quoted]
+    return render_box_template(
+        sample.rationale, boxes, codec, exported.width, exported.height, labels
+    )
+
+
 def render_answer_box(sample: Any, exported: ExportImage, codec: BoxCodec) -> str:
     """The ground truth as the model writes it: a ``kvg`` target's box labelled with its name,
     or every box of a ``detect`` sample."""
@@ -198,7 +213,7 @@ def dataset_info_entry(dataset_name: str) -> dict[str, Any]:
 def sharegpt_record(sample: Any, codec: BoxCodec, image_name: str, exported: ExportImage) -> dict:
     """One sample as a sharegpt record whose image is ``images/<image_name>``."""
     box = render_answer_box(sample, exported, codec)
-    think = think_text(sample.rationale)
+    think = think_text(rationale_text(sample, exported, codec))
     answer = box if think is None else f"<think>{think}</think><answer>{box}</answer>"
     return {
         "messages": [

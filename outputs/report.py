@@ -25,6 +25,7 @@ from groundforge.outputs.previews import (
 )
 from groundforge.outputs.rejections import REJECTIONS_FILE
 from groundforge.schemas.box import Box
+from groundforge.schemas.codecs import PixelCodec, render_box_template
 from groundforge.schemas.records import KVGSample, RejectionPreview
 
 REPORT_FILE = "report.html"
@@ -49,6 +50,7 @@ SAMPLE_ONLY = ("teacher", "uncertain", "ignore")
 DETAILS_PER_REASON = 5
 CHART_WIDTH = 360
 HIST_BINS = 20
+PIXEL = PixelCodec()
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,16 @@ class Distributions:
         if s.detector_iou is not None:
             self.detector_iou[_unit_bin(s.detector_iou)] += 1
         if s.rationale:
-            self.rationale_chars[len(s.rationale)] += 1
+            # The length the rationale reads with its quoted boxes in pixels, not placeholders.
+            text = render_box_template(
+                s.rationale,
+                [e.box for e in s.rationale_boxes],
+                PIXEL,
+                s.width,
+                s.height,
+                [e.name or None for e in s.rationale_boxes],
+            )
+            self.rationale_chars[len(text)] += 1
         self.k[len(s.entities)] += 1
         self.layout[s.provenance.layout] += 1
 

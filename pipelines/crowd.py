@@ -5,11 +5,10 @@ rationale. :class:`groundforge.pipelines.kvg.KVGGraph` wires them when a recipe 
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from groundforge import __version__
 from groundforge.annotators.questions import detection_sample, members_provenance
 from groundforge.filters.detect_rationale import DetectionRules, check_detection_rationale
+from groundforge.filters.rationale import with_rationale
 from groundforge.filters.uncertain import attach_uncertain_regions
 from groundforge.filters.verdict import Verdict
 from groundforge.pipelines.plans import gather_members
@@ -25,7 +24,7 @@ def attach_detection_rationale(pair, codec, rules: DetectionRules, model: str) -
     if not verdict.keep:
         return verdict
     return Verdict.ok(
-        replace(sample, rationale=verdict.value, teacher_model=model), **verdict.metrics
+        with_rationale(sample, verdict.value, codec, teacher_model=model), **verdict.metrics
     )
 
 

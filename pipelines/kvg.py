@@ -40,7 +40,7 @@ from groundforge.filters.difficulty import SplitRule, count_correct, split_by_di
 from groundforge.filters.image import ImageLimits, check_image
 from groundforge.filters.instances import check_instances
 from groundforge.filters.output import check_sample
-from groundforge.filters.rationale import RationaleRules, check_rationale
+from groundforge.filters.rationale import RationaleRules, check_rationale, with_rationale
 from groundforge.filters.verdict import Verdict
 from groundforge.outputs.previews import PREVIEWS_FILE, WritePreviews
 from groundforge.outputs.rejections import WriteRejections
@@ -228,9 +228,10 @@ def attach_rationale(pair, codec, rules: RationaleRules, model: str) -> Verdict:
     if not verdict.keep:
         return verdict
     return Verdict.ok(
-        replace(
+        with_rationale(
             sample,
-            rationale=verdict.value,
+            verdict.value,
+            codec,
             teacher_model=model,
             teacher_iou=verdict.metrics.get("iou"),
             teacher_box=Box.from_list(verdict.metrics["box"]),

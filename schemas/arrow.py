@@ -67,6 +67,8 @@ _INSTANCES = pa.list_(
     )
 )
 
+_NAMED_BOXES = pa.list_(pa.struct([("name", pa.string()), ("box", _BOX)]))
+
 _REASON_COUNTS = pa.list_(pa.struct([("reason", pa.string()), ("count", pa.int64())]))
 
 _SAMPLE_FIELDS = pa.schema(
@@ -79,9 +81,10 @@ _SAMPLE_FIELDS = pa.schema(
         ("task", pa.string()),
         ("question", pa.string()),
         ("target", pa.string()),
-        ("entities", pa.list_(pa.struct([("name", pa.string()), ("box", _BOX)]))),
+        ("entities", _NAMED_BOXES),
         ("gt_boxes", pa.list_(_BOX)),
         ("rationale", pa.string()),
+        ("rationale_boxes", _NAMED_BOXES),
         ("split", pa.string()),
         ("box_source", pa.string()),
         ("teacher_model", pa.string()),
@@ -246,6 +249,7 @@ def sample_to_row(s: KVGSample) -> dict[str, Any]:
         "entities": [{"name": e.name, "box": e.box.to_list()} for e in s.entities],
         "gt_boxes": [b.to_list() for b in s.gt_boxes],
         "rationale": s.rationale,
+        "rationale_boxes": [{"name": e.name, "box": e.box.to_list()} for e in s.rationale_boxes],
         "split": s.split,
         "box_source": s.box_source,
         "teacher_model": s.teacher_model,
@@ -302,6 +306,10 @@ def row_to_sample(row: dict[str, Any]) -> KVGSample:
             version=p["version"],
         ),
         rationale=row["rationale"],
+        # Shards written before rationales kept their boxes apart have no such column.
+        rationale_boxes=tuple(
+            Entity(e["name"], _box(e["box"])) for e in row.get("rationale_boxes") or ()
+        ),
         box_source=row["box_source"],
         teacher_model=row["teacher_model"],
         teacher_iou=row["teacher_iou"],

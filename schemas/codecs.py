@@ -43,6 +43,22 @@ POINT_PAIR = rf"{_OPEN}{_VALUE},{_VALUE}{_CLOSE}\s*(?:,\s*)?{_OPEN}{_VALUE},{_VA
 # [x1, y1, x2, y2] or (x1, y1, x2, y2): JSON lists (complete ones only), tuples.
 FOUR_VALUES = rf"{_OPEN}{_VALUE},{_VALUE},{_VALUE},{_VALUE}{_CLOSE}"
 BOX_PATTERN = re.compile(f"{POINT_PAIR}|{FOUR_VALUES}")
+# The whole written form around a box, so a quoted box can be rewritten in another codec's form:
+# a JSON object holding one box (``{"bbox_2d": [..], "label": ..}``), a list of such objects or
+# of bare boxes, or a Qwen2-VL box inside its tokens (with its object reference, when written).
+_OBJECT = rf"\{{[^{{}}]*?(?:{POINT_PAIR}|{FOUR_VALUES})[^{{}}]*?\}}"
+_ITEM = rf"(?:{_OBJECT}|{POINT_PAIR}|{FOUR_VALUES})"
+_REF = r"(?:<\|object_ref_start\|>(?P<ref>.*?)<\|object_ref_end\|>\s*)?"
+WRITTEN_BOX = re.compile(
+    rf"\[\s*{_ITEM}(?:\s*,\s*{_ITEM})*\s*,?\s*\]"
+    rf"|{_REF}<\|box_start\|>\s*(?:{POINT_PAIR}|{FOUR_VALUES})\s*<\|box_end\|>"
+    rf"|{_OBJECT}|{POINT_PAIR}|{FOUR_VALUES}",
+    re.DOTALL,
+)
+_OBJECT_PATTERN = re.compile(_OBJECT)
+_LABEL = re.compile(r'"label"\s*:\s*"((?:[^"\\]|\\.)*)"')
+# A box template's placeholder: the indices of the boxes one written box (or list) held.
+PLACEHOLDER = re.compile(r"⟦box((?: \d+)+)⟧")
 # The final answer of a reasoning model; an unclosed block runs to the end of a cut text.
 ANSWER_BLOCK = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL | re.IGNORECASE)
 
@@ -117,6 +133,17 @@ def smart_resize(
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
+
+
+@dataclass(frozen=True)
+class BoxSpan:
+    """Where ``text[start:end]`` writes one box or one list of boxes, and those boxes (pixels of
+    the image) with their labels (None when unlabelled)."""
+
+    start: int
+    end: int
+    boxes: tuple[Box, ...]
+    labels: tuple[str | None, ...]
 
 
 @dataclass(frozen=True)
@@ -207,6 +234,36 @@ class BoxCodec:
             y1, y2 = (y * height / fh for y in quad[1::2])
             boxes.append(Box(x1, y1, x2, y2))
         return boxes
+
+    def find_spans(self, text: str, width: int, height: int) -> list[BoxSpan]:
+        """Every box written anywhere in ``text`` (answer block or not), grouped by its written
+        form: a JSON list of boxes is one span holding them all, a Qwen2-VL box takes its tokens
+        and object reference, a JSON object its label. Boxes are in pixels of the image, corners
+        put right, not clipped; fraction-like values read as in :meth:`parse`.
+
+        >>> text = 'left [{"bbox_2d": [10, 20, 30, 40], "label": "a"}, {"bbox_2d": [1, 2, 3, 4]}]'
+        >>> span = PixelCodec().find_spans(text, 640, 480)[0]
+        >>> text[span.start:span.end] == text[5:], span.labels
+        (True, ('a', None))
+        """
+        frame = self._checked_frame(width, height)
+        spans = []
+        for match in WRITTEN_BOX.finditer(text):
+            written = match.group(0)
+            objects = list(_OBJECT_PATTERN.finditer(written))
+            pieces = [o.group(0) for o in objects] if objects else [written]
+            boxes, labels = [], []
+            for piece in pieces:
+                label = _LABEL.search(piece)
+                for quad in _scan(piece):
+                    fw, fh = (1.0, 1.0) if is_fraction(quad) else frame
+                    x1, x2 = (x * width / fw for x in quad[0::2])
+                    y1, y2 = (y * height / fh for y in quad[1::2])
+                    boxes.append(Box.from_corners(x1, y1, x2, y2))
+                    labels.append(json.loads(f'"{label.group(1)}"') if label else match["ref"])
+            if boxes:
+                spans.append(BoxSpan(match.start(), match.end(), tuple(boxes), tuple(labels)))
+        return spans
 
     def parse_last(self, text: object, width: int, height: int) -> Box | None:
         """The last box in ``text`` (the final answer of a reasoning model), or ``None``."""
@@ -351,3 +408,58 @@ def get_codec(name: str, **params: object) -> BoxCodec:
     if name not in CODECS:
         raise ValueError(f"unknown box codec {name!r}; known: {', '.join(CODECS)}")
     return CODECS[name](**params)
+
+
+def box_template(
+    text: str, codec: BoxCodec, width: int, height: int
+) -> tuple[str, tuple[Box, ...], tuple[str | None, ...]]:
+    """``text`` with every box ``codec`` finds in it (:meth:`BoxCodec.find_spans`) replaced by a
+    numbered placeholder, and those boxes in pixels of the image with their labels: a text whose
+    boxes no longer depend on the frame it was written in (:func:`render_box_template`).
+
+    >>> box_template("the flag <|box_start|>(100,100),(500,500)<|box_end|>.",
+    ...              get_codec("norm1000"), 640, 480)
+    ('the flag ⟦box 0⟧.', (Box(x1=64.0, y1=48.0, x2=320.0, y2=240.0),), (None,))
+    """
+    parts, boxes, labels, end = [], [], [], 0
+    for span in codec.find_spans(text, width, height):
+        indices = " ".join(str(i) for i in range(len(boxes), len(boxes) + len(span.boxes)))
+        parts += [text[end : span.start], f"⟦box {indices}⟧"]
+        boxes += span.boxes
+        labels += span.labels
+        end = span.end
+    parts.append(text[end:])
+    return "".join(parts), tuple(boxes), tuple(labels)
+
+
+def render_box_template(
+    template: str,
+    boxes: Sequence[Box],
+    codec: BoxCodec,
+    width: int,
+    height: int,
+    labels: Sequence[str | None] | None = None,
+) -> str:
+    """A :func:`box_template` written out with ``codec`` for a ``width`` x ``height`` image
+    (``boxes`` in its pixels): one box with :meth:`BoxCodec.render`, a list with
+    :meth:`BoxCodec.render_many`. A text without placeholders comes back as it is.
+
+    >>> render_box_template("the flag ⟦box 0⟧.", [Box(64, 48, 320, 240)], get_codec("qwen3vl"),
+    ...                     640, 480)
+    'the flag [{"bbox_2d": [100, 100, 500, 500]}].'
+    """
+    labels = [None] * len(boxes) if labels is None else labels
+    if len(labels) != len(boxes):
+        raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels")
+
+    def fill(match: re.Match) -> str:
+        indices = [int(i) for i in match.group(1).split()]
+        if max(indices) >= len(boxes):
+            raise ValueError(f"placeholder {match.group(0)} but only {len(boxes)} boxes")
+        if len(indices) == 1:
+            return codec.render(boxes[indices[0]], width, height, labels[indices[0]])
+        return codec.render_many(
+            [boxes[i] for i in indices], width, height, [labels[i] for i in indices]
+        )
+
+    return PLACEHOLDER.sub(fill, template)

@@ -190,6 +190,10 @@ class KVGSample(Compact):
     truths nor false positives and ``uncertain_regions`` are where a detector hesitates.
     Like a record, a sample in a pipeline holds its pixels parked in ``image_ref``; the shard
     writer loads them back, so a shard row always holds the bytes.
+    A kept ``rationale`` is a box template (:func:`groundforge.schemas.codecs.box_template`):
+    each box the teacher quoted is a placeholder ``⟦box i⟧`` (``⟦box i j⟧`` for a list) and
+    ``rationale_boxes[i]`` holds it in this image's pixels with its label (``name``, ``""`` when
+    unlabelled), so a trainer writes them in its own frame, as it writes the answer.
     """
 
     sample_id: str
@@ -218,6 +222,7 @@ class KVGSample(Compact):
     uncertain_regions: tuple[UncertainRegion, ...] = ()
     ignore_regions: tuple[Box, ...] = ()
     image_ref: str = ""
+    rationale_boxes: tuple[Entity, ...] = ()
 
 
 @dataclass(frozen=True)

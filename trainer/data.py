@@ -16,7 +16,8 @@ Two views come out:
 
 - SFT: ``messages`` (user turn: image part, question [+ reasoning instruction]; assistant turn:
   ``<think>rationale</think><answer>box</answer>``, or the bare box when the sample has no
-  rationale) and ``images``; with ``completion_only=True`` the same turns as ``prompt`` and
+  rationale; the boxes the rationale quotes are written like the answer's, same codec, same
+  frame) and ``images``; with ``completion_only=True`` the same turns as ``prompt`` and
   ``completion``, which makes TRL compute the loss on the answer only;
 - GRPO: a conversational ``prompt`` (optional system turn, user turn with image part, question
   and, in the ``reasoning`` answer format, the think/answer instruction), ``image`` and the
@@ -46,7 +47,13 @@ from typing import Any
 from PIL import Image
 
 from groundforge.schemas.box import Box
-from groundforge.schemas.codecs import BoxCodec, Qwen25VLCodec, get_codec, smart_resize
+from groundforge.schemas.codecs import (
+    BoxCodec,
+    Qwen25VLCodec,
+    get_codec,
+    render_box_template,
+    smart_resize,
+)
 from groundforge.trainer.evaluate import REASONING_SUFFIX
 
 _LOG = logging.getLogger(__name__)
@@ -141,7 +148,7 @@ def _scale(values: Any, sx: float, sy: float) -> list[float]:
 
 def resize_row(row: Mapping[str, Any], codec: BoxCodec, max_pixels: int | None) -> dict[str, Any]:
     """A copy of a shard row with its image (RGB) resized to :func:`frame_size` and ``gt_boxes``,
-    entity boxes, ``width`` and ``height`` in the new frame."""
+    entity and rationale boxes, ``width`` and ``height`` in the new frame."""
     image = row["image"]
     if image.mode != "RGB":
         image = image.convert("RGB")
@@ -162,6 +169,9 @@ def resize_row(row: Mapping[str, Any], codec: BoxCodec, max_pixels: int | None) 
         height=height,
         gt_boxes=[_scale(b, sx, sy) for b in row["gt_boxes"]],
         entities=[{**e, "box": _scale(e["box"], sx, sy)} for e in row.get("entities") or []],
+        rationale_boxes=[
+            {**e, "box": _scale(e["box"], sx, sy)} for e in row.get("rationale_boxes") or []
+        ],
     )
     return out
 
@@ -176,6 +186,18 @@ def render_answer(row: Mapping[str, Any], codec: BoxCodec, label: bool = True) -
     if len(boxes) == 1 and row.get("task") != "detect":
         return codec.render(boxes[0], row["width"], row["height"], label=name)
     return codec.render_many(boxes, row["width"], row["height"], labels=[name] * len(boxes))
+
+
+def render_rationale(row: Mapping[str, Any], codec: BoxCodec) -> str | None:
+    """The row's rationale with the boxes it quotes written by ``codec`` in the row's own frame,
+    as its answer is (a rationale of an older shard, stored as written, comes back as it is)."""
+    rationale = row.get("rationale")
+    if not rationale:
+        return rationale
+    quoted = row.get("rationale_boxes") or []
+    boxes = [Box.from_list(list(e["box"])) for e in quoted]
+    labels = [e["name"] or None for e in quoted]
+    return render_box_template(rationale, boxes, codec, row["width"], row["height"], labels)
 
 
 # -- examples ----------------------------------------------------------------------------------
@@ -203,7 +225,7 @@ def sft_example(
 ) -> dict[str, Any]:
     """One SFT example of a resized row (see :func:`resize_row`)."""
     box = render_answer(row, codec, label)
-    rationale = row.get("rationale")
+    rationale = render_rationale(row, codec)
     if rationale:
         question = row["question"] + instruction_for(row, instruction)
         # A detect rationale is stored with its tags (<think>..</think><look>..</look>).
