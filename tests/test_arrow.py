@@ -105,3 +105,28 @@ def test_hf_features_decode_image_and_keep_box_lists():
     assert features["gt_boxes"]["_type"] == "List"
     assert features["gt_boxes"]["feature"]["feature"]["dtype"] == "float64"
     assert hf_features_dict(image_record_schema())["image"] == {"_type": "Image"}
+
+
+def test_rationale_boxes_roundtrip_and_older_shards_read_without_them(tmp_path):
+    from groundforge.outputs.files import write_table
+    from groundforge.outputs.shards import read_samples
+    from groundforge.schemas.records import Entity
+
+    sample = replace(
+        make_sample(0),
+        rationale="the left one ⟦box 0⟧, not ⟦box 1 2⟧",
+        rationale_boxes=(
+            Entity("Chad", Box(0.5, 1, 3, 4.25)),
+            Entity("", Box(1, 1, 2, 2)),
+            Entity("", Box(3, 3, 4, 4)),
+        ),
+    )
+    row = sample_to_row(sample)
+    assert row["rationale_boxes"][0] == {"name": "Chad", "box": [0.5, 1.0, 3.0, 4.25]}
+    assert row_to_sample(roundtrip([row], sample_schema())[0]) == sample
+    # A shard written before the column existed reads with no rationale boxes.
+    old_schema = pa.schema([f for f in sample_schema() if f.name != "rationale_boxes"])
+    old_row = {k: v for k, v in sample_to_row(make_sample(0)).items() if k != "rationale_boxes"}
+    write_table(str(tmp_path / "sft" / "data-00000-of-00001.arrow"), [old_row], old_schema, "arrow")
+    (back,) = read_samples(str(tmp_path), "sft")
+    assert back == make_sample(0) and back.rationale_boxes == ()

@@ -408,3 +408,51 @@ def test_the_job_carries_the_image_and_the_prompt():
     assert request.template_hash == template.hash
     assert request.system == "You are careful."
     assert detection_rationale_job(SAMPLE, template, codec).requests[0].system is None
+
+
+def test_look_boxes_are_written_in_the_students_frame():
+    import io
+
+    from PIL import Image
+
+    from groundforge.pipelines.crowd import attach_detection_rationale
+    from groundforge.schemas.arrow import sample_to_row
+    from groundforge.trainer.data import make_codec, resize_row, sft_example
+
+    # 1600 x 1200: qwen25vl at 1003520 (teacher) reads 1148 x 840, at 401408 (student) 728 x 532.
+    truths = (Box(400, 300, 1200, 900), Box(800, 600, 1600, 1200))
+    buf = io.BytesIO()
+    Image.new("RGB", (1600, 1200), (90, 90, 90)).save(buf, "PNG")
+    sample = replace(
+        SAMPLE,
+        image=buf.getvalue(),
+        width=1600,
+        height=1200,
+        gt_boxes=truths,
+        uncertain_regions=(UncertainRegion(truths[1], "occluded"),),
+        ignore_regions=(),
+    )
+    teacher = get_codec("qwen25vl", max_pixels=1003520)
+    text = (
+        "<think>Two people: one in the middle, one half hidden at the bottom right.</think>"
+        '<look>[{"bbox_2d": [574, 420, 1148, 840], "label": "person"}] a shoulder behind the '
+        "rail; and [0, 0, 736, 499] is only the wall</look>"
+        '<answer>[{"bbox_2d": [287, 210, 861, 630]}, {"bbox_2d": [574, 420, 1148, 840]}]</answer>'
+    )
+    kept = attach_detection_rationale((sample, (text,)), teacher, DetectionRules(), "teacher-m")
+    assert kept.keep, kept.reason
+    assert kept.value.rationale == (
+        "<think>Two people: one in the middle, one half hidden at the bottom right.</think>"
+        "<look>⟦box 0⟧ a shoulder behind the rail; and ⟦box 1⟧ is only the wall</look>"
+    )
+    row = sample_to_row(kept.value)
+    row["image"] = Image.open(io.BytesIO(row["image"]["bytes"]))
+    student = make_codec("qwen25vl", max_pixels=401408)
+    example = sft_example(resize_row(row, student, None), student)
+    assert example["messages"][1]["content"][0]["text"] == (
+        "<think>Two people: one in the middle, one half hidden at the bottom right.</think>"
+        '<look>[{"bbox_2d": [364, 266, 728, 532], "label": "person"}] a shoulder behind the '
+        'rail; and [{"bbox_2d": [0, 0, 467, 316]}] is only the wall</look>'
+        '<answer>[{"bbox_2d": [182, 133, 546, 399], "label": "person"}, '
+        '{"bbox_2d": [364, 266, 728, 532], "label": "person"}]</answer>'
+    )

@@ -437,3 +437,31 @@ def test_verl_skips_empty_splits(tmp_path):
     assert len(rows) == 3
     truth = json.loads(rows[0]["reward_model"]["ground_truth"])
     assert truth["codec"] == "norm1000" and (truth["width"], truth["height"]) == (8, 6)
+
+
+def test_llamafactory_think_boxes_share_the_answers_frame():
+    from groundforge.filters.rationale import with_rationale
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1600, 1200), (20, 120, 200)).save(buf, "PNG")
+    sample = dataclasses.replace(
+        big_sample(),
+        image=buf.getvalue(),
+        width=1600,
+        height=1200,
+        gt_boxes=(Box(400, 300, 1200, 900),),
+    )
+    # The teacher wrote its boxes in qwen25vl at 1003520 (1148 x 840)...
+    teacher = get_codec("qwen25vl", max_pixels=1003520)
+    sample = with_rationale(
+        sample, 'Chad is [{"bbox_2d": [287, 210, 861, 630]}], not [0, 0, 736, 499].', teacher
+    )
+    # ...the export writes them, like the answer, in 401408's 728 x 532.
+    codec = get_codec("qwen25vl", max_pixels=401408)
+    exported = export_image(sample, codec)
+    record = sharegpt_record(sample, codec, "x.png", exported)
+    assert (exported.width, exported.height) == (728, 532)
+    assert record["messages"][1]["content"] == (
+        '<think>Chad is [{"bbox_2d": [182, 133, 546, 399]}], not [{"bbox_2d": [0, 0, 467, 316]}].'
+        '</think><answer>[{"bbox_2d": [182, 133, 546, 399], "label": "Chad"}]</answer>'
+    )

@@ -304,3 +304,91 @@ def test_bad_settings_and_samples_raise():
     no_box = replace(SAMPLE, gt_boxes=())
     with pytest.raises(ValueError, match="no target box"):
         check_rationale(rationale(THINK, "[1, 2, 3, 4]"), no_box, CODECS["pixel"])
+
+
+# -- quoted boxes leave the teacher's frame -----------------------------------------------------
+
+# 1600 x 1200: qwen25vl resizes it to 1148 x 840 at max_pixels 1003520 (a teacher's budget) and
+# to 728 x 532 at 401408 (KARL's student budget), so the two frames disagree on every box.
+BIG_W, BIG_H = 1600, 1200
+TEACHER_25 = get_codec("qwen25vl", max_pixels=1003520)
+STUDENT_25 = get_codec("qwen25vl", max_pixels=401408)
+BIG = replace(
+    SAMPLE,
+    width=BIG_W,
+    height=BIG_H,
+    entities=(),
+    gt_boxes=(Box(400, 300, 1200, 900),),  # 1003520: [287, 210, 861, 630]; 401408: [182, ..]
+)
+
+
+@pytest.mark.parametrize(
+    ("teacher", "quoted", "answer", "pixels", "student"),
+    [
+        (
+            TEACHER_25,
+            ('[{"bbox_2d": [0, 0, 736, 499], "label": "Boeing 757"}]', "[574, 420, 1148, 840]"),
+            '[{"bbox_2d": [287, 210, 861, 630]}]',
+            ([0, 0, 1600 * 736 / 1148, 1200 * 499 / 840], [800, 600, 1600, 1200]),
+            (
+                '[{"bbox_2d": [0, 0, 467, 316], "label": "Boeing 757"}]',
+                '[{"bbox_2d": [364, 266, 728, 532]}]',
+            ),
+        ),
+        (
+            get_codec("norm1000"),
+            (
+                "<|object_ref_start|>Boeing 757<|object_ref_end|>"
+                "<|box_start|>(100,200),(500,700)<|box_end|>",
+                "(600,100),(900,400)",
+            ),
+            "<|box_start|>(250,250),(750,750)<|box_end|>",
+            ([160, 240, 800, 840], [960, 120, 1440, 480]),
+            (
+                '[{"bbox_2d": [73, 106, 364, 372], "label": "Boeing 757"}]',
+                '[{"bbox_2d": [437, 53, 655, 213]}]',
+            ),
+        ),
+    ],
+    ids=["qwen25vl@1003520", "norm1000"],
+)
+def test_a_kept_rationale_keeps_its_quoted_boxes_in_pixels(
+    teacher, quoted, answer, pixels, student
+):
+    from groundforge.pipelines.kvg import attach_rationale
+    from groundforge.schemas.codecs import render_box_template
+
+    think = (
+        f"The Boeing 757 is the long narrow jet at {quoted[0]}; the wide-body one at {quoted[1]} "
+        "has two aisles, so it is not the target."
+    )
+    text = f"<think>{think}</think><answer>{answer}</answer>"
+    kept = attach_rationale((BIG, (text,)), teacher, RationaleRules(), "teacher-m")
+    assert kept.keep, kept.reason
+    sample = kept.value
+    assert sample.rationale == (
+        "The Boeing 757 is the long narrow jet at ⟦box 0⟧; the wide-body one at ⟦box 1⟧ "
+        "has two aisles, so it is not the target."
+    )
+    assert [e.name for e in sample.rationale_boxes] == ["Boeing 757", ""]
+    for entity, expected in zip(sample.rationale_boxes, pixels, strict=True):
+        assert entity.box.to_list() == pytest.approx(expected)
+    # Written by the student's codec: every box in the student's frame.
+    boxes = [e.box for e in sample.rationale_boxes]
+    labels = [e.name or None for e in sample.rationale_boxes]
+    rendered = render_box_template(sample.rationale, boxes, STUDENT_25, BIG_W, BIG_H, labels)
+    assert rendered == think.replace(quoted[0], student[0]).replace(quoted[1], student[1])
+
+
+def test_a_rationale_without_boxes_is_kept_as_written():
+    from groundforge.pipelines.kvg import attach_rationale
+
+    think = "The Boeing 757 is the long narrow jet with the pointed nose, left of the hangar."
+    answer = TEACHER_25.render(BIG.gt_boxes[0], BIG_W, BIG_H)
+    kept = attach_rationale(
+        (BIG, (f"<think>{think}</think><answer>{answer}</answer>",)),
+        TEACHER_25,
+        RationaleRules(),
+        "m",
+    )
+    assert (kept.value.rationale, kept.value.rationale_boxes) == (think, ())

@@ -36,6 +36,7 @@ from groundforge.trainer.data import (
     render_answer,
     resize_row,
     select_split,
+    sft_example,
 )
 
 FLAGS = demo_recipe_path().parent / "data" / "flags"
@@ -437,3 +438,88 @@ def test_each_run_starts_its_own_log(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "train_log.1.jsonl", "train_log.2.jsonl", "train_log.3.jsonl", LOG_FILE
     ]  # fmt: skip
+
+
+# -- rationale boxes in the student's frame -----------------------------------------------------
+
+
+def _teacher_sample(teacher, think: str, answer: str) -> KVGSample:
+    """A 1600 x 1200 sample whose rationale went through the pipeline's rationale check."""
+    from groundforge.filters.rationale import RationaleRules
+    from groundforge.pipelines.kvg import attach_rationale
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1600, 1200), (200, 30, 30)).save(buf, "PNG")
+    target = Box(400, 300, 1200, 900)
+    sample = KVGSample(
+        sample_id=stable_id("frames", teacher.name),
+        image=buf.getvalue(),
+        width=1600,
+        height=1200,
+        domain="flag",
+        task="kvg",
+        question="Find and give the bounding box of <|object_ref_start|>Chad<|object_ref_end|>",
+        target="Chad",
+        entities=(Entity("Chad", target),),
+        gt_boxes=(target,),
+        split="sft",
+        provenance=Provenance(),
+    )
+    text = f"<think>{think}</think><answer>{answer}</answer>"
+    kept = attach_rationale((sample, (text,)), teacher, RationaleRules(), "teacher-m")
+    assert kept.keep, kept.reason
+    return kept.value
+
+
+@pytest.mark.parametrize(
+    ("teacher", "first", "second", "answer"),
+    [
+        (
+            get_codec("qwen25vl", max_pixels=1003520),
+            '[{"bbox_2d": [0, 0, 736, 499]}]',
+            "[574, 420, 1148, 840]",
+            '[{"bbox_2d": [287, 210, 861, 630]}]',
+        ),
+        (
+            get_codec("norm1000"),
+            "<|box_start|>(0,0),(641,594)<|box_end|>",
+            "<|box_start|>(500,500),(1000,1000)<|box_end|>",
+            "<|box_start|>(250,250),(750,750)<|box_end|>",
+        ),
+    ],
+    ids=["qwen25vl@1003520", "norm1000"],
+)
+def test_sft_target_writes_every_box_in_the_students_frame(
+    tmp_path, teacher, first, second, answer
+):
+    think = f"Chad's flag is not the striped one at {first}; the blue-yellow-red one at {second}."
+    sample = _teacher_sample(teacher, think, answer)
+    student = make_codec("qwen25vl", max_pixels=401408)  # 1600 x 1200 trains at 728 x 532
+    dataset = build_sft_dataset(write_shards(tmp_path, [sample]), student, split="sft")
+    (example,) = list(dataset)
+    assert example["images"][0].size == (728, 532)
+    assert example["messages"][1]["content"] == [
+        {
+            "type": "text",
+            "text": "<think>Chad's flag is not the striped one at "
+            '[{"bbox_2d": [0, 0, 467, 316]}]; the blue-yellow-red one at '
+            '[{"bbox_2d": [364, 266, 728, 532]}].</think>'
+            '<answer>[{"bbox_2d": [182, 133, 546, 399], "label": "Chad"}]</answer>',
+        }
+    ]
+
+
+def test_a_rationale_of_an_older_shard_trains_as_written():
+    sample = _teacher_sample(
+        get_codec("pixel"),
+        "Chad's flag is the blue, yellow and red one in the middle of the picture.",
+        "[400, 300, 1200, 900]",
+    )
+    # A row of a shard written before rationales kept their boxes apart: no such column.
+    row = sample_to_row(replace(sample, rationale="Chad's flag is at [1, 2, 3, 4], I read."))
+    del row["rationale_boxes"]
+    row["image"] = Image.open(io.BytesIO(sample.image))
+    codec = make_codec("qwen25vl", max_pixels=401408)
+    example = sft_example(resize_row(row, codec, None), codec)
+    text = example["messages"][1]["content"][0]["text"]
+    assert text.startswith("<think>Chad's flag is at [1, 2, 3, 4], I read.</think><answer>")
