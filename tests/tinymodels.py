@@ -168,11 +168,27 @@ def _train_qwen_tokenizer():
     return tokenizer
 
 
-def build_tiny_vlm(path: str | Path, seed: int = 0) -> Path:
+# A small model of a real shape (Qwen2-0.5B's text tower, a shallow 640-wide vision tower, about
+# 0.6B parameters): what the GPU tests time steps on.
+SMALL_REAL_VLM = {
+    "text": {
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "mrope_section": [8, 12, 12],
+    },
+    "vision": {"depth": 8, "hidden_size": 640, "intermediate_size": 2560, "num_heads": 10},
+}
+
+
+def build_tiny_vlm(path: str | Path, seed: int = 0, size: dict[str, dict] | None = None) -> Path:
     """Write a tiny random Qwen2.5-VL (model + image-only processor) into ``path``; return it.
 
     Text: hidden 64, 2 layers, 4 heads, 2 kv heads (head_dim 16, ``mrope_section`` sums to 8).
-    Vision: depth 2, hidden 32, ``out_hidden_size`` 64. The image processor keeps images small
+    Vision: depth 2, hidden 32, ``out_hidden_size`` 64. ``size`` overrides the ``text`` and
+    ``vision`` settings (e.g. :data:`SMALL_REAL_VLM`). The image processor keeps images small
     (at most 16 merged image tokens). Load back with ``AutoModelForImageTextToText`` and, after
     :func:`groundforge.annotators.vlm_processor.register_image_only_processor`, ``AutoProcessor``.
     """
@@ -191,30 +207,40 @@ def build_tiny_vlm(path: str | Path, seed: int = 0) -> Path:
     tokenizer = _train_qwen_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
 
+    text = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "mrope_section": [2, 3, 3],
+        **(size or {}).get("text", {}),
+    }
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        **(size or {}).get("vision", {}),
+    }
+    mrope_section = text.pop("mrope_section")
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
+            **text,
             "max_position_embeddings": 1024,
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 10000.0,
-                "mrope_section": [2, 3, 3],
+                "mrope_section": mrope_section,
             },
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
         },
         vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
+            **vision,
+            "out_hidden_size": text["hidden_size"],
             "patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
