@@ -37,6 +37,7 @@ and TRL fills image parts (``text`` None) with the row's images.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -349,6 +350,12 @@ def _parquet_split(paths: list[str]):
     return Dataset.from_dict({name: [] for name in features}, features=features)
 
 
+@functools.cache
+def _warn_fallback(split: str, fallback: str) -> None:
+    # The CLI and the trainer both select the split; say it once per process.
+    _LOG.warning("split %r is empty or missing; training on %r instead", split, fallback)
+
+
 def select_split(shards, split: str, fallback: str | None = None, limit: int | None = None):
     """One split of the shards, its first ``limit`` rows when given.
 
@@ -356,7 +363,7 @@ def select_split(shards, split: str, fallback: str | None = None, limit: int | N
     """
     name = split
     if (split not in shards or len(shards[split]) == 0) and fallback is not None:
-        _LOG.warning("split %r is empty or missing; training on %r instead", split, fallback)
+        _warn_fallback(split, fallback)
         name = fallback
     if name not in shards:
         raise TrainDataError(f"no split {name!r} in the shards (have: {', '.join(shards)})")
