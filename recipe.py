@@ -261,10 +261,11 @@ class EmbedConfig(_Strict):
 class DedupConfig(_Strict):
     """Duplicates across the whole run; the first in sorted source order is kept.
 
-    A perceptual match needs both the pHash (``max_hamming`` bits) and a 4x4 colour thumbnail
-    (``max_colour_difference``) to agree: pHash alone sees only brightness and would merge
-    look-alike entities such as Chad and Romania. ``scope: entity`` compares near-duplicates only
-    among images of the same entity (exact copies are found everywhere).
+    Candidates come from pHashes within ``max_hamming`` bits, colour layouts at cosine
+    ``layout_cosine`` or more, and (``embedding: true``) embeddings at ``min_cosine``; each is
+    then verified by comparing the two images (``max_block_difference``: the largest mean
+    difference of a 4x4 block of the aligned 64x64 views). ``scope: entity`` compares
+    near-duplicates only among images of the same entity (exact copies are found everywhere).
     """
 
     enabled: bool = True
@@ -272,9 +273,11 @@ class DedupConfig(_Strict):
     exact: bool = True
     perceptual: bool = True
     max_hamming: int = Field(4, ge=0, le=64)
-    max_colour_difference: int | None = Field(16, ge=0, le=255)
+    layout: bool = True
+    layout_cosine: float = Field(0.9, ge=-1, le=1)
     embedding: bool = False
     min_cosine: float = Field(0.97, ge=-1, le=1)
+    max_block_difference: float = Field(38.0, gt=0)
 
 
 class DecontaminateConfig(_Strict):

@@ -71,7 +71,7 @@ share one finding).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from itertools import islice
@@ -79,12 +79,13 @@ from itertools import islice
 import numpy as np
 
 from groundforge.filters.image import open_rgb
+from groundforge.filters.sameimage import content_of
 from groundforge.filters.verdict import Verdict
 from groundforge.pixels import image_bytes
 from groundforge.schemas.records import ImageRecord, record_key
 
 SCOPES = ("all", "entity")
-KINDS = ("exact", "perceptual", "embedding")
+KINDS = ("exact", "perceptual", "layout", "embedding")
 
 THUMBNAIL_SIDE = 4
 THUMBNAIL_BYTES = THUMBNAIL_SIDE * THUMBNAIL_SIDE * 3
@@ -104,8 +105,9 @@ class Signature:
     ``key`` orders the run and must be unique in it (the record's location); ``item_id`` is
     the record's image_id; ``phash`` the 64-bit perceptual hash; ``embedding`` the record's
     L2-normalised vector (a zero vector counts as none), or None; ``thumbnail`` the 48-byte RGB
-    4x4 thumbnail, or empty to skip the colour check. Near-copies (perceptual, embedding) are
-    only matched within one ``scope``; exact copies are matched everywhere.
+    4x4 thumbnail of the image without its frame (empty: no layout candidates and no colour
+    check). Near-copies are only matched within one ``scope``; exact copies everywhere. ``ref``
+    is where the image's pixels can be loaded for verification.
     """
 
     key: str
@@ -114,6 +116,7 @@ class Signature:
     embedding: tuple[float, ...] | None = None
     thumbnail: bytes = b""
     scope: str = ""
+    ref: str = ""
 
 
 @dataclass(frozen=True)
@@ -130,12 +133,16 @@ class DedupSettings:
     exact: bool = True
     perceptual: bool = True
     max_hamming: int = 4
-    max_colour_difference: int | None = 16
+    max_colour_difference: int | None = None
+    layout: bool = True
+    layout_cosine: float = 0.9
+    layout_bands: int = 16
     embedding: bool = True
     min_cosine: float = 0.97
     recall: float = 0.99
     max_bands: int = 48
     chunk_size: int = 256
+    candidates: int = 16
     seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -147,6 +154,10 @@ class DedupSettings:
             raise ValueError(f"recall must be between 0 and 1 (exclusive), got {self.recall}")
         if self.max_bands < 1:
             raise ValueError(f"max_bands must be at least 1, got {self.max_bands}")
+        if not -1.0 <= self.layout_cosine <= 1.0:
+            raise ValueError(f"layout_cosine must be in -1..1, got {self.layout_cosine}")
+        if self.candidates < 1 or self.layout_bands < 1:
+            raise ValueError("candidates and layout_bands must be at least 1")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, got {self.chunk_size}")
 
@@ -166,6 +177,7 @@ class Duplicate:
     kept_id: str
     kept_key: str
     distance: float
+    kept_ref: str = ""
 
 
 @dataclass(frozen=True)
@@ -198,11 +210,12 @@ def colour_thumbnail(image: bytes) -> bytes:
 
 
 def fingerprint(image: bytes) -> tuple[int, bytes]:
-    """``(perceptual_hash, colour_thumbnail)`` of image bytes, decoded once."""
+    """``(perceptual_hash, colour_thumbnail)`` of image bytes, decoded once, both taken without
+    the image's uniform frame (so a padded copy hashes like its original)."""
     import imagehash
     from PIL import Image
 
-    rgb = open_rgb(image)
+    rgb = content_of(open_rgb(image))
     side = (THUMBNAIL_SIDE, THUMBNAIL_SIDE)
     thumbnail = rgb.resize(side, Image.Resampling.BOX).tobytes()
     return int(str(imagehash.phash(rgb)), 16), thumbnail
@@ -219,7 +232,13 @@ def signature_of(record: ImageRecord, scope: str = "all") -> Signature:
     phash, thumbnail = fingerprint(image_bytes(record))
     within = record.entity if scope == "entity" else ""
     return Signature(
-        record_key(record), record.image_id, phash, record.embedding, thumbnail, within
+        record_key(record),
+        record.image_id,
+        phash,
+        record.embedding,
+        thumbnail,
+        within,
+        record.image_ref,
     )
 
 
@@ -293,12 +312,41 @@ def hyperplanes(dim: int, bits: int, bands: int, seed: int) -> np.ndarray:
 
 def embedding_bands(vectors: np.ndarray, settings: DedupSettings = DEFAULT_SETTINGS) -> np.ndarray:
     """Each row's SimHash value in every band, ``(n, bands)`` uint64 (projected in float32)."""
+    return simhash_bands(
+        vectors, settings.min_cosine, settings.recall, settings.max_bands, settings.seed
+    )
+
+
+def layout_bands(vectors: np.ndarray, settings: DedupSettings = DEFAULT_SETTINGS) -> np.ndarray:
+    """Each layout vector's SimHash value in every layout band, ``(n, bands)`` uint64."""
+    return simhash_bands(
+        vectors, settings.layout_cosine, settings.recall, settings.layout_bands, settings.seed
+    )
+
+
+def layout_vector(thumbnail: bytes) -> np.ndarray:
+    """A thumbnail's 48 colour values, centred and L2-normalised (zeros for a flat image).
+
+    Centring and scaling make it blind to brightness and contrast shifts, so re-encoded,
+    resized and brightened copies point the same way (cosine 0.975 or more for 99.5% of the
+    planted copies of the bundled flags).
+    """
+    values = np.frombuffer(thumbnail, dtype=np.uint8).astype(np.float64)
+    values -= values.mean()
+    norm = np.sqrt(values @ values)
+    return values / norm if norm > 1e-9 else np.zeros_like(values)
+
+
+def simhash_bands(
+    vectors: np.ndarray, min_cosine: float, recall: float, max_bands: int, seed: int
+) -> np.ndarray:
+    """Each row's SimHash value in every band for pairs at ``min_cosine``, ``(n, bands)``."""
     vectors = np.asarray(vectors)
-    bits, bands = simhash_parameters(settings.min_cosine, settings.recall, settings.max_bands)
+    bits, bands = simhash_parameters(min_cosine, recall, max_bands)
     out = np.zeros((len(vectors), bands), dtype=np.uint64)
     if bits == 0 or not len(vectors):
         return out
-    planes = hyperplanes(vectors.shape[1], bits, bands, settings.seed)
+    planes = hyperplanes(vectors.shape[1], bits, bands, seed)
     weights = np.uint64(1) << np.arange(bits, dtype=np.uint64)
     for lo in range(0, len(vectors), _PROJECT_ROWS):
         block = np.asarray(vectors[lo : lo + _PROJECT_ROWS], dtype=np.float32)
@@ -327,7 +375,8 @@ def band_entries(
     """``(band key, entry)`` for every band the signature is filed under.
 
     Keys: ``exact:<item_id>``; ``perceptual:<band>:<value>:<scope>``;
-    ``embedding:<band>:<length>:<value>:<scope>`` (values in hex). Raises ValueError for a
+    ``layout:<band>:<value>:<scope>``; ``embedding:<band>:<length>:<value>:<scope>`` (values in
+    hex). Raises ValueError for a
     signature :func:`check_signature` refuses.
 
     >>> [k for k, _ in band_entries(Signature("a", "id", 0), DedupSettings(max_hamming=1))]
@@ -344,6 +393,14 @@ def band_entries(
         for band, value in enumerate(values.tolist()):
             key = f"perceptual:{band}:{value:x}:{sig.scope}"
             out.append((key, BandEntry("perceptual", band, bare)))
+    if settings.layout and len(sig.thumbnail) == THUMBNAIL_BYTES:
+        vector = layout_vector(sig.thumbnail)
+        if vector.any():
+            sketch = tuple(layout_bands(vector[None], settings)[0].tolist())
+            bare = replace(sig, embedding=None)
+            for band, value in enumerate(sketch):
+                key = f"layout:{band}:{value:x}:{sig.scope}"
+                out.append((key, BandEntry("layout", band, bare, sketch)))
     if settings.embedding and sig.embedding is not None:
         vector = np.asarray(sig.embedding, dtype=np.float64)
         if np.sqrt(vector @ vector) >= _BLANK_NORM:
@@ -443,10 +500,10 @@ def compare_chunks(
     left: Sequence[BandEntry],
     right: Sequence[BandEntry] | None,
     settings: DedupSettings = DEFAULT_SETTINGS,
-) -> dict[str, Duplicate]:
-    """The verified matches within ``left`` (``right`` None) or between ``left`` and ``right``,
-    entries of one perceptual or embedding band group: for every later key of a matching pair,
-    its best earlier match here."""
+) -> dict[str, tuple[Duplicate, ...]]:
+    """The candidate matches within ``left`` (``right`` None) or between ``left`` and ``right``,
+    entries of one near-copy band group: for every later key of a matching pair, its best
+    ``settings.candidates`` earlier matches here, best first."""
     if not left or (right is None and len(left) < 2) or (right is not None and not right):
         return {}
     kind, band = left[0].kind, left[0].band
@@ -459,6 +516,16 @@ def compare_chunks(
             band,
             settings,
         )
+    elif kind == "layout":
+        rows, cols, cosines = embedding_pairs(
+            _layouts(left),
+            np.array([e.sketch for e in left], dtype=np.uint64),
+            _layouts(right),
+            None if right is None else np.array([e.sketch for e in right], dtype=np.uint64),
+            band,
+            settings.layout_cosine,
+        )
+        distance = 1.0 - cosines
     elif kind == "embedding":
         rows, cols, cosines = embedding_pairs(
             np.array([e.signature.embedding for e in left], dtype=np.float64),
@@ -473,7 +540,7 @@ def compare_chunks(
         raise ValueError(f"compare_chunks compares near-copies, not {kind!r} entries")
     if not len(rows):
         return {}
-    # Rank the keys once, then keep each later key's best earlier match with array operations:
+    # Rank the keys once, then keep each later key's best earlier matches with array operations:
     # a crowded chunk pair has up to chunk_size**2 matches but at most 2 * chunk_size later keys.
     members = [e.signature for e in left] + ([] if right is None else [e.signature for e in right])
     order = sorted(range(len(members)), key=lambda m: members[m].key)
@@ -482,31 +549,41 @@ def compare_chunks(
     a, b = rank[rows], rank[cols + (0 if right is None else len(left))]
     earlier, later = np.minimum(a, b), np.maximum(a, b)
     best = np.lexsort((earlier, distance, later))
-    first = best[np.r_[True, later[best][1:] != later[best][:-1]]]
-    found: dict[str, Duplicate] = {}
+    starts = np.r_[True, later[best][1:] != later[best][:-1]]
+    place = np.arange(len(best)) - np.maximum.accumulate(np.where(starts, np.arange(len(best)), 0))
+    first = best[place < settings.candidates]
+    found: dict[str, tuple[Duplicate, ...]] = {}
     picked = zip(
         earlier[first].tolist(), later[first].tolist(), distance[first].tolist(), strict=True
     )
     for e, l_, d in picked:
         twin = members[order[e]]
-        found[members[order[l_]].key] = Duplicate(kind, twin.item_id, twin.key, d)
+        key = members[order[l_]].key
+        found[key] = (*found.get(key, ()), Duplicate(kind, twin.item_id, twin.key, d, twin.ref))
     return found
 
 
-def exact_findings(entries: Iterable[BandEntry]) -> Iterator[tuple[str, Duplicate]]:
+def _layouts(entries: Sequence[BandEntry] | None) -> np.ndarray | None:
+    if entries is None:
+        return None
+    return np.array([layout_vector(e.signature.thumbnail) for e in entries])
+
+
+def exact_findings(entries: Iterable[BandEntry]) -> Iterator[tuple[str, tuple[Duplicate]]]:
     """An exact band group (one ``item_id``): every member but the earliest names the earliest.
     ``entries`` is read twice and never held."""
     first = min((e.signature for e in entries), key=lambda s: s.key)
+    twin = Duplicate("exact", first.item_id, first.key, 0.0, first.ref)
     for entry in entries:
         if entry.signature.key != first.key:
-            yield entry.signature.key, Duplicate("exact", first.item_id, first.key, 0.0)
+            yield entry.signature.key, (twin,)
 
 
 def group_findings(
     entries: Sequence[BandEntry], settings: DedupSettings = DEFAULT_SETTINGS
-) -> Iterator[tuple[str, Duplicate]]:
-    """Every finding of one band group, chunk pair by chunk pair (what the pipeline spreads
-    over elements); a key may appear once per chunk pair."""
+) -> Iterator[tuple[str, tuple[Duplicate, ...]]]:
+    """Every candidate list of one band group, chunk pair by chunk pair (what the pipeline
+    spreads over elements); a key may appear once per chunk pair."""
     if len(entries) < 2:
         return
     if entries[0].kind == "exact":
@@ -524,27 +601,42 @@ def _rank(dup: Duplicate) -> tuple[int, float, str]:
     return KINDS.index(dup.kind), dup.distance, dup.kept_key
 
 
-def best_duplicate(duplicates: Iterable[Duplicate]) -> Duplicate:
-    """The finding a record keeps among several: the first kind (exact > perceptual >
-    embedding), then the nearest, then the earliest twin. Associative and commutative, so
-    findings can be combined in any grouping and order."""
-    return min(duplicates, key=_rank)
+def best_candidates(
+    lists: Iterable[tuple[Duplicate, ...]], limit: int = DEFAULT_SETTINGS.candidates
+) -> tuple[Duplicate, ...]:
+    """The best ``limit`` candidates of a record among several lists, best first (exact >
+    perceptual > layout > embedding, then the nearest, then the earliest twin), one per twin.
+    Associative and commutative, so lists can be combined in any grouping and order."""
+    best: dict[str, Duplicate] = {}
+    for dups in lists:
+        for dup in dups:
+            held = best.get(dup.kept_key)
+            if held is None or _rank(dup) < _rank(held):
+                best[dup.kept_key] = dup
+    return tuple(sorted(best.values(), key=_rank)[:limit])
 
 
-def _merge(found: dict[str, Duplicate], key: str, dup: Duplicate) -> None:
-    held = found.get(key)
-    if held is None or _rank(dup) < _rank(held):
-        found[key] = dup
+def first_verified(
+    candidates: Sequence[Duplicate], verify: Callable[[Duplicate], bool] | None
+) -> Duplicate | None:
+    """The first candidate that ``verify`` confirms (exact copies need no check); with
+    ``verify`` None, the first candidate."""
+    for dup in candidates:
+        if verify is None or dup.kind == "exact" or verify(dup):
+            return dup
+    return None
 
 
 def find_duplicates(
-    signatures: Sequence[Signature], settings: DedupSettings = DEFAULT_SETTINGS
+    signatures: Sequence[Signature],
+    settings: DedupSettings = DEFAULT_SETTINGS,
+    verify: Callable[[str, Duplicate], bool] | None = None,
 ) -> dict[str, Duplicate]:
     """The duplicates among ``signatures``, keyed by their ``key``; every other item is kept.
 
     The pipeline's steps, in memory: band entries, band groups, chunk-pair comparisons, the
-    best finding per key. Raises ValueError on repeated keys and on signatures
-    :func:`check_signature` refuses.
+    best candidates per key, and ``verify(key, candidate)`` (None: every candidate holds).
+    Raises ValueError on repeated keys and on signatures :func:`check_signature` refuses.
 
     >>> dups = find_duplicates(signatures)                              # doctest: +SKIP
     >>> dups["web/copy.jpg"]                                             # doctest: +SKIP
@@ -558,11 +650,17 @@ def find_duplicates(
     for sig in signatures:
         for key, entry in band_entries(sig, settings):
             groups.setdefault(key, []).append(entry)
-    found: dict[str, Duplicate] = {}
+    found: dict[str, tuple[Duplicate, ...]] = {}
     for entries in groups.values():
-        for key, dup in group_findings(entries, settings):
-            _merge(found, key, dup)
-    return found
+        for key, dups in group_findings(entries, settings):
+            found[key] = best_candidates([found.get(key, ()), dups], settings.candidates)
+    out = {}
+    for key, dups in found.items():
+        check = None if verify is None else (lambda dup, key=key: verify(key, dup))
+        dup = first_verified(dups, check)
+        if dup is not None:
+            out[key] = dup
+    return out
 
 
 def dedup_verdict(record: ImageRecord, found: Duplicate | None) -> Verdict:

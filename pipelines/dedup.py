@@ -9,7 +9,9 @@ duplicate record, by the rule and the band keys of :mod:`groundforge.filters.ded
    (its earliest key, then one finding per other member); a group of at most ``chunk_size``
    members is compared all-pairs at once; a bigger group is cut into chunks and each chunk pair
    is sent, keyed by ``(band key, i, j)``, to a second ``GroupByKey`` and compared there;
-3. the findings of a record key are combined (:func:`best_duplicate`) as they arrive.
+3. the candidates of a record key are combined (:func:`best_candidates`) as they arrive;
+4. beside its record (:class:`JoinFindings`), the candidates are verified in order by comparing
+   the two images themselves (:func:`dedup_check`, :mod:`groundforge.filters.sameimage`).
 
 So no element holds more than ``2 * chunk_size`` signatures, one record, or one finding per
 key, whatever the size of the run. :class:`JoinFindings` then puts each record beside its
@@ -19,6 +21,7 @@ finding (``CoGroupByKey`` on the record key) for the ``dedup`` stage's check,
 
 from __future__ import annotations
 
+import functools
 import math
 from itertools import islice
 
@@ -28,14 +31,17 @@ from groundforge.filters.dedup import (
     DEFAULT_SETTINGS,
     DedupSettings,
     band_entries,
-    best_duplicate,
+    best_candidates,
     compare_chunks,
     dedup_verdict,
     exact_findings,
+    first_verified,
     signature_of,
     split,
 )
+from groundforge.filters.sameimage import DEFAULT_SAME, SameSettings, look_of, same_picture
 from groundforge.filters.verdict import Verdict
+from groundforge.pixels import image_bytes, load_pixels
 from groundforge.schemas.records import ImageRecord, record_key
 
 FAILED = "failed"
@@ -98,8 +104,8 @@ def _compare_chunk_pair(element, settings: DedupSettings):
 class FindDuplicates(beam.PTransform):
     """records -> ``{"duplicate": (record_key, Duplicate), "failed": (record_key, error)}``.
 
-    ``duplicate`` holds one finding per duplicate record; ``failed`` the records whose signature
-    could not be made (they are compared with nothing).
+    ``duplicate`` holds the best candidates of every record with any, best first; ``failed``
+    the records whose signature could not be made (they are compared with nothing).
     """
 
     def __init__(self, settings: DedupSettings = DEFAULT_SETTINGS, scope: str = "all"):
@@ -125,7 +131,8 @@ class FindDuplicates(beam.PTransform):
         findings = (
             (compared.found, chunked)
             | "all findings" >> beam.Flatten()
-            | "best finding per record" >> beam.CombinePerKey(best_duplicate)
+            | "best candidates per record"
+            >> beam.CombinePerKey(best_candidates, limit=self.settings.candidates)
         )
         return {"duplicate": findings, FAILED: entries[FAILED]}
 
@@ -160,11 +167,36 @@ def _pair(element):
         yield record, found, error
 
 
-def dedup_check(item: tuple[ImageRecord, object, str | None]) -> Verdict:
-    """The ``dedup`` stage's check on a joined ``(record, finding, error)``: keeps the record
-    itself; a record whose signature failed raises, so the stage drops it as ``error``."""
-    record, found, error = item
+def dedup_check(
+    item: tuple[ImageRecord, object, str | None], settings: SameSettings = DEFAULT_SAME
+) -> Verdict:
+    """The ``dedup`` stage's check on a joined ``(record, candidates, error)``: drops the record
+    as a duplicate of its first candidate that shows the same picture (the kept twin's pixels
+    are loaded from its ``kept_ref``), else keeps it. A record whose signature failed raises,
+    so the stage drops it as ``error``."""
+    record, candidates, error = item
     if error is not None:
         raise ValueError(f"no dedup signature: {error}")
+    if not candidates:
+        return Verdict.ok(record)
+    own = look_of(image_bytes(record))
+    differences: dict[str, float] = {}
+
+    def verify(dup) -> bool:
+        outcome = same_picture(_kept_look(dup.kept_ref), own, settings)
+        differences[dup.kept_key] = outcome.block_difference
+        return outcome.same
+
+    found = first_verified(candidates, verify)
     verdict = dedup_verdict(record, found)
+    if found is not None and found.kept_key in differences:
+        return Verdict.drop(
+            verdict.reason, **verdict.metrics, block_difference=differences[found.kept_key]
+        )
     return Verdict.ok(record) if verdict.keep else verdict
+
+
+@functools.lru_cache(maxsize=1024)
+def _kept_look(ref: str):
+    # A kept image is the twin of many near-copies in a crowded band: decode it once.
+    return look_of(load_pixels(ref))

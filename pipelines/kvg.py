@@ -41,6 +41,7 @@ from groundforge.filters.image import ImageLimits, check_image
 from groundforge.filters.instances import check_instances
 from groundforge.filters.output import check_sample
 from groundforge.filters.rationale import RationaleRules, check_rationale, with_rationale
+from groundforge.filters.sameimage import SameSettings
 from groundforge.filters.verdict import Verdict
 from groundforge.outputs.previews import PREVIEWS_FILE, WritePreviews
 from groundforge.outputs.rejections import WriteRejections
@@ -498,10 +499,12 @@ class KVGGraph:
             max_hamming=cfg.max_hamming,
             embedding=cfg.embedding,
             min_cosine=cfg.min_cosine,
-            max_colour_difference=cfg.max_colour_difference,
+            layout=cfg.layout,
+            layout_cosine=cfg.layout_cosine,
         )
+        same = SameSettings(max_block_difference=cfg.max_block_difference)
         joined = records | "dedup join" >> JoinFindings(settings, scope=cfg.scope)
-        return self._stage(joined, "dedup", dedup_check)
+        return self._stage(joined, "dedup", partial(dedup_check, settings=same))
 
     def _scenes(self, records):
         recipe, cfg = self.recipe, self.recipe.scenes

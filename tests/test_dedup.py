@@ -18,13 +18,14 @@ from groundforge.filters.dedup import (
     Duplicate,
     Signature,
     band_entries,
-    best_duplicate,
+    best_candidates,
     chunk_pairs,
     colour_thumbnail,
     dedup_verdict,
     embedding_bands,
     exact_findings,
     find_duplicates,
+    first_verified,
     group_findings,
     perceptual_hash,
     phash_band_layout,
@@ -34,6 +35,7 @@ from groundforge.filters.dedup import (
     simhash_recall,
     split,
 )
+from groundforge.filters.sameimage import look_of, same_picture
 from groundforge.filters.verdict import Verdict
 from groundforge.schemas.records import ImageRecord, sha256_hex
 
@@ -140,6 +142,15 @@ def record(key: str, data: bytes, embedding=None) -> ImageRecord:
     )
 
 
+def pixel_check(data_of: dict[str, bytes]):
+    """``verify`` for :func:`find_duplicates`: the two images compared by :func:`same_picture`."""
+
+    def verify(key: str, dup: Duplicate) -> bool:
+        return same_picture(look_of(data_of[dup.kept_key]), look_of(data_of[key])).same
+
+    return verify
+
+
 def sig(key: str, phash: int = 0, embedding=None, item_id: str | None = None) -> Signature:
     return Signature(key, item_id or f"id-{key}", phash, embedding)
 
@@ -201,10 +212,10 @@ def test_copies_are_dropped_naming_their_original():
     sigs = [signature_of(record(k, d)) for k, d in originals.items()]
     sigs += [signature_of(record(k, d)) for k, (_, d) in copies.items()]
 
-    dups = find_duplicates(sigs)
+    data_of = {**originals, **{k: d for k, (_, d) in copies.items()}}
+    dups = find_duplicates(sigs, verify=pixel_check(data_of))
 
     assert set(dups) == set(copies)
-    data_of = {**originals, **{k: d for k, (_, d) in copies.items()}}
     hashes = {s.key: s.phash for s in sigs}
 
     def bits(a: str, b: str) -> int:
@@ -218,36 +229,43 @@ def test_copies_are_dropped_naming_their_original():
         # The twin is the nearest earlier image of the same picture (the original, or a copy
         # sorting before this one), and the reported distance is the true one.
         family = [original] + [k for k, (o, _) in copies.items() if o == original and k < key]
-        assert dup.kind == "perceptual" and dup.kept_key in family
+        assert dup.kept_key in family
         assert dup.kept_id == sha256_hex(data_of[dup.kept_key])
-        assert dup.distance == bits(key, dup.kept_key) <= 4
-        assert dup.distance <= min(bits(key, k) for k in family)
+        if dup.kind == "perceptual":
+            assert dup.distance == bits(key, dup.kept_key) <= 4
+            assert dup.distance <= min(bits(key, k) for k in family)
+        else:
+            assert dup.kind == "layout" and bits(key, dup.kept_key) > 4
 
 
 def test_distinct_images_are_all_kept():
     images = distinct_images()
     assert len(images) == 21
-    sigs = [signature_of(record(f"{name}.png", encode(im))) for name, im in images.items()]
-    assert find_duplicates(sigs) == {}
+    data_of = {f"{name}.png": encode(im) for name, im in images.items()}
+    sigs = [signature_of(record(k, d)) for k, d in data_of.items()]
+    assert find_duplicates(sigs, verify=pixel_check(data_of)) == {}
+    # Hashes and layouts alone would merge some of them: the pixels decide.
+    assert find_duplicates(sigs) != {}
 
 
-def test_phash_is_colour_blind_and_the_thumbnail_check_tells_flags_apart():
-    france = signature_of(record("france.png", encode(tricolour(VERTICAL["france"]))))
-    ireland = signature_of(record("ireland.png", encode(tricolour(VERTICAL["ireland"]))))
+def test_phash_is_colour_blind_and_the_pixels_tell_flags_apart():
+    data_of = {n: encode(tricolour(VERTICAL[n])) for n in ("france", "ireland")}
+    france, ireland = (signature_of(record(n, d)) for n, d in data_of.items())
     assert france.phash == ireland.phash
 
-    assert find_duplicates([france, ireland]) == {}
-    phash_only = find_duplicates([france, ireland], DedupSettings(max_colour_difference=None))
-    assert phash_only == {"ireland.png": Duplicate("perceptual", france.item_id, "france.png", 0.0)}
+    assert find_duplicates([france, ireland], verify=pixel_check(data_of)) == {}
+    unverified = find_duplicates([france, ireland])
+    assert unverified == {"ireland": Duplicate("perceptual", france.item_id, "france", 0.0)}
+    # The thumbnail check, where wanted, screens candidates before the pixels are compared.
+    assert find_duplicates([france, ireland], DedupSettings(max_colour_difference=16)) == {}
 
 
 def test_chad_and_romania_differ_by_one_shade_of_blue_and_are_both_kept():
-    chad = signature_of(record("chad.png", encode(tricolour(VERTICAL["chad"]))))
-    romania = signature_of(record("romania.png", encode(tricolour(VERTICAL["romania"]))))
+    data_of = {n: encode(tricolour(VERTICAL[n])) for n in ("chad", "romania")}
+    chad, romania = (signature_of(record(n, d)) for n, d in data_of.items())
     assert bin(chad.phash ^ romania.phash).count("1") <= 4
-    assert find_duplicates([chad, romania]) == {}
-    loose = find_duplicates([chad, romania], DedupSettings(max_colour_difference=40))
-    assert loose["romania.png"].kept_key == "chad.png"
+    assert find_duplicates([chad, romania], verify=pixel_check(data_of)) == {}
+    assert find_duplicates([chad, romania])["romania"].kept_key == "chad"
 
 
 # -- the rule ----------------------------------------------------------------------------------
@@ -255,19 +273,20 @@ def test_chad_and_romania_differ_by_one_shade_of_blue_and_are_both_kept():
 
 def test_the_first_in_key_order_is_kept_whatever_the_input_order():
     data = {name: encode(image) for name, image in stable_images().items()}
-    sigs = [signature_of(record(f"z/{name}.png", d)) for name, d in data.items()]
-    sigs += [
-        signature_of(record(f"m/{name}.jpg", encode(Image.open(io.BytesIO(d)), "JPEG", 70)))
-        for name, d in data.items()
-    ]
-    expected = find_duplicates(sigs)
+    data_of = {f"z/{name}.png": d for name, d in data.items()}
+    data_of.update(
+        {f"m/{n}.jpg": encode(Image.open(io.BytesIO(d)), "JPEG", 70) for n, d in data.items()}
+    )
+    sigs = [signature_of(record(k, d)) for k, d in data_of.items()]
+    verify = pixel_check(data_of)
+    expected = find_duplicates(sigs, verify=verify)
     # "m/" sorts before "z/": the JPEG copies are kept and the PNG originals dropped.
     assert set(expected) == {f"z/{name}.png" for name in data}
     assert {d.kept_key for d in expected.values()} == {f"m/{name}.jpg" for name in data}
     rng = random.Random(7)
     for _ in range(5):
         rng.shuffle(sigs)
-        assert find_duplicates(sigs) == expected
+        assert find_duplicates(sigs, verify=verify) == expected
 
 
 def test_a_chain_drops_every_item_with_an_earlier_match():
@@ -384,7 +403,7 @@ def test_zero_embeddings_match_nothing():
 
 def test_kinds_can_be_switched_off():
     sigs = [sig("a", 0, (1.0, 0.0), item_id="x"), sig("b", 0, (1.0, 0.0), item_id="x")]
-    off = DedupSettings(exact=False, perceptual=False, embedding=False)
+    off = DedupSettings(exact=False, perceptual=False, layout=False, embedding=False)
     assert find_duplicates(sigs, off) == {}
     assert find_duplicates([]) == {}
 
@@ -458,7 +477,7 @@ def test_band_keys_carry_the_scope_except_for_exact_copies():
     assert embedding.signature.thumbnail == b"" and len(embedding.sketch) == bands
     blank = Signature("z", "z", 0, (0.0, 0.0))
     assert not [k for k, _ in band_entries(blank) if k.startswith("embedding")]
-    off = DedupSettings(exact=False, perceptual=False, embedding=False)
+    off = DedupSettings(exact=False, perceptual=False, layout=False, embedding=False)
     assert band_entries(s, off) == []
 
 
@@ -504,7 +523,7 @@ def test_planted_embedding_pairs_at_the_threshold_share_a_band():
 
 
 def rank(d: Duplicate):
-    return ("exact", "perceptual", "embedding").index(d.kind), d.distance, d.kept_key
+    return ("exact", "perceptual", "layout", "embedding").index(d.kind), d.distance, d.kept_key
 
 
 def brute_force(sigs: list[Signature], settings: DedupSettings) -> dict[str, Duplicate]:
@@ -580,7 +599,7 @@ def planted(n: int, dim: int, seed: int, scopes: int = 1):
 @pytest.mark.parametrize("scopes", [1, 3])
 def test_the_banded_search_finds_exactly_what_all_pairs_finds_for_hashes(scopes):
     sigs = planted(900, 8, seed=scopes, scopes=scopes)
-    hashes = DedupSettings(embedding=False)
+    hashes = DedupSettings(embedding=False, layout=False, max_colour_difference=16)
     truth = brute_force(sigs, hashes)
     # The crowd of 40 gives 39 (fewer when split by scope), the near-copies the rest.
     assert sum(d.kind == "perceptual" for d in truth.values()) >= (54 if scopes == 1 else 40)
@@ -596,7 +615,7 @@ def test_the_banded_search_finds_exactly_what_all_pairs_finds_for_hashes(scopes)
 
 def test_the_banded_search_recalls_embedding_duplicates_and_reports_true_twins():
     sigs = planted(900, 32, seed=7)
-    embeddings = DedupSettings(exact=False, perceptual=False)
+    embeddings = DedupSettings(exact=False, perceptual=False, layout=False)
     truth = brute_force(sigs, embeddings)
     found = find_duplicates(sigs, embeddings)
     assert len(truth) >= 45
@@ -618,21 +637,38 @@ def test_the_banded_search_recalls_embedding_duplicates_and_reports_true_twins()
 # -- resolution and chunks -----------------------------------------------------------------------
 
 
-def test_best_duplicate_is_order_free():
+def test_best_candidates_are_order_free_and_one_per_twin():
     options = [
         Duplicate("embedding", "i1", "a", 0.0),
         Duplicate("perceptual", "i2", "c", 2.0),
         Duplicate("perceptual", "i3", "b", 2.0),
         Duplicate("perceptual", "i4", "a", 3.0),
+        Duplicate("layout", "i2", "c", 0.01),
     ]
-    expected = Duplicate("perceptual", "i3", "b", 2.0)
+    # One per twin (its best kind), best first, at most ``limit``.
+    expected = (
+        Duplicate("perceptual", "i3", "b", 2.0),
+        Duplicate("perceptual", "i2", "c", 2.0),
+        Duplicate("perceptual", "i4", "a", 3.0),
+    )
     rng = random.Random(3)
     for _ in range(10):
         rng.shuffle(options)
-        assert best_duplicate(options) == expected
-        halves = [best_duplicate(options[:2]), best_duplicate(options[2:])]
-        assert best_duplicate(halves) == expected
-    assert best_duplicate([*options, Duplicate("exact", "i5", "z", 0.0)]).kind == "exact"
+        assert best_candidates([options], limit=3) == expected
+        halves = [best_candidates([options[:2]], 3), best_candidates([options[2:]], 3)]
+        assert best_candidates(halves, limit=3) == expected
+    with_exact = best_candidates([options, (Duplicate("exact", "i5", "z", 0.0),)], limit=2)
+    assert [d.kind for d in with_exact] == ["exact", "perceptual"]
+
+
+def test_the_first_candidate_the_pixels_confirm_is_the_twin():
+    near = Duplicate("perceptual", "i1", "a", 1.0)
+    far = Duplicate("layout", "i2", "b", 0.05)
+    assert first_verified([near, far], lambda d: d.kept_key == "b") == far
+    assert first_verified([near, far], lambda d: False) is None
+    assert first_verified([near, far], None) == near
+    exact = Duplicate("exact", "i3", "c", 0.0)
+    assert first_verified([exact], lambda d: False) == exact
 
 
 def test_exact_copies_are_matched_across_scopes_and_name_the_earliest():
@@ -671,7 +707,7 @@ def test_a_huge_group_is_compared_in_bounded_chunks():
     blank = [Signature(f"blank/{i:04d}", f"b{i}", 0x5A5A, thumbnail=bytes(48)) for i in range(1000)]
     photo = [Signature("photo/a", "p1", FAR[1]), Signature("photo/b", "p2", FAR[1] ^ 0b101)]
     sigs = blank + photo
-    settings = DedupSettings(chunk_size=50)
+    settings = DedupSettings(chunk_size=50, layout=False)
     groups: dict[str, list[BandEntry]] = {}
     for s in sigs:
         for key, entry in band_entries(s, settings):
@@ -688,7 +724,7 @@ def test_a_huge_group_is_compared_in_bounded_chunks():
         "photo/b": Duplicate("perceptual", "p1", "photo/a", 2.0),
     }
     assert find_duplicates(sigs, settings) == expected
-    assert find_duplicates(sigs, DedupSettings(chunk_size=5000)) == expected
+    assert find_duplicates(sigs, replace(settings, chunk_size=5000)) == expected
     # The other bands of the crowd compare the same pairs again, and skip them all: a pair is
     # compared only in the first band it shares.
     assert list(group_findings(groups["perceptual:3:5:"], settings)) == []
@@ -697,7 +733,7 @@ def test_a_huge_group_is_compared_in_bounded_chunks():
     # An exact group is never paired up: one pass for its earliest key, one for the others.
     same = [BandEntry("exact", 0, Signature(f"{i:03d}", "x", 0)) for i in (5, 3, 9, 4)]
     assert dict(exact_findings(same)) == {
-        f"{i:03d}": Duplicate("exact", "x", "003", 0.0) for i in (4, 5, 9)
+        f"{i:03d}": (Duplicate("exact", "x", "003", 0.0),) for i in (4, 5, 9)
     }
 
 
