@@ -277,16 +277,23 @@ class DedupConfig(_Strict):
     layout_cosine: float = Field(0.9, ge=-1, le=1)
     embedding: bool = False
     min_cosine: float = Field(0.97, ge=-1, le=1)
-    max_block_difference: float = Field(38.0, gt=0)
+    max_block_difference: float = Field(16.0, gt=0)
 
 
 class DecontaminateConfig(_Strict):
-    """Benchmark images (KVG-Bench-format parquet files or image folders) kept out of the data."""
+    """Benchmark images (KVG-Bench-format parquet files or image folders) kept out of the data.
+
+    Like dedup, hashes (``max_hamming``), colour layouts (``layout_cosine``) and embeddings
+    (``use_embedding``, ``min_cosine``) propose benchmark images, and the pixels decide
+    (``max_block_difference``).
+    """
 
     benchmarks: list[str]
     max_hamming: int = Field(6, ge=0, le=64)
+    layout_cosine: float = Field(0.9, ge=-1, le=1)
     min_cosine: float = Field(0.95, ge=-1, le=1)
     use_embedding: bool = False
+    max_block_difference: float = Field(16.0, gt=0)
 
 
 class ScenesConfig(_Strict):

@@ -1,10 +1,11 @@
 """Keep benchmark images out of training data.
 
 A :class:`BenchmarkIndex` holds, for every distinct benchmark image, its 64-bit pHash, its 4x4
-colour thumbnail and, when built with an ``embed`` callable, its L2-normalised embedding (in a
-faiss ``IndexFlatIP``). :func:`check_contamination` is the filter: a record is dropped as
-``contaminated`` when its image is a perceptual near-copy of a benchmark image, or its embedding
-is close enough to one.
+colour thumbnail (taken without the image's frame), its look for pixel comparison
+(:mod:`groundforge.filters.sameimage`) and, when built with an ``embed`` callable, its
+L2-normalised embedding. :func:`check_contamination` is the filter: hashes, colour layouts and
+embeddings propose benchmark images a record may copy, and a record is dropped as
+``contaminated`` when the pixels confirm one.
 
 Benchmark images are normalised exactly like training images (:func:`check_image`: EXIF
 rotation, transparency on white, RGB) before they are hashed or embedded, so both sides are
@@ -29,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from groundforge.filters.dedup import THUMBNAIL_BYTES, fingerprint
+from groundforge.filters.dedup import THUMBNAIL_BYTES, fingerprint, layout_vector
 from groundforge.filters.image import ImageLimits, check_image
+from groundforge.filters.sameimage import DEFAULT_SAME, Look, SameSettings, look_of, same_picture
 from groundforge.filters.verdict import Verdict
 from groundforge.pixels import image_bytes
 from groundforge.schemas.records import ImageRecord, sha256_hex
@@ -59,14 +61,21 @@ class BenchmarkIndex:
         phashes: np.ndarray,
         thumbnails: np.ndarray,
         embeddings: np.ndarray | None = None,
+        looks: Sequence[Look] | None = None,
     ) -> None:
         self.ids = tuple(ids)
         self.phashes = np.asarray(phashes, dtype=np.uint64)
         self.thumbnails = np.asarray(thumbnails, dtype=np.uint8).reshape(-1, THUMBNAIL_BYTES)
         self.embeddings = None if embeddings is None else _unit_rows(embeddings, "benchmark")
+        self.looks = None if looks is None else tuple(looks)
+        self.layouts = np.array([layout_vector(bytes(t)) for t in self.thumbnails]).reshape(
+            len(self.thumbnails), THUMBNAIL_BYTES
+        )
         sizes = {len(self.ids), len(self.phashes), len(self.thumbnails)}
         if self.embeddings is not None:
             sizes.add(len(self.embeddings))
+        if self.looks is not None:
+            sizes.add(len(self.looks))
         if len(sizes) != 1:
             raise ValueError(f"ids, hashes, thumbnails and embeddings differ in length: {sizes}")
         self._faiss = None
@@ -104,7 +113,7 @@ class BenchmarkIndex:
         embeddings = None if embed is None else np.asarray(embed(normalised))
         if embeddings is not None and embeddings.shape[0] != len(normalised):
             raise ValueError(f"embed returned {embeddings.shape[0]} rows for {len(normalised)}")
-        return cls(kept_ids, phashes, thumbs, embeddings)
+        return cls(kept_ids, phashes, thumbs, embeddings, [look_of(d) for d in normalised])
 
     @classmethod
     def from_parquet(
@@ -159,30 +168,51 @@ class BenchmarkIndex:
             raise ValueError(f"no image files under {root}")
         return cls.from_images(files, [(root / f).read_bytes() for f in files], embed)
 
-    def nearest_hash(
-        self, phash: int, thumbnail: bytes, max_colour_difference: int | None = None
-    ) -> tuple[int, int] | None:
-        """(index, Hamming bits) of the nearest benchmark hash whose thumbnail agrees within
-        ``max_colour_difference`` (None: any), or None when no thumbnail agrees. Ties go to the
-        lowest index."""
+    def candidates(
+        self,
+        phash: int,
+        thumbnail: bytes,
+        embedding: Sequence[float] | None,
+        settings: CandidateSettings,
+    ) -> list[tuple[int, str, float]]:
+        """``(index, kind, distance)`` of every benchmark image the record may copy, best first:
+        pHash within ``max_hamming`` bits, colour layout at ``layout_cosine`` or more, and
+        embedding at ``min_cosine`` or more (when both sides have one); one row per image, its
+        best kind (perceptual > layout > embedding), then the nearest, then the lowest index."""
+        found: dict[int, tuple[int, str, float]] = {}
+
+        def offer(rows, kind, distances):
+            for i, d in zip(rows.tolist(), distances.tolist(), strict=True):
+                if i not in found:
+                    found[i] = (i, kind, float(d))
+
         bits = np.bitwise_count(self.phashes ^ np.uint64(phash)).astype(np.int64)
-        if max_colour_difference is not None:
+        near = np.flatnonzero(bits <= settings.max_hamming)
+        if settings.max_colour_difference is not None and len(near):
             own = np.frombuffer(thumbnail, dtype=np.uint8).astype(np.int16)
-            diff = np.abs(self.thumbnails.astype(np.int16) - own).max(axis=1)
-            bits[diff > max_colour_difference] = 65  # beyond any 64-bit distance
-        best = int(np.argmin(bits))
-        return (best, int(bits[best])) if bits[best] <= 64 else None
+            diff = np.abs(self.thumbnails[near].astype(np.int16) - own).max(axis=1)
+            near = near[diff <= settings.max_colour_difference]
+        offer(near, "perceptual", bits[near])
+        layout = layout_vector(thumbnail)
+        if layout.any():
+            cosines = self.layouts @ layout
+            rows = np.flatnonzero(cosines >= settings.layout_cosine)
+            offer(rows, "layout", 1.0 - cosines[rows])
+        if embedding is not None and self.embeddings is not None:
+            vectors = self.embeddings.astype(np.float64)
+            cosines = vectors @ _query(embedding, self.embeddings)
+            # A zero row (an image the embedder could not describe) matches nothing.
+            described = np.linalg.norm(vectors, axis=1) > 1e-6
+            rows = np.flatnonzero(described & (cosines >= settings.min_cosine))
+            offer(rows, "embedding", 1.0 - cosines[rows])
+        order = {"perceptual": 0, "layout": 1, "embedding": 2}
+        return sorted(found.values(), key=lambda c: (order[c[1]], c[2], c[0]))
 
     def nearest_embedding(self, embedding: Sequence[float]) -> tuple[int, float]:
         """(index, cosine) of the most similar benchmark embedding, the cosine in float64."""
         if self.embeddings is None:
             raise ValueError("this benchmark index was built without embeddings")
-        query = np.asarray(embedding, dtype=np.float64)
-        if query.shape != (self.embeddings.shape[1],):
-            raise ValueError(
-                f"embedding has {query.size} values, the benchmark index "
-                f"{self.embeddings.shape[1]}: were both made by one embedder?"
-            )
+        query = _query(embedding, self.embeddings)
         if self._faiss is None:
             import faiss
 
@@ -194,47 +224,69 @@ class BenchmarkIndex:
         return best, float(self.embeddings[best].astype(np.float64) @ query)
 
 
+@dataclass(frozen=True)
+class CandidateSettings:
+    """Which benchmark images a record is compared with (:meth:`BenchmarkIndex.candidates`).
+
+    Looser than dedup's: here a false candidate costs one comparison of pixels, a missed one
+    leaks the benchmark. ``max_colour_difference`` (None: off) screens pHash candidates by
+    their 4x4 thumbnails.
+    """
+
+    max_hamming: int = 6
+    layout_cosine: float = 0.9
+    min_cosine: float = 0.95
+    max_colour_difference: int | None = None
+
+
 def check_contamination(
     record: ImageRecord,
     index: BenchmarkIndex,
-    max_hamming: int = 6,
-    min_cosine: float = 0.95,
-    max_colour_difference: int | None = 24,
+    candidates: CandidateSettings = CandidateSettings(),
+    same: SameSettings = DEFAULT_SAME,
 ) -> Verdict:
-    """Drop ``contaminated`` when the record's image is a near-copy of a benchmark image.
+    """Drop ``contaminated`` when the record's image shows a benchmark image.
 
-    Perceptual: pHash within ``max_hamming`` bits and 4x4 thumbnails within
-    ``max_colour_difference`` (None: pHash alone), ``distance`` in bits. Embedding, checked when
-    the record and the index both have embeddings: cosine >= ``min_cosine``, ``distance`` =
-    1 - cosine. The thresholds are looser than dedup's: here a false drop costs one training
-    image, a miss leaks the benchmark. Drop metrics: ``benchmark_id``, ``kind``, ``distance``;
-    keep metrics: the nearest colour-compatible ``hamming`` (None when no thumbnail agrees) and
-    the best ``cosine`` seen.
+    Candidates come from hashes, colour layouts and embeddings (:class:`CandidateSettings`);
+    each is verified, best first, by comparing the two images (:func:`same_picture`) when the
+    index holds their looks (built from images, it does). Drop metrics: ``benchmark_id``,
+    ``kind``, ``distance`` and ``block_difference``; keep metrics: how many ``candidates`` were
+    compared and the smallest ``block_difference`` among them.
 
     >>> v = check_contamination(record, index)                           # doctest: +SKIP
     >>> v.reason, v.metrics["benchmark_id"], v.metrics["kind"]           # doctest: +SKIP
     ('contaminated', '1042', 'perceptual')
     """
-    nearest = index.nearest_hash(*fingerprint(image_bytes(record)), max_colour_difference)
-    if nearest is not None and nearest[1] <= max_hamming:
+    data = image_bytes(record)
+    found = index.candidates(*fingerprint(data), record.embedding, candidates)
+    own = look_of(data) if found and index.looks is not None else None
+    nearest = None
+    for i, kind, distance in found:
+        difference = None
+        if own is not None:
+            outcome = same_picture(index.looks[i], own, same)
+            difference = outcome.block_difference
+            nearest = difference if nearest is None else min(nearest, difference)
+            if not outcome.same:
+                continue
         return Verdict.drop(
             "contaminated",
-            benchmark_id=index.ids[nearest[0]],
-            kind="perceptual",
-            distance=float(nearest[1]),
+            benchmark_id=index.ids[i],
+            kind=kind,
+            distance=distance,
+            block_difference=difference,
         )
-    metrics: dict = {"hamming": None if nearest is None else nearest[1]}
-    if record.embedding is not None and index.embeddings is not None:
-        best, cosine = index.nearest_embedding(record.embedding)
-        if cosine >= min_cosine:
-            return Verdict.drop(
-                "contaminated",
-                benchmark_id=index.ids[best],
-                kind="embedding",
-                distance=1.0 - cosine,
-            )
-        metrics["cosine"] = cosine
-    return Verdict.ok(**metrics)
+    return Verdict.ok(candidates=len(found), block_difference=nearest)
+
+
+def _query(embedding: Sequence[float], embeddings: np.ndarray) -> np.ndarray:
+    query = np.asarray(embedding, dtype=np.float64)
+    if query.shape != (embeddings.shape[1],):
+        raise ValueError(
+            f"embedding has {query.size} values, the benchmark index "
+            f"{embeddings.shape[1]}: were both made by one embedder?"
+        )
+    return query
 
 
 def _normalise(item_id: str, data: bytes) -> bytes:
@@ -291,6 +343,9 @@ def merge_indexes(named: Sequence[tuple[str, BenchmarkIndex]]) -> BenchmarkIndex
         np.concatenate([index.phashes for _, index in named]),
         np.concatenate([index.thumbnails for _, index in named]),
         np.concatenate([index.embeddings for _, index in named]) if all(with_embeddings) else None,
+        [look for _, index in named for look in index.looks]
+        if all(index.looks is not None for _, index in named)
+        else None,
     )
 
 
@@ -308,8 +363,8 @@ class ContaminationCheck:
     """
 
     benchmarks: tuple[str, ...]
-    max_hamming: int = 6
-    min_cosine: float = 0.95
+    candidates: CandidateSettings = CandidateSettings()
+    same: SameSettings = DEFAULT_SAME
     embedder: str | None = None
 
     def index(self) -> BenchmarkIndex:
@@ -325,4 +380,4 @@ class ContaminationCheck:
         return _LOADED[key]
 
     def __call__(self, record: ImageRecord) -> Verdict:
-        return check_contamination(record, self.index(), self.max_hamming, self.min_cosine)
+        return check_contamination(record, self.index(), self.candidates, self.same)

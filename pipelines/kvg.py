@@ -33,7 +33,7 @@ from groundforge.annotators.teacher.knowledge import load_knowledge
 from groundforge.annotators.teacher.prompts import load_template
 from groundforge.annotators.teacher.types import TeacherReply
 from groundforge.filters.consistency import check_consistency
-from groundforge.filters.decontaminate import ContaminationCheck
+from groundforge.filters.decontaminate import CandidateSettings, ContaminationCheck
 from groundforge.filters.dedup import DedupSettings
 from groundforge.filters.detection import check_agreement, check_box_bounds, resolve_box
 from groundforge.filters.difficulty import SplitRule, count_correct, split_by_difficulty
@@ -485,8 +485,12 @@ class KVGGraph:
         cfg, embed = self.recipe.decontaminate, self.recipe.embed
         check = ContaminationCheck(
             benchmarks=tuple(cfg.benchmarks),
-            max_hamming=cfg.max_hamming,
-            min_cosine=cfg.min_cosine,
+            candidates=CandidateSettings(
+                max_hamming=cfg.max_hamming,
+                layout_cosine=cfg.layout_cosine,
+                min_cosine=cfg.min_cosine,
+            ),
+            same=SameSettings(max_block_difference=cfg.max_block_difference),
             embedder=embed.image if cfg.use_embedding else None,
         )
         return self._stage(records, "decontaminate", check)

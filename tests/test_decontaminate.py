@@ -13,10 +13,15 @@ import pytest
 from PIL import Image
 from test_dedup import VERTICAL, H, W, derived, encode, photo, record, shapes, tricolour
 
-from groundforge.filters.decontaminate import BenchmarkIndex, check_contamination
+from groundforge.filters.decontaminate import (
+    BenchmarkIndex,
+    CandidateSettings,
+    check_contamination,
+)
 from groundforge.filters.dedup import fingerprint
 from groundforge.filters.image import check_image
-from groundforge.filters.verdict import Verdict
+from groundforge.filters.sameimage import DEFAULT_SAME
+from groundforge.pixels import image_bytes
 
 
 def bench_images() -> dict[str, Image.Image]:
@@ -96,18 +101,22 @@ def test_unrelated_images_are_kept(bench):
     for name, image in unrelated_images().items():
         verdict = check_contamination(record(f"train/{name}.png", encode(image)), index)
         assert verdict.keep, (name, verdict.metrics)
-        nearest = verdict.metrics["hamming"]
-        assert nearest is None or nearest > 6
+        nearest = verdict.metrics["block_difference"]
+        assert nearest is None or nearest > DEFAULT_SAME.max_block_difference
 
 
-def test_the_colour_check_keeps_a_flag_that_only_shares_the_layout(bench):
+def test_the_pixels_keep_a_flag_that_only_shares_the_layout(bench):
     _, index = bench
     ireland = record("train/ireland.png", encode(tricolour(VERTICAL["ireland"])))
-    assert check_contamination(ireland, index).keep
-    colour_blind = check_contamination(ireland, index, max_colour_difference=None)
-    assert colour_blind == Verdict.drop(
-        "contaminated", benchmark_id="1004", kind="perceptual", distance=0.0
-    )
+    # pHash is colour-blind: France is a candidate at distance 0, and its pixels rule it out.
+    found = index.candidates(*fingerprint(image_bytes(ireland)), None, CandidateSettings())
+    assert (index.ids.index("1004"), "perceptual", 0.0) in found
+    verdict = check_contamination(ireland, index)
+    assert verdict.keep and verdict.metrics["candidates"] == len(found)
+    assert verdict.metrics["block_difference"] > DEFAULT_SAME.max_block_difference
+    # The thumbnail screen, where wanted, leaves it out before any pixels are compared.
+    screened = CandidateSettings(max_colour_difference=24)
+    assert check_contamination(ireland, index, screened).metrics["candidates"] == 0
 
 
 def test_rows_without_ids_or_bytes(tmp_path):
@@ -157,34 +166,43 @@ def one_hot(images: list[bytes]) -> np.ndarray:
     return np.eye(len(images), 8, dtype=np.float32)
 
 
-def test_embedding_matches_name_the_benchmark_item():
+def test_embeddings_propose_and_the_pixels_decide():
     images = [encode(im) for im in bench_images().values()]
     index = BenchmarkIndex.from_images(["q0", "q1", "q2", "q3"], images, embed=one_hot)
     assert index.embeddings.shape == (4, 8)
     other = encode(photo(99))  # looks like no benchmark image
+    phash, thumbnail = fingerprint(other)
 
-    def with_embedding(vector):
-        return check_contamination(record("t.png", other, embedding=tuple(vector)), index)
+    def kinds(vector):
+        return [
+            (index.ids[i], kind, round(d, 12))
+            for i, kind, d in index.candidates(phash, thumbnail, vector, CandidateSettings())
+            if kind == "embedding"
+        ]
 
-    same = with_embedding(np.eye(8)[2])
-    assert same == Verdict.drop("contaminated", benchmark_id="q2", kind="embedding", distance=0.0)
-
-    at = with_embedding([0.0, 0.95, math.sqrt(1 - 0.95**2), 0, 0, 0, 0, 0])
-    assert at.metrics == {"benchmark_id": "q1", "kind": "embedding", "distance": 1.0 - 0.95}
+    assert kinds(np.eye(8)[2]) == [("q2", "embedding", 0.0)]
+    assert kinds([0.0, 0.95, math.sqrt(1 - 0.95**2), 0, 0, 0, 0, 0]) == [
+        ("q1", "embedding", round(1.0 - 0.95, 12))
+    ]
     below = 0.95 - 1e-12
-    kept = with_embedding([0.0, below, 0, 0, 0, 0, 0, math.sqrt(1 - below**2)])
-    assert kept.keep and kept.metrics["cosine"] == below
-
-    assert check_contamination(record("t.png", other), index).keep  # no embedding: hash only
+    assert kinds([0.0, below, 0, 0, 0, 0, 0, math.sqrt(1 - below**2)]) == []
+    # A near embedding of another picture proposes, and is not enough.
+    verdict = check_contamination(record("t.png", other, embedding=tuple(np.eye(8)[2])), index)
+    assert verdict.keep and verdict.metrics["candidates"] >= 1
+    # A copy whose embedding is its benchmark image's is dropped naming it.
+    copy = encode(Image.open(io.BytesIO(images[2])), "JPEG", 80)
+    dropped = check_contamination(record("t.jpg", copy, embedding=tuple(np.eye(8)[2])), index)
+    assert dropped.metrics["benchmark_id"] == "q2" and not dropped.keep
     with pytest.raises(ValueError, match="one embedder"):
-        with_embedding([1.0, 0.0, 0.0])
+        check_contamination(record("t.png", other, embedding=(1.0, 0.0, 0.0)), index)
 
 
 def test_the_index_pickles_and_matches_the_same(bench):
     _, index = bench
     images = [encode(im) for im in bench_images().values()]
     with_embeddings = BenchmarkIndex.from_images(["a", "b", "c", "d"], images, embed=one_hot)
-    probe = record("t.png", encode(photo(99)), embedding=tuple(np.eye(8)[3]))
+    copy_of_d = encode(Image.open(io.BytesIO(images[3])), "JPEG", 75)
+    probe = record("t.jpg", copy_of_d, embedding=tuple(np.eye(8)[3]))
     first = check_contamination(probe, with_embeddings)  # builds the faiss index
     restored = pickle.loads(pickle.dumps(with_embeddings))
     assert check_contamination(probe, restored) == first
@@ -217,7 +235,12 @@ def test_benchmark_images_are_normalised_like_training_images():
     index = BenchmarkIndex.from_images(["sprite"], [buf.getvalue()])
     training = check_image(record("t.png", buf.getvalue())).value
     verdict = check_contamination(training, index)
-    assert verdict.metrics == {"benchmark_id": "sprite", "kind": "perceptual", "distance": 0.0}
+    assert verdict.metrics == {
+        "benchmark_id": "sprite",
+        "kind": "perceptual",
+        "distance": 0.0,
+        "block_difference": 0.0,
+    }
 
 
 def test_hamming_threshold_is_inclusive():
@@ -225,13 +248,18 @@ def test_hamming_threshold_is_inclusive():
     phash, thumbnail = fingerprint(data)
     thumbs = np.frombuffer(thumbnail * 2, dtype=np.uint8)
     index = BenchmarkIndex(["six", "seven"], [phash ^ 0b111111, phash ^ (0b1111111 << 20)], thumbs)
-    assert check_contamination(record("t.png", data), index).metrics == {
+    # Built from arrays, the index has no looks: its candidates are taken as they are.
+    probe = record("t.png", data)
+    assert check_contamination(probe, index).metrics == {
         "benchmark_id": "six",
         "kind": "perceptual",
         "distance": 6.0,
+        "block_difference": None,
     }
-    assert check_contamination(record("t.png", data), index, max_hamming=5).metrics == {
-        "hamming": 6
+    only_hashes = CandidateSettings(max_hamming=5, layout_cosine=1.1)
+    assert check_contamination(probe, index, only_hashes).metrics == {
+        "candidates": 0,
+        "block_difference": None,
     }
 
 
@@ -241,4 +269,6 @@ def test_a_zero_benchmark_embedding_is_allowed_and_matches_nothing():
         ["q0", "q1"], images, embed=lambda ims: np.array([[0.0, 0.0], [0.0, 1.0]])
     )
     probe = record("t.png", encode(shapes(30)), embedding=(1.0, 0.0))
-    assert check_contamination(probe, index, min_cosine=0.5).metrics["cosine"] == 0.0
+    phash, thumbnail = fingerprint(image_bytes(probe))
+    found = index.candidates(phash, thumbnail, (1.0, 0.0), CandidateSettings(min_cosine=0.0))
+    assert [index.ids[i] for i, kind, _ in found if kind == "embedding"] == ["q1"]
