@@ -28,7 +28,7 @@ class Sampling:
     """Sampling parameters sent with every request (and part of its cache key).
 
     ``seed`` is the run's seed: each request is sent with its own seed derived from it
-    (:func:`request_seed`); None sends none (the server draws, and reruns differ).
+    (:func:`request_seed`); None sends none (the server draws as it likes).
     """
 
     temperature: float = 0.7
@@ -104,9 +104,9 @@ def _digest(blob: dict[str, Any]) -> bytes:
 def request_seed(request: TeacherRequest, seed: int | None) -> int | None:
     """The seed one request is sampled with: a hash of the run's ``seed``, the request's content
     and its sample index, so the k samples of one item (and the requests of different items)
-    each draw their own answer, the same on every run. None when ``seed`` is None.
+    each draw their own answer, with the same seed on every run. None when ``seed`` is None.
 
-    31 bits, so every server takes it (some keep seeds in an int32 or pass them to numpy).
+    31 bits, so it fits a signed 32-bit seed field as well as a 64-bit one.
 
     >>> a = TeacherRequest("x", "where?", image_ids=("0" * 64,))
     >>> b = TeacherRequest("x", "where?", image_ids=("0" * 64,), sample_index=1)
