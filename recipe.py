@@ -248,6 +248,17 @@ class StudentConfig(ChatModelConfig):
     reasoning_suffix: str | None = None
     none_correct: Literal["sft", "drop"] = "sft"
 
+    @model_validator(mode="after")
+    def _k_samples_can_differ(self) -> StudentConfig:
+        # Greedy decoding ignores the seed: k > 1 greedy answers are one answer k times, so
+        # every item would be 0/k or k/k and the grpo split would stay empty.
+        if self.k > 1 and self.temperature == 0:
+            raise ValueError(
+                f"temperature 0 (greedy) gives {self.k} identical answers per item; set "
+                "temperature > 0 (default 1.0) for pass@k, or k: 1"
+            )
+        return self
+
 
 class EmbedConfig(_Strict):
     """The image embedder used for near-duplicates, decontamination and look-alike choice:

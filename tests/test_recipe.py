@@ -36,6 +36,7 @@ def test_digest_changes_with_any_setting(tmp_path):
         ({"samples": {"question_template": "no slot"}}, "samples"),
         ({"source": {"kind": "ftp", "path": "x"}}, "source"),
         ({"boxes": {"method": "foreground", "agree_with": "foreground"}}, "boxes"),
+        ({"student": {"model": "m", "k": 4, "temperature": 0}}, "student"),
     ],
 )
 def test_errors_name_the_file_and_field(tmp_path, patch, field):

@@ -19,6 +19,7 @@ from groundforge.annotators.teacher.types import (
     Sampling,
     TeacherReply,
     TeacherRequest,
+    request_seed,
 )
 from groundforge.retryafter import retry_after
 
@@ -80,7 +81,7 @@ def test_request_carries_image_system_and_sampling(proxy, teacher_server):
         "temperature": 0.7,
         "top_p": 0.9,
         "max_tokens": 8,
-        "seed": 1,
+        "seed": request_seed(with_image, 1),
     }
     assert body["model"] == teacher_server[1]
 

@@ -14,8 +14,13 @@ import torch
 from PIL import Image
 
 from groundforge.annotators.teacher.cache import ReplyCache
-from groundforge.annotators.teacher.embedded import TransformersBackend, request_seed
-from groundforge.annotators.teacher.types import Sampling, TeacherRequest, request_key
+from groundforge.annotators.teacher.embedded import TransformersBackend
+from groundforge.annotators.teacher.types import (
+    Sampling,
+    TeacherRequest,
+    request_key,
+    request_seed,
+)
 
 GREEDY = Sampling(temperature=0.0, max_tokens=8, seed=0)
 SAMPLED = Sampling(temperature=1.0, top_p=1.0, max_tokens=8, seed=7)
@@ -203,11 +208,22 @@ def test_sampling_ignores_a_checkpoint_top_k(tiny_vlm_dir):
     assert len({r.text for r in replies}) >= 2
 
 
-def test_request_seed_depends_on_seed_index_and_key():
-    seeds = {request_seed(s, k, key) for s in (0, 1) for k in (0, 1) for key in ("x", "y")}
-    assert len(seeds) == 8
-    assert request_seed(3, 2, "k") == request_seed(3, 2, "k")
-    assert 0 <= request_seed(3, 2, "k") < 2**63
+def test_request_seed_depends_on_seed_index_and_content():
+    base = TeacherRequest("i", "Where is the flag?", image_ids=("a" * 64,))
+    variants = [
+        base,
+        dataclasses.replace(base, sample_index=1),
+        dataclasses.replace(base, prompt="Where is the plane?"),
+        dataclasses.replace(base, image_ids=("b" * 64,)),
+        dataclasses.replace(base, system="be brief"),
+        dataclasses.replace(base, template_hash="t2"),
+    ]
+    seeds = {request_seed(r, s) for r in variants for s in (0, 1)}
+    assert len(seeds) == 2 * len(variants)
+    # The item it is for is not content: two items asking the same share the seed (and key).
+    assert request_seed(dataclasses.replace(base, item_id="j"), 3) == request_seed(base, 3)
+    assert all(0 <= seed < 2**31 for seed in seeds)
+    assert request_seed(base, None) is None
 
 
 def test_a_corrupt_image_fails_alone(greedy):

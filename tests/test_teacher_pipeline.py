@@ -267,7 +267,7 @@ def test_reply_verdicts_and_attach_functions():
 
 
 def test_in_process_model_is_the_default_backend(flags, tmp_path, tiny_vlm_dir):
-    student = {"model": str(tiny_vlm_dir), "k": 2, "max_tokens": 6, "temperature": 0.0}
+    student = {"model": str(tiny_vlm_dir), "k": 2, "max_tokens": 6}
     out = tmp_path / "out"
     result = run_recipe(parse_recipe(recipe_dict(flags, student=student), tmp_path), str(out))
     stages = {s.stage: s for s in result.funnel}

@@ -68,6 +68,7 @@ from groundforge.annotators.teacher.types import (
     TeacherReply,
     TeacherRequest,
     request_key,
+    request_seed,
 )
 from groundforge.retryafter import retry_after
 
@@ -325,7 +326,8 @@ class OpenAIBackend:
         return reply
 
     def _body(self, request: TeacherRequest) -> dict:
-        """The chat-completion arguments: optional system turn, then images and text."""
+        """The chat-completion arguments: optional system turn, then images and text, and the
+        request's own seed (the k samples of one item must not share one)."""
         content: list[dict] = [
             {"type": "image_url", "image_url": {"url": _data_url(image, i)}}
             for i, image in enumerate(request.images)
@@ -343,8 +345,9 @@ class OpenAIBackend:
             "top_p": sampling.top_p,
             "max_tokens": sampling.max_tokens,
         }
-        if sampling.seed is not None:
-            body["seed"] = sampling.seed
+        seed = request_seed(request, sampling.seed)
+        if seed is not None:
+            body["seed"] = seed
         return body
 
     async def _attempt(self, client: openai.AsyncOpenAI, body: dict) -> _Outcome:

@@ -11,13 +11,14 @@ Decoding choices, and why:
   padding (the new tokens of every row then start at the same column). Greedy decoding uses no
   randomness, so a chunk gives the answers each request would get alone (up to float noise).
 * **Sampled** (``temperature > 0``) requests are generated **one at a time**, each under its own
-  seed derived from ``(sampling.seed, sample_index, request key)``. ``generate`` in transformers
-  5 takes no per-row ``torch.Generator``, so a batched draw would depend on which other requests
-  share the chunk; a rerun that finds half of them cached (or a chunk retried one by one) would
-  then sample different answers for the same key. One at a time is slower but makes a sample a
-  function of its key alone, which is what a content-addressed cache and pass@k need. The global
-  RNG state is restored afterwards. ``sampling.seed = None`` opts out: samples are then drawn
-  from the global RNG and are not reproducible.
+  seed (:func:`~groundforge.annotators.teacher.types.request_seed`, the one an endpoint would be
+  sent). ``generate`` in transformers 5 takes no per-row ``torch.Generator``, so a batched draw
+  would depend on which other requests share the chunk; a rerun that finds half of them cached
+  (or a chunk retried one by one) would then sample different answers for the same key. One at a
+  time is slower but makes a sample a function of its key alone, which is what a
+  content-addressed cache and pass@k need. The global RNG state is restored afterwards.
+  ``sampling.seed = None`` opts out: samples are then drawn from the global RNG and are not
+  reproducible.
 * ``top_k`` is disabled for sampling: transformers otherwise applies its default ``top_k=50``
   (or a checkpoint's own, e.g. ``top_k=1`` in Qwen2.5-VL-Instruct's ``generation_config.json``,
   which would make every sample identical), while :class:`Sampling` promises temperature and
@@ -33,7 +34,6 @@ absolute-pixel box frame of Qwen2.5-VL matches what a recipe declares.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -46,6 +46,7 @@ from groundforge.annotators.teacher.types import (
     TeacherReply,
     TeacherRequest,
     request_key,
+    request_seed,
 )
 
 _LOG = logging.getLogger(__name__)
@@ -75,17 +76,6 @@ class _Item:
 def _short(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 3] + "..."
-
-
-def request_seed(seed: int, sample_index: int, key: str) -> int:
-    """The torch seed for one sampled request: a 63-bit hash of the run seed, the sample index
-    and the request key, so it never depends on the batch the request arrives in.
-
-    >>> request_seed(0, 1, "k") == request_seed(0, 1, "k") != request_seed(0, 2, "k")
-    True
-    """
-    digest = hashlib.sha256(f"{seed}|{sample_index}|{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
 def build_messages(request: TeacherRequest) -> list[dict[str, Any]]:
@@ -336,9 +326,7 @@ class TransformersBackend:
         seeded = nullcontext()
         if self.stochastic and self.sampling.seed is not None:
             (item,) = chunk  # sampled requests are generated alone: see the module docstring
-            seeded = self._seeded(
-                request_seed(self.sampling.seed, item.request.sample_index, item.key)
-            )
+            seeded = self._seeded(request_seed(item.request, self.sampling.seed))
         with seeded, torch.inference_mode():
             output = model.generate(**inputs, **generate_kwargs)
 

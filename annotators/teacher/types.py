@@ -25,7 +25,11 @@ FAILURE_KINDS = (
 
 @dataclass(frozen=True)
 class Sampling:
-    """Sampling parameters sent with every request (and part of its cache key)."""
+    """Sampling parameters sent with every request (and part of its cache key).
+
+    ``seed`` is the run's seed: each request is sent with its own seed derived from it
+    (:func:`request_seed`); None sends none (the server draws as it likes).
+    """
 
     temperature: float = 0.7
     top_p: float = 1.0
@@ -79,31 +83,52 @@ class TeacherReply:
         return self.error is None and self.text is not None
 
 
+def _content(request: TeacherRequest) -> dict[str, Any]:
+    """What a request asks, apart from the model and its sampling parameters."""
+    image_ids = request.image_ids
+    if not image_ids:
+        image_ids = tuple(hashlib.sha256(image).hexdigest() for image in request.images)
+    return {
+        "template": request.template_hash,
+        "images": list(image_ids),
+        "prompt": request.prompt,
+        "system": request.system,
+        "sample": request.sample_index,
+    }
+
+
+def _digest(blob: dict[str, Any]) -> bytes:
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, separators=(",", ":")).encode()).digest()
+
+
+def request_seed(request: TeacherRequest, seed: int | None) -> int | None:
+    """The seed one request is sampled with: a hash of the run's ``seed``, the request's content
+    and its sample index, so the k samples of one item (and the requests of different items)
+    each draw their own answer, with the same seed on every run. None when ``seed`` is None.
+
+    31 bits, so it fits a signed 32-bit seed field as well as a 64-bit one.
+
+    >>> a = TeacherRequest("x", "where?", image_ids=("0" * 64,))
+    >>> b = TeacherRequest("x", "where?", image_ids=("0" * 64,), sample_index=1)
+    >>> request_seed(a, 0) == request_seed(a, 0) != request_seed(b, 0)
+    True
+    """
+    if seed is None:
+        return None
+    digest = _digest({**_content(request), "seed": seed})
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
 def request_key(model: str, request: TeacherRequest, sampling: Sampling) -> str:
     """The content address of a request: the same inputs always give the same key.
 
     Covers the model, the prompt template's hash, the images' sha256, the rendered prompt and
-    system text, the sampling parameters with their seed, and the sample index. A request
-    without ``image_ids`` is keyed by the sha256 of its image bytes, so two requests that differ
-    only in their images never share a key.
+    system text, the sampling parameters with the request's own seed (:func:`request_seed`),
+    and the sample index. A request without ``image_ids`` is keyed by the sha256 of its image
+    bytes, so two requests that differ only in their images never share a key.
     """
-    image_ids = request.image_ids
-    if not image_ids:
-        image_ids = tuple(hashlib.sha256(image).hexdigest() for image in request.images)
-    blob = json.dumps(
-        {
-            "model": model,
-            "template": request.template_hash,
-            "images": list(image_ids),
-            "prompt": request.prompt,
-            "system": request.system,
-            "sampling": sampling.as_dict(),
-            "sample": request.sample_index,
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()
+    sent = {**sampling.as_dict(), "seed": request_seed(request, sampling.seed)}
+    return _digest({**_content(request), "model": model, "sampling": sent}).hex()
 
 
 @dataclass(frozen=True)
