@@ -42,6 +42,7 @@ _EDGE = 2  # lines of the trimming copy
 _SLACK = 0.02
 _OUTER = 2  # look lines left out at each edge
 _DARK, _BRIGHT = 4, 251  # saturated values
+_MAX_OFFSET = 8.0
 _FRAMED_RING = 0.98  # share of the outer ring in the frame colour
 
 
@@ -272,7 +273,7 @@ def _block_difference(
 ) -> float:
     """The largest block difference of ``b`` from ``a`` over blocks wholly ``valid``: a block's
     mean absolute difference on its worst channel, less ``edge_allowance`` times its mean
-    gradient, after the gain and offset that best map ``b`` onto ``a``.
+    gradient, after the gain (and small offset) that best map ``b`` onto ``a``.
 
     Alignment and resampling errors live on edges (a tenth of a pixel off across a stripe's edge
     is many levels); a different colour or emblem fills a flat block. Saturated values of ``b``
@@ -281,10 +282,12 @@ def _block_difference(
     fit = valid[..., None] & (b > _DARK) & (b < _BRIGHT) & (a > _DARK) & (a < _BRIGHT)
     x, y = b[fit], a[fit]
     gain, offset = 1.0, 0.0
-    if x.size > 16 and x.var() > 1e-6:
-        gain = float(((x - x.mean()) * (y - y.mean())).mean() / x.var())
+    # Brightness scales values (black stays black): a gain, and only a small offset, so that
+    # a flat field cannot be mapped onto another colour.
+    if x.size > 16 and (x * x).sum() > 1e-6:
+        gain = float((x * y).sum() / (x * x).sum())
         gain = min(max(gain, 1 / settings.max_gain), settings.max_gain)
-        offset = float(y.mean() - gain * x.mean())
+        offset = float(np.clip(y.mean() - gain * x.mean(), -_MAX_OFFSET, _MAX_OFFSET))
     predicted = gain * b + offset
     diff = np.abs(a - predicted)
     diff = np.where(b >= _BRIGHT, np.maximum(predicted - a, 0), diff)
