@@ -238,7 +238,7 @@ def test_reply_verdicts_and_attach_functions():
     assert kept.keep and kept.value.teacher_model == "teacher-m"
     assert kept.value.rationale.startswith("The flag of") and kept.value.teacher_iou == 1.0
     refused = f"<think>No name here at all, only stripes.</think><answer>{answer}</answer>"
-    dropped = attach_rationale((sample, (refused,)), codec, RationaleRules(), "teacher-m")
+    dropped = attach_rationale((sample, (refused,)), codec, RationaleRules(min_chars=10), "t")
     assert dropped.reason == "rationale_no_target" and dropped.metrics["reply"] == refused
 
     job = student_job(sample, 3)
