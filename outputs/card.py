@@ -21,6 +21,17 @@ def _tally(counts: dict[str, int], what: str) -> str:
     return "\n".join(lines)
 
 
+def _domains(manifest: dict[str, Any], recipe_domain: str) -> str:
+    """Every domain of the rows, with its rows and distinct entities; the recipe's domain for a
+    manifest that does not count them."""
+    provenance = manifest.get("provenance") or {}
+    rows, entities = provenance.get("domains") or {}, provenance.get("entities") or {}
+    if not rows:
+        return f"Domain: `{recipe_domain}`"
+    parts = [f"`{d}` ({n} rows, {entities.get(d, 0)} entities)" for d, n in sorted(rows.items())]
+    return ("Domains: " if len(parts) > 1 else "Domain: ") + ", ".join(parts)
+
+
 def _source_place(source: dict[str, Any]) -> str:
     # Annotation sources name two places, an annotation file and an image folder.
     if "annotations" in source:
@@ -68,9 +79,9 @@ task_categories:
 {recipe.get("description") or "A knowledge-intensive visual grounding corpus."}
 
 Built by groundforge {manifest["groundforge_version"]} (recipe hash `{manifest["recipe_hash"]}`)
-on {manifest["created_at"]}. Domain: `{recipe["domain"]}`. Each row is one question asking for
-the box of a named entity in an image; `gt_boxes` are pixel `[x1, y1, x2, y2]` boxes of that
-image, and `entities` lists every named instance it shows.
+on {manifest["created_at"]}. {_domains(manifest, recipe["domain"])}. Each row is one question
+asking for the box of a named entity in an image; `gt_boxes` are pixel `[x1, y1, x2, y2]`
+boxes of that image, and `entities` lists every named instance it shows.
 
 ## Splits
 

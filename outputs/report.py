@@ -1,9 +1,10 @@
 """A self-contained HTML report of a run folder: funnel, sample gallery, rejections, distributions.
 
 The page has no external resource (images are data URIs, CSS and JS are inline), so it can be
-mailed, archived or opened from a bucket. Its size depends on the gallery's ``per_group`` and the
+mailed, archived or opened from a bucket. Its images depend on the gallery's ``per_group`` and the
 number of (domain, split) groups, never on the number of rows: the shards are streamed once, and
-only the chosen samples keep their image bytes.
+only the chosen samples keep their image bytes. Every rejection is listed, as pages of JSON rows
+the page's script shows one at a time; the table is streamed into the page, never held whole.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import hashlib
 import heapq
 import json
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from markupsafe import Markup
 
 from groundforge.outputs.previews import (
     PREVIEWS_FILE,
@@ -26,7 +30,7 @@ from groundforge.outputs.previews import (
 from groundforge.outputs.rejections import REJECTIONS_FILE
 from groundforge.schemas.box import Box
 from groundforge.schemas.codecs import PixelCodec, render_box_template
-from groundforge.schemas.records import KVGSample, RejectionPreview
+from groundforge.schemas.records import KVGSample, Rejection, RejectionPreview
 
 REPORT_FILE = "report.html"
 COLORS = {
@@ -48,6 +52,8 @@ LEGEND = (
 # Kinds that only samples have, and the one only drops have.
 SAMPLE_ONLY = ("teacher", "uncertain", "ignore")
 DETAILS_PER_REASON = 5
+# Rejections per page of a reason's table.
+PAGE_ROWS = 50
 CHART_WIDTH = 360
 HIST_BINS = 20
 PIXEL = PixelCodec()
@@ -129,9 +135,15 @@ class Distributions:
     rationale_chars: Counter = field(default_factory=Counter)
     k: Counter = field(default_factory=Counter)
     layout: Counter = field(default_factory=Counter)
+    # Per (domain, entity): samples asking for it, and samples showing it (as any member).
+    asked: Counter = field(default_factory=Counter)
+    shown: Counter = field(default_factory=Counter)
 
     def add(self, s: KVGSample) -> None:
         self.targets[s.domain].add(s.target)
+        self.asked[(s.domain, s.target)] += 1
+        for name in {e.name for e in s.entities}:
+            self.shown[(s.domain, name)] += 1
         self.boxes_per_image[len(s.gt_boxes)] += 1
         image_area = s.width * s.height
         for box in s.gt_boxes:
@@ -154,6 +166,14 @@ class Distributions:
             self.rationale_chars[len(text)] += 1
         self.k[len(s.entities)] += 1
         self.layout[s.provenance.layout] += 1
+
+    def entity_rows(self) -> list[dict[str, Any]]:
+        """Samples per entity, most asked first."""
+        keys = sorted(set(self.asked) | set(self.shown), key=lambda k: (-self.asked[k], k))
+        return [
+            {"domain": d, "entity": e, "asked": self.asked[(d, e)], "shown": self.shown[(d, e)]}
+            for d, e in keys
+        ]
 
     def charts(self) -> list[Chart]:
         """The charts that have data, in reading order."""
@@ -244,9 +264,10 @@ def sample_card(s: KVGSample, thumb: int) -> dict[str, Any]:
     rects.extend(_rect("ignore", b, sx, sy, "ignore") for b in s.ignore_regions)
     rects.extend(_rect("uncertain", r.box, sx, sy, r.reason) for r in s.uncertain_regions)
     rects.extend(_rect("gt", b, sx, sy, s.target) for b in s.gt_boxes)
-    difficulty = None
+    pass_rate = "-"
     if s.student_k and s.student_correct is not None:
-        difficulty = s.student_correct / s.student_k
+        rate = s.student_correct / s.student_k
+        pass_rate = f"{s.student_correct} of {s.student_k} ({rate:.2f})"
     return {
         "s": s,
         "uri": uri,
@@ -254,9 +275,12 @@ def sample_card(s: KVGSample, thumb: int) -> dict[str, Any]:
         "h": th,
         "rects": rects,
         "k": len(s.entities),
+        "distractors": [e.name for e in s.entities if e.name != s.target],
+        "mode": s.distractors or "-",
+        "similarity": _fmt(s.distractor_similarity),
         "teacher_iou": _fmt(s.teacher_iou),
         "detector_iou": _fmt(s.detector_iou),
-        "difficulty": _fmt(difficulty),
+        "pass_rate": pass_rate,
     }
 
 
@@ -267,16 +291,135 @@ def _pretty(detail: str) -> str:
         return detail
 
 
-def preview_card(p: RejectionPreview) -> dict[str, Any]:
-    """What the template shows of one rejection preview (its boxes are in its image's pixels)."""
+def _detail(text: str) -> dict[str, Any]:
+    try:
+        found = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _picture(location: str, thumb: int) -> dict[str, Any] | None:
+    """A thumbnail of the image file at ``location`` (any ``FileSystems`` path), or None."""
+    from groundforge.sources.read import read_location
+
+    try:
+        made = thumbnail(read_location(location), thumb)
+    except Exception:  # gone, or unreadable here: the card says so instead
+        return None
+    if made is None:
+        return None
+    jpeg, w, h = made
+    return {"uri": _data_uri(jpeg), "w": w, "h": h}
+
+
+def _benchmark_picture(benchmark_id: str, benchmarks: list[str], thumb: int):
+    """The benchmark image a contaminated item matched, from its folder or parquet file.
+
+    Ids are ``<benchmark file or folder name>:<id>`` (:func:`merge_indexes`): a folder's ids are
+    relative paths, a parquet file's the ``question_id`` (else the row number).
+    """
+    name, _, item = benchmark_id.partition(":")
+    for path in benchmarks:
+        if path.rstrip("/").rsplit("/", 1)[-1] != name:
+            continue
+        if not path.endswith(".parquet"):
+            return _picture(f"{path.rstrip('/')}/{item}", thumb)
+        return _parquet_picture(path, item, thumb)
+    return None
+
+
+def _parquet_picture(path: str, item: str, thumb: int):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
+            table = pq.ParquetFile(pa.PythonFile(raw, mode="r"))
+            has_ids = "question_id" in table.schema_arrow.names
+            columns = ["image", "question_id"] if has_ids else ["image"]
+            row = 0
+            for batch in table.iter_batches(batch_size=64, columns=columns):
+                for cell in batch.to_pylist():
+                    label = str(cell["question_id"]) if has_ids else str(row)
+                    row += 1
+                    if label == item:
+                        image = cell["image"]
+                        data = image.get("bytes") if isinstance(image, dict) else image
+                        made = thumbnail(data, thumb)
+                        if made is None:
+                            return None
+                        return {"uri": _data_uri(made[0]), "w": made[1], "h": made[2]}
+    except Exception:  # an unreadable benchmark only costs the picture
+        return None
+    return None
+
+
+def preview_card(
+    p: RejectionPreview, benchmarks: list[str] = (), thumb: int = 320
+) -> dict[str, Any]:
+    """What the template shows of one rejection preview (its boxes are in its image's pixels),
+    with what the drop points at: a duplicate's kept twin, a contaminated item's benchmark
+    image, a refused rationale's reply."""
+    detail = _detail(p.detail)
+    related = None
+    if p.reason.startswith("duplicate_") and detail.get("kept_key"):
+        related = {"label": f"kept twin: {detail['kept_key']}"}
+        related["picture"] = _picture(str(detail["kept_key"]), thumb)
+    elif p.reason == "contaminated" and detail.get("benchmark_id"):
+        related = {"label": f"benchmark image: {detail['benchmark_id']}"}
+        related["picture"] = _benchmark_picture(str(detail["benchmark_id"]), benchmarks, thumb)
+    shown = {k: v for k, v in detail.items() if k != "reply"} if detail else None
     return {
         "p": p,
         "uri": _data_uri(p.image) if p.image else None,
         "w": p.width,
         "h": p.height,
         "rects": [_rect(b.kind, b.box, 1, 1, b.label) for b in p.boxes],
-        "detail": _pretty(p.detail),
+        "detail": _pretty(p.detail) if shown is None else _pretty(json.dumps(shown)),
+        "related": related,
+        "reply": detail.get("reply"),
     }
+
+
+def _json_block(value: Any) -> Markup:
+    """JSON that is safe inside a ``<script>`` element (no ``<``, ``>`` or ``&`` in it)."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    for char, code in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
+        text = text.replace(char, code)
+    return Markup(text)
+
+
+def _row(r: Rejection) -> list[str]:
+    """One rejection as the page's script shows it: id, path, entity, what it points at,
+    detail."""
+    detail = _detail(r.detail)
+    points_at = str(detail.get("kept_key") or detail.get("benchmark_id") or "")
+    return [r.item_id, r.source_id, r.entity, points_at, r.detail]
+
+
+def rejection_pages(
+    path: str, groups: dict[tuple[str, str], int], page_rows: int = PAGE_ROWS
+) -> Iterator[dict[str, Any]]:
+    """Pages of at most ``page_rows`` rows of each (stage, reason) group (``groups`` gives each
+    its index), streamed from the table: only one open page per group is held."""
+    from groundforge.outputs.rejections import iter_rejections
+
+    open_pages: dict[int, list] = defaultdict(list)
+    numbers: Counter = Counter()
+    for r in iter_rejections(path):
+        group = groups[(r.stage, r.reason)]
+        page = open_pages[group]
+        page.append(_row(r))
+        if len(page) == page_rows:
+            yield {"group": group, "page": numbers[group], "rows": _json_block(page)}
+            numbers[group] += 1
+            open_pages[group] = []
+    for group, page in sorted(open_pages.items()):
+        if page:
+            yield {"group": group, "page": numbers[group], "rows": _json_block(page)}
 
 
 def read_rejection_groups(path: str) -> tuple[Counter, dict[tuple[str, str], list[str]]]:
@@ -350,8 +493,10 @@ def _environment():
     )
 
 
-def render_report(run_dir: str, per_group: int = 12, thumb: int = 320) -> str:
-    """The report page of a run folder, as HTML text."""
+def iter_report(
+    run_dir: str, per_group: int = 12, thumb: int = 320, page_rows: int = PAGE_ROWS
+) -> Iterator[str]:
+    """The report page of a run folder, as pieces of HTML text in order."""
     from apache_beam.io.filesystems import FileSystems
 
     from groundforge.outputs.files import read_text
@@ -378,36 +523,47 @@ def render_report(run_dir: str, per_group: int = 12, thumb: int = 320) -> str:
         }
         for (domain, split), chosen in picker.groups()
     ]
+    recipe = manifest.get("recipe") or {}
+    benchmarks = list((recipe.get("decontaminate") or {}).get("benchmarks") or [])
     # Rejections follow the pipeline's stage order; stages the manifest does not list go last.
     stage_order = {st["stage"]: i for i, st in enumerate(manifest.get("stages") or [])}
-    counts, details = read_rejection_groups(FileSystems.join(run_dir, REJECTIONS_FILE))
+    rejections_path = FileSystems.join(run_dir, REJECTIONS_FILE)
+    counts, details = read_rejection_groups(rejections_path)
     previews = previews_by_reason(FileSystems.join(run_dir, PREVIEWS_FILE))
+    ordered = sorted(
+        ((key, n) for key, n in counts.items() if n > 0),
+        key=lambda kv: (stage_order.get(kv[0][0], len(stage_order)), kv[0]),
+    )
     reasons = [
         {
+            "group": i,
             "stage": stage,
             "reason": reason,
             "count": n,
-            "previews": [preview_card(p) for p in previews.get((stage, reason), [])],
+            "pages": -(-n // page_rows),
+            "previews": [
+                preview_card(p, benchmarks, thumb) for p in previews.get((stage, reason), [])
+            ],
             "details": details[(stage, reason)],
         }
-        for (stage, reason), n in sorted(
-            counts.items(), key=lambda kv: (stage_order.get(kv[0][0], len(stage_order)), kv[0])
-        )
-        if n > 0
+        for i, ((stage, reason), n) in enumerate(ordered)
     ]
-    recipe = manifest.get("recipe") or {}
+    index = {(r["stage"], r["reason"]): r["group"] for r in reasons}
+    pages = rejection_pages(rejections_path, index, page_rows) if reasons else iter(())
     timing = manifest.get("timing") or {}
     splits = manifest.get("splits")
     if not splits:
         splits = Counter()
         for (_, split), n in picker.sizes.items():
             splits[split] += n
+    domains = sorted(dist.targets) or ([recipe["domain"]] if recipe.get("domain") else [])
     return (
         _environment()
         .get_template("report.html.j2")
-        .render(
+        .generate(
             name=recipe.get("name") or run_dir.rstrip("/").rsplit("/", 1)[-1],
-            domain=recipe.get("domain") or ", ".join(sorted(dist.targets)) or "-",
+            domain=", ".join(domains) or "-",
+            domain_count=len(domains),
             version=manifest.get("groundforge_version", "-"),
             created_at=manifest.get("created_at", "-"),
             samples=manifest.get("samples", sum(picker.sizes.values())),
@@ -423,6 +579,9 @@ def render_report(run_dir: str, per_group: int = 12, thumb: int = 320) -> str:
             split_names=sorted({s for _, s in picker.sizes}),
             reasons=reasons,
             reason_names=sorted({r["reason"] for r in reasons}),
+            pages=pages,
+            page_rows=page_rows,
+            entity_rows=dist.entity_rows(),
             charts=dist.charts() if picker.sizes else [],
             colors=COLORS,
             legend=LEGEND,
@@ -434,18 +593,25 @@ def render_report(run_dir: str, per_group: int = 12, thumb: int = 320) -> str:
 
 
 def write_report(
-    run_dir: str, out: str | None = None, per_group: int = 12, thumb: int = 320
+    run_dir: str,
+    out: str | None = None,
+    per_group: int = 12,
+    thumb: int = 320,
+    page_rows: int = PAGE_ROWS,
 ) -> str:
     """Write ``report.html`` (or ``out``) for a run folder, which may be in a bucket; returns the
     path written.
 
     ``per_group`` samples per (domain, split) are shown, picked by smallest sha256 of their id;
-    thumbnails are at most ``thumb`` pixels on their longest side.
+    thumbnails are at most ``thumb`` pixels on their longest side; each reason's rejections are
+    listed ``page_rows`` to a page. The page is streamed to the file as it is made.
     """
     from apache_beam.io.filesystems import FileSystems
 
-    from groundforge.outputs.files import write_text
+    from groundforge.outputs.files import atomic_create
 
     path = out or FileSystems.join(str(run_dir), REPORT_FILE)
-    write_text(path, render_report(str(run_dir), per_group=per_group, thumb=thumb), "text/html")
+    with atomic_create(path, "text/html") as fh:
+        for piece in iter_report(str(run_dir), per_group, thumb, page_rows):
+            fh.write(piece.encode("utf-8"))
     return path

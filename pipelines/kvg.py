@@ -54,7 +54,7 @@ from groundforge.pipelines.crowd import (
     mark_uncertain,
 )
 from groundforge.pipelines.dedup import JoinFindings, dedup_check
-from groundforge.pipelines.metrics import TallyProvenance, model_namespace
+from groundforge.pipelines.metrics import TallyEntities, TallyProvenance, model_namespace
 from groundforge.pipelines.plans import (
     PlanCrowds,
     PlanScenes,
@@ -227,7 +227,8 @@ def attach_rationale(pair, codec, rules: RationaleRules, model: str) -> Verdict:
     sample, (text,) = pair
     verdict = check_rationale(text, sample, codec, rules)
     if not verdict.keep:
-        return verdict
+        # The reply itself, so the rejections table and the report show what was refused.
+        return Verdict.drop(verdict.reason, **verdict.metrics, reply=text)
     return Verdict.ok(
         with_rationale(
             sample,
@@ -696,6 +697,7 @@ class KVGGraph:
             samples = self._kvg_samples(self._boxes(records))
         samples = self._stage(samples, "output", check_sample)
         _ = samples | "tally provenance" >> beam.ParDo(TallyProvenance())
+        _ = samples | "tally entities" >> TallyEntities()
         _ = samples | "write shards" >> WriteShards(
             FileSystems.join(self.out_dir, SHARDS_DIR),
             recipe.output.format,

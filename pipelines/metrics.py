@@ -118,20 +118,44 @@ def read_stage_seconds(result, stages: list[str]) -> dict[str, float]:
 
 
 class TallyProvenance(beam.DoFn):
-    """Count the rows carrying each licence and each source (a row counts once per value)."""
+    """Count the rows carrying each licence and each source (a row counts once per value), and
+    the rows of each domain."""
 
     def process(self, sample):
         p = sample.provenance
         for kind, values in (("license", p.licenses), ("source", p.sources)):
             for value in sorted({v or "unknown" for v in values}):
                 Metrics.counter(PROVENANCE_PREFIX + kind, value).inc()
+        Metrics.counter(PROVENANCE_PREFIX + "domain", sample.domain or "unknown").inc()
         return []
 
 
+def _count_entity(domain_target) -> None:
+    Metrics.counter(PROVENANCE_PREFIX + "entity", domain_target[0] or "unknown").inc()
+
+
+class TallyEntities(beam.PTransform):
+    """Count the distinct target entities of each domain (``Distinct`` is a shuffle, so no
+    worker holds the set of names)."""
+
+    def expand(self, samples):
+        return (
+            samples
+            | "domain and target"
+            >> beam.FlatMap(lambda s: [(s.domain, s.target)] if s.target else [])
+            | "distinct entities" >> beam.Distinct()
+            | "count entities" >> beam.Map(_count_entity)
+        )
+
+
+_PLURALS = {"license": "licenses", "source": "sources", "domain": "domains", "entity": "entities"}
+
+
 def read_provenance(result) -> dict[str, dict[str, int]]:
-    """Rows per licence and per source, most common first."""
+    """Rows per licence, source and domain, and distinct entities per domain, most common
+    first."""
     values = _counters(result, PROVENANCE_PREFIX)
     return {
-        f"{kind}s": dict(sorted(values.get(kind, {}).items(), key=lambda kv: (-kv[1], kv[0])))
-        for kind in ("license", "source")
+        plural: dict(sorted(values.get(kind, {}).items(), key=lambda kv: (-kv[1], kv[0])))
+        for kind, plural in _PLURALS.items()
     }

@@ -20,7 +20,14 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from groundforge.filters.verdict import Verdict
-from groundforge.schemas.records import ImageRecord, KVGSample, Rejection, SourceItem
+from groundforge.schemas.records import (
+    ImageRecord,
+    KVGSample,
+    Rejection,
+    SourceItem,
+    item_id_of,
+    sha256_hex,
+)
 
 REJECTED = "rejected"
 PREVIEW = "preview"
@@ -36,17 +43,33 @@ def unwrap(item: Any) -> Any:
     return item
 
 
-def identify(item: Any) -> tuple[str, str]:
-    """``(item_id, source_id)`` of any record that flows, for the rejections table."""
+class Identity(NamedTuple):
+    """What the rejections table says of a dropped item (fields of :class:`Rejection`)."""
+
+    item_id: str
+    source_id: str
+    sha256: str = ""
+    entity: str = ""
+
+
+def identify(item: Any) -> Identity:
+    """The identity of any record that flows, for the rejections table.
+
+    An image's ``image_id`` is the sha256 of its bytes, shared by every copy of one picture, so
+    a source item or image is identified by :func:`item_id_of` (its location and its sha256).
+    """
     item = unwrap(item)
     if isinstance(item, SourceItem):
-        return item.item_id, item.location
+        place = item.location or item.item_id
+        digest = sha256_hex(item.data) if item.data is not None else ""
+        return Identity(item_id_of(place, digest), place, digest, item.entity)
     if isinstance(item, ImageRecord):
-        return item.image_id, item.location
+        place = item.location or item.image_id
+        return Identity(item_id_of(place, item.image_id), place, item.image_id, item.entity)
     if isinstance(item, KVGSample):
         locations = item.provenance.locations
-        return item.sample_id, locations[0] if locations else ""
-    return str(item)[:200], ""
+        return Identity(item.sample_id, locations[0] if locations else "", "", item.target)
+    return Identity(str(item)[:200], "")
 
 
 def _json_safe(metrics: dict[str, Any]) -> str:
@@ -54,8 +77,10 @@ def _json_safe(metrics: dict[str, Any]) -> str:
 
 
 def rejection(stage: str, item: Any, reason: str, detail: dict[str, Any]) -> Rejection:
-    item_id, source_id = identify(item)
-    return Rejection(item_id, stage, reason, _json_safe(detail), source_id)
+    who = identify(item)
+    return Rejection(
+        who.item_id, stage, reason, _json_safe(detail), who.source_id, who.sha256, who.entity
+    )
 
 
 def preview_rank(item_id: str) -> str:

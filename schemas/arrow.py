@@ -134,6 +134,8 @@ REJECTION_SCHEMA = pa.schema(
         ("reason", pa.string()),
         ("detail", pa.string()),
         ("source_id", pa.string()),
+        ("sha256", pa.string()),
+        ("entity", pa.string()),
     ]
 )
 
@@ -386,11 +388,14 @@ def rejection_to_row(r: Rejection) -> dict[str, Any]:
         "reason": r.reason,
         "detail": r.detail,
         "source_id": r.source_id,
+        "sha256": r.sha256,
+        "entity": r.entity,
     }
 
 
 def row_to_rejection(row: dict[str, Any]) -> Rejection:
-    return Rejection(**{k: row[k] for k in REJECTION_SCHEMA.names})
+    # Tables written before the sha256 and entity columns existed read with them empty.
+    return Rejection(**{k: row.get(k) or "" for k in REJECTION_SCHEMA.names})
 
 
 def preview_to_row(r: RejectionPreview) -> dict[str, Any]:

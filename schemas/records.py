@@ -225,15 +225,34 @@ class KVGSample(Compact):
     rationale_boxes: tuple[Entity, ...] = ()
 
 
+def item_id_of(location: str, sha256: str) -> str:
+    """The id of one source item: where it came from and its bytes' sha256 (``""`` when never
+    read). Two copies of one picture under two paths get two ids; the sha256 alone would be one.
+
+    >>> item_id_of("a/chad.png", "ab") != item_id_of("b/chad.png", "ab")
+    True
+    """
+    return stable_id("item", location, sha256)
+
+
 @dataclass(frozen=True)
 class Rejection(Compact):
-    """An item a stage dropped, and why. ``detail`` is JSON text."""
+    """An item a stage dropped, and why. ``detail`` is JSON text.
+
+    ``item_id`` is the dropped item's own id (:func:`item_id_of` for a source item or image, the
+    ``sample_id`` for a sample), so no two rows share one and none equals a kept image's id;
+    ``source_id`` is where it came from (a path or URI), ``sha256`` the digest of its source bytes
+    (``""`` when they were never read or the item is a composed sample) and ``entity`` its entity
+    name (a sample's target).
+    """
 
     item_id: str
     stage: str
     reason: str
     detail: str = "{}"
     source_id: str = ""
+    sha256: str = ""
+    entity: str = ""
 
 
 @dataclass(frozen=True)

@@ -112,5 +112,6 @@ def test_demo_recipe_is_packaged_with_its_data():
 
     root = demo_recipe_path().parent
     assert (root / "data" / "flags" / "COPYRIGHT").is_file()
+    assert (root / "data" / "flags" / "metadata.jsonl").is_file()
     assert len(list((root / "data" / "flags").rglob("*.png"))) > 300
     assert Path(demo_recipe_path()).is_file()

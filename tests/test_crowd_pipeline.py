@@ -17,7 +17,7 @@ from groundforge.pipelines.metrics import read_funnel
 from groundforge.pipelines.run import run_recipe
 from groundforge.recipe import load_recipe
 from groundforge.scenes.crowd import CrowdPlan
-from groundforge.schemas.records import ImageRecord
+from groundforge.schemas.records import ImageRecord, item_id_of
 from groundforge.trainer.callbacks import read_log
 from groundforge.trainer.grpo import reward_spec, run_grpo
 from groundforge.trainer.rewards import bare_answer_spec
@@ -111,9 +111,13 @@ def test_records_join_their_plan_slots_and_the_unwanted_are_dropped(tmp_path):
         label="members",
     )
     assert_that(
-        graph._rejected[0] | beam.Map(lambda r: (r.item_id, r.stage, r.reason, r.source_id)),
+        graph._rejected[0]
+        | beam.Map(lambda r: (r.sha256, r.stage, r.reason, r.source_id, r.item_id)),
         equal_to(
-            [("id1", "pool", "unused", "/img/1.png"), ("id3", "pool", "unused", "/img/3.png")]
+            [
+                ("id1", "pool", "unused", "/img/1.png", item_id_of("/img/1.png", "id1")),
+                ("id3", "pool", "unused", "/img/3.png", item_id_of("/img/3.png", "id3")),
+            ]
         ),
         label="rejected",
     )

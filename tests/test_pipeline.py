@@ -324,3 +324,40 @@ def test_rerun_replaces_previous_output(tmp_path):
     assert sorted(p.name for p in (out / "shards" / "sft").glob("data-*")) == [
         "data-00000-of-00001.arrow"
     ]
+
+
+def test_every_rejection_has_an_id_of_its_own(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    flags = demo_recipe_path().parent / "data" / "flags" / "africa"
+    for name in ("chad.png", "mali.png", "kenya.png", "ghana.png"):
+        shutil.copy(flags / name, images / name)
+    # Exact copies of Chad under other names, and two broken files with the same bytes.
+    shutil.copy(flags / "chad.png", images / "copy_of_chad.png")
+    shutil.copy(flags / "chad.png", images / "zz_chad.png")
+    (images / "broken.png").write_bytes(b"not an image")
+    (images / "broken_too.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    run_recipe(parse_recipe(folder_recipe(images), tmp_path), str(out))
+
+    rows = rejections_of(out)
+    by_path = {Path(r["source_id"]).name: r for r in rows}
+    assert sorted(by_path) == ["broken.png", "broken_too.png", "copy_of_chad.png", "zz_chad.png"]
+    ids = [r["item_id"] for r in rows]
+    assert len(set(ids)) == len(ids) == 4
+    samples = list(read_samples(str(out / "shards")))
+    kept = {i for s in samples for i in s.provenance.source_image_ids}
+    assert len(samples) == 4 and not kept & set(ids)
+    # The digest of the bytes is its own column: a copy's names its kept twin's image id.
+    chad = next(s for s in samples if s.target == "Chad")
+    for name in ("copy_of_chad.png", "zz_chad.png"):
+        row = by_path[name]
+        assert (row["reason"], row["sha256"]) == (
+            "duplicate_exact",
+            chad.provenance.source_image_ids[0],
+        )
+        assert row["source_id"] == str(images / name)
+        assert json.loads(row["detail"])["kept_key"] == chad.provenance.locations[0]
+    assert by_path["zz_chad.png"]["entity"] == "Zz Chad"
+    assert by_path["broken.png"]["sha256"] == by_path["broken_too.png"]["sha256"] != ""
+    assert by_path["broken.png"]["entity"] == "Broken"

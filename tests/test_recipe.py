@@ -12,7 +12,7 @@ def test_demo_recipe_loads_and_resolves_paths():
     r = load_recipe(demo_recipe_path())
     assert Path(r.source.path).is_dir()
     assert Path(r.source.path) == demo_recipe_path().parent / "data" / "flags"
-    assert r.source.rename["capeverde"] == "Cape Verde"
+    assert r.source.rename == {}  # names are written out in data/flags/metadata.jsonl
 
 
 def test_relative_path_resolves_against_recipe_folder(tmp_path):

@@ -24,7 +24,7 @@ from groundforge.outputs.report import write_report
 from groundforge.outputs.shards import read_samples
 from groundforge.schemas.arrow import PREVIEW_SCHEMA, REJECTION_SCHEMA, preview_to_row
 from groundforge.schemas.box import Box
-from groundforge.schemas.records import Detection, MarkedBox, RejectionPreview, stable_id
+from groundforge.schemas.records import Detection, Entity, MarkedBox, RejectionPreview, stable_id
 
 GREEN, ORANGE, MAGENTA = (0x00, 0xC8, 0x53), (0xFF, 0x91, 0x00), (0xD5, 0x00, 0xF9)
 GREY = (128, 128, 128)
@@ -348,3 +348,166 @@ def test_page_size_depends_on_the_gallery_not_on_the_rows(tmp_path):
     # The distributions still count every row, not only the shown ones.
     assert sum(page.chart("boxes").values()) == 300
     assert page.chart("entities") == {"flag": 150, "landmark": 150}
+
+
+# -- difficulty, every rejection, what a drop points at ----------------------------------------
+
+
+def _page_rows(html: str) -> dict[int, dict[int, list]]:
+    """The JSON rows of every rejection page, by group and page."""
+    found: dict[int, dict[int, list]] = defaultdict(dict)
+    for group, page, body in re.findall(
+        r'<script type="application/json" class="rejection-page" data-group="(\d+)" '
+        r'data-page="(\d+)">(.*?)</script>',
+        html,
+        re.S,
+    ):
+        found[int(group)][int(page)] = json.loads(body)
+    return found
+
+
+def test_scene_cards_and_every_rejection_show_difficulty_and_causes(tmp_path):
+    a, b, c = (Entity(n, Box(0, 0, 4, 4)) for n in ("Chad", "Romania", "Andorra"))
+    scene = replace(
+        make_sample(1),
+        domain="flag",
+        target="Chad",
+        entities=(a, b, c),
+        distractors="hard",
+        distractor_similarity=0.875,
+        student_k=4,
+        student_correct=1,
+    )
+    landmark = replace(make_sample(2), domain="landmark", target="Eiffel Tower")
+    run = write_shards(tmp_path / "run", [scene, landmark])
+    twin = tmp_path / "flags" / "chad.png"
+    twin.parent.mkdir()
+    twin.write_bytes(_png(40, 30, GREY))
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "q7.png").write_bytes(_png(50, 20, GREY))
+    rows = [
+        {
+            "item_id": f"dup{i}",
+            "stage": "dedup",
+            "reason": "duplicate_exact",
+            "detail": json.dumps({"kept_key": str(twin), "kept_id": "abc", "distance": 0.0}),
+            "source_id": f"/data/copy_{i}.png",
+            "sha256": "abc",
+            "entity": f"Copy {i}",
+        }
+        for i in range(7)
+    ]
+    rows.append(
+        {
+            "item_id": "bench0",
+            "stage": "decontaminate",
+            "reason": "contaminated",
+            "detail": json.dumps({"benchmark_id": "bench:q7.png", "kind": "perceptual"}),
+            "source_id": "/data/leak.png",
+            "sha256": "def",
+            "entity": "Mali",
+        }
+    )
+    reply = "<think>It is Romania.</think><answer>[1, 2, 3]</answer>"
+    rows.append(
+        {
+            "item_id": "s1",
+            "stage": "rationale",
+            "reason": "rationale_no_target",
+            "detail": json.dumps({"target": "Chad", "reply": reply}),
+            "source_id": "/data/chad.png",
+            "sha256": "",
+            "entity": "Chad",
+        }
+    )
+    write_table(str(run / "rejections.parquet"), rows, REJECTION_SCHEMA, "parquet")
+    previews = [
+        RejectionPreview(r["item_id"], r["stage"], r["reason"], r["detail"], _jpeg(30, 20), 30, 20)
+        for r in (rows[0], rows[7], rows[8])
+    ]
+    write_table(
+        str(run / "rejection_previews.parquet"),
+        [preview_to_row(p) for p in previews],
+        PREVIEW_SCHEMA,
+        "parquet",
+    )
+    manifest = {
+        "recipe": {"name": "r", "domain": "flag", "decontaminate": {"benchmarks": [str(bench)]}}
+    }
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    report = Path(write_report(str(run), page_rows=3))
+    html = report.read_text()
+    page = Page(html)
+
+    assert re.search(r'<b id="domains">flag, landmark</b>', html)
+    card = html[html.index(f'data-sample-id="{scene.sample_id}"') :]
+    card = card[: card.index("</dl>")]
+    assert '<dd class="distractors">Romania, Andorra</dd>' in card
+    assert '<dd class="mode">hard</dd>' in card and '<dd class="similarity">0.88</dd>' in card
+    assert "<dt>student pass rate</dt>" in card and "1 of 4 (0.25)" in card
+
+    # Every rejection is on some page, with its path and entity; 7 rows make 3 pages of 3.
+    groups = {
+        g["data-reason"]: int(g["data-count"]) for g in page.having("section", "reason-group")
+    }
+    assert groups == {"duplicate_exact": 7, "contaminated": 1, "rationale_no_target": 1}
+    pages = _page_rows(html)
+    pagers = {int(p["data-group"]): int(p["data-pages"]) for p in page.having("div", "pager")}
+    assert {g: len(p) for g, p in pages.items()} == pagers
+    listed = [row for g in pages.values() for p in sorted(g) for row in g[p]]
+    assert sorted(r[:3] for r in listed) == sorted(
+        [r["item_id"], r["source_id"], r["entity"]] for r in rows
+    )
+    dup_group = next(g for g, p in pages.items() if p[0][0][0].startswith("dup"))
+    assert [len(pages[dup_group][p]) for p in range(3)] == [3, 3, 1]
+    assert pages[dup_group][0][0][3] == str(twin)  # the kept twin beside the copy
+
+    # A duplicate beside its kept twin, a contaminated item beside its benchmark image.
+    related = {a["alt"]: (a["width"], a["height"]) for a in page.having("img") if ":" in a["alt"]}
+    assert related == {
+        f"kept twin: {twin}": ("40", "30"),
+        "benchmark image: bench:q7.png": ("50", "20"),
+    }
+    assert "It is Romania." in html and html.count('<details class="reply" open>') == 1
+
+    entities = {
+        (r["data-domain"], r["data-entity"]) for r in page.having("tr") if "data-entity" in r
+    }
+    assert entities == {("flag", n) for n in ("Chad", "Romania", "Andorra")} | {
+        ("landmark", "Eiffel Tower"),
+        ("landmark", "entity 2"),
+    }
+    assert re.search(
+        r'data-entity="Chad"><td>flag</td><td>Chad</td><td[^>]*>1</td><td[^>]*>1</td>', html
+    )
+    assert re.search(
+        r'data-entity="Romania"><td>flag</td><td>Romania</td><td[^>]*>0</td><td[^>]*>1</td>', html
+    )
+
+    # In a browser the first page of each reason is drawn, rows in file order.
+    dom = dump_dom(report)
+    body = dom[dom.index(f'class="rejection-table" data-group="{dup_group}"') :]
+    body = body[: body.index("</table>")]
+    assert re.findall(r'data-item-id="([^"]+)"', body) == ["dup0", "dup1", "dup2"]
+    assert "/data/copy_0.png" in body and "Copy 0" in body
+
+
+def test_demo_report_lists_every_rejection_and_names_distractors(demo_run, demo_report):
+    html = demo_report.read_text()
+    listed = [row for g in _page_rows(html).values() for p in g.values() for row in p]
+    table = read_rejections(str(demo_run / "rejections.parquet"))
+    assert sorted(r[:3] for r in listed) == sorted(
+        [r.item_id, r.source_id, r.entity] for r in table
+    )
+    assert all(r[1] and r[2] for r in listed)  # every drop names its file and its entity
+    by_id = {s.sample_id: s for s in read_samples(str(demo_run / "shards"))}
+    cards = re.findall(
+        r'data-sample-id="([^"]+)".*?<dd class="distractors">([^<]*)</dd>', html, re.S
+    )
+    assert cards
+    for sample_id, shown in cards:
+        s = by_id[sample_id]
+        names = [e.name for e in s.entities if e.name != s.target]
+        assert shown.replace("&#39;", "'") == ", ".join(names)
+    assert re.search(r'<b id="domains">flag</b>', html)

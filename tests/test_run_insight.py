@@ -17,6 +17,7 @@ from test_pipeline import folder_recipe
 
 from groundforge.outputs.previews import make_preview, read_previews, thumbnail
 from groundforge.outputs.rejections import read_rejections
+from groundforge.outputs.shards import read_samples
 from groundforge.pipelines.progress import StageProgress, read_progress, shows_progress
 from groundforge.pipelines.run import run_recipe
 from groundforge.recipe import parse_recipe
@@ -181,3 +182,9 @@ def test_dataset_card_tells_counts_licences_and_use(demo_run):
     assert re.search(rf"\| {re.escape(licence)} \| {manifest['samples']} \|", card)
     for heading in ("## Intended use", "## Load", "## Train", "load_from_disk"):
         assert heading in card
+    # Rows and distinct target entities per domain, counted in the pipeline.
+    targets = {s.target for s in read_samples(str(demo_run / "shards"))}
+    provenance = manifest["provenance"]
+    assert provenance["domains"] == {"flag": manifest["samples"]}
+    assert provenance["entities"] == {"flag": len(targets)} and len(targets) > 250
+    assert f"Domain: `flag` ({manifest['samples']} rows, {len(targets)} entities)" in card

@@ -237,6 +237,9 @@ def test_reply_verdicts_and_attach_functions():
     kept = attach_rationale((sample, (good,)), codec, RationaleRules(min_chars=10), "teacher-m")
     assert kept.keep and kept.value.teacher_model == "teacher-m"
     assert kept.value.rationale.startswith("The flag of") and kept.value.teacher_iou == 1.0
+    refused = f"<think>No name here at all, only stripes.</think><answer>{answer}</answer>"
+    dropped = attach_rationale((sample, (refused,)), codec, RationaleRules(min_chars=10), "t")
+    assert dropped.reason == "rationale_no_target" and dropped.metrics["reply"] == refused
 
     job = student_job(sample, 3)
     assert [r.sample_index for r in job.requests] == [0, 1, 2]
