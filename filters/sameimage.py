@@ -50,15 +50,19 @@ _FRAMED_RING = 0.98  # share of the outer ring in the frame colour
 class Look:
     """An image reduced for comparison: ``pixels`` are ``LOOK_SIDE**2 * 3`` bytes of RGB of the
     image without its uniform frame, ``aspect`` that part's width / height; ``whole`` and
-    ``whole_aspect`` the same of the untrimmed image (empty when nothing was trimmed)."""
+    ``whole_aspect`` the same of the untrimmed image (empty when nothing was trimmed);
+    ``shortest`` the trimmed part's shorter side in source pixels."""
 
     pixels: bytes
     aspect: float
     whole: bytes = b""
     whole_aspect: float = 0.0
+    shortest: int = LOOK_SIDE
 
     def untrimmed(self) -> Look:
-        return Look(self.whole, self.whole_aspect) if self.whole else self
+        if not self.whole:
+            return self
+        return Look(self.whole, self.whole_aspect, shortest=self.shortest)
 
 
 @dataclass(frozen=True)
@@ -88,10 +92,11 @@ def look_of(image: bytes | Image.Image) -> Look:
     """The :class:`Look` of image bytes (decoded upright, RGB) or of an RGB PIL image."""
     rgb = open_rgb(image) if isinstance(image, bytes) else image.convert("RGB")
     content = content_of(rgb)
-    look = Look(_side(content), content.width / content.height)
+    shortest = min(content.size)
+    look = Look(_side(content), content.width / content.height, shortest=shortest)
     if content.size == rgb.size:
         return look
-    return Look(look.pixels, look.aspect, _side(rgb), rgb.width / rgb.height)
+    return Look(look.pixels, look.aspect, _side(rgb), rgb.width / rgb.height, shortest)
 
 
 def _side(rgb: Image.Image) -> bytes:
@@ -178,7 +183,9 @@ def _same(a: Look, b: Look, settings: SameSettings) -> Verification:
     change = abs(np.log(a.aspect / b.aspect))
     if change > np.log1p(settings.max_aspect_change):
         return Verification(False, float(np.expm1(change)), float("inf"))
-    pa, pb = _blurred(a.pixels), _blurred(b.pixels)
+    # An image smaller than the look was enlarged: blur away the detail it never had.
+    sigma = max(1.0, LOOK_SIDE / (2 * max(1, min(a.shortest, b.shortest))))
+    pa, pb = _blurred(a.pixels, sigma), _blurred(b.pixels, sigma)
     # Align on half-size grey copies (cheap), then compare the full looks.
     ga, gb = _half_grey(pa), _half_grey(pb)
     x = y = (1.0, 0.0)
@@ -260,9 +267,9 @@ def _half_grey(pixels: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=4096)
-def _blurred(pixels: bytes) -> np.ndarray:
+def _blurred(pixels: bytes, sigma: float) -> np.ndarray:
     image = Image.frombytes("RGB", (LOOK_SIDE, LOOK_SIDE), pixels)
-    blurred = image.filter(ImageFilter.GaussianBlur(1.0))
+    blurred = image.filter(ImageFilter.GaussianBlur(sigma))
     out = np.asarray(blurred, dtype=np.float32)
     out.setflags(write=False)
     return out
