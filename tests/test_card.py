@@ -13,7 +13,7 @@ from test_scene_pipeline import copy_flags, recipe
 
 from groundforge.outputs import card as card_module
 from groundforge.outputs.card import front_matter
-from groundforge.outputs.shards import read_samples
+from groundforge.outputs.shards import detect_format, read_samples
 from groundforge.pipelines.run import run_recipe
 from groundforge.recipe import parse_recipe
 
@@ -35,7 +35,8 @@ def loaded_ids(path: Path, cache: Path) -> dict[str, list[str]]:
 
 def shard_ids(run: Path) -> dict[str, list[str]]:
     ids: dict[str, list[str]] = {}
-    for s in read_samples(str(run / "shards")):
+    shards = str(run / "shards")
+    for s in read_samples(shards, fmt=detect_format(shards)):
         ids.setdefault(s.split, []).append(s.sample_id)
     return {split: sorted(v) for split, v in ids.items()}
 
