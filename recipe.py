@@ -307,6 +307,11 @@ class DecontaminateConfig(_Strict):
     max_block_difference: float = Field(16.0, gt=0)
 
 
+# A canvas colour: "auto" (chosen per scene so that every member's outline shows) or RGB.
+_Channel = Annotated[int, Field(ge=0, le=255)]
+Background = Literal["auto"] | tuple[_Channel, _Channel, _Channel]
+
+
 class ScenesConfig(_Strict):
     """Composite scenes of k look-alike entities of one domain (and one split).
 
@@ -332,7 +337,7 @@ class ScenesConfig(_Strict):
     cell_size: int = Field(336, ge=16)
     max_side: int = Field(1344, ge=64)
     margin: int = Field(8, ge=0)
-    background: tuple[int, int, int] = (255, 255, 255)
+    background: Background = "auto"
     seed: str = "groundforge"
 
     @model_validator(mode="after")
@@ -374,7 +379,7 @@ class CrowdConfig(_Strict):
     scale: tuple[float, float] = (0.15, 0.35)
     overlap: float = Field(0.3, ge=0, lt=1)
     min_visible: float = Field(0.1, ge=0, le=1)
-    background: tuple[int, int, int] = (255, 255, 255)
+    background: Background = "auto"
     per_image: float = Field(0.5, gt=0)
     seed: str = "groundforge"
 

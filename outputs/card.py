@@ -4,6 +4,64 @@ from __future__ import annotations
 
 from typing import Any
 
+import yaml
+
+# Licence ids the Hub knows (https://huggingface.co/docs/hub/repositories-licenses) that a data
+# recipe is likely to name; any other licence text is "other", explained in the card's body.
+HUB_LICENSES = frozenset(
+    {
+        "apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc0-1.0", "cc-by-2.0",
+        "cc-by-2.5", "cc-by-3.0", "cc-by-4.0", "cc-by-sa-3.0", "cc-by-sa-4.0", "cc-by-nc-2.0",
+        "cc-by-nc-3.0", "cc-by-nc-4.0", "cc-by-nd-4.0", "cc-by-nc-nd-3.0", "cc-by-nc-nd-4.0",
+        "cc-by-nc-sa-2.0", "cc-by-nc-sa-3.0", "cc-by-nc-sa-4.0", "cdla-permissive-1.0",
+        "cdla-permissive-2.0", "cdla-sharing-1.0", "odc-by", "odbl", "pddl", "gpl-3.0",
+        "unlicense", "unknown",
+    }
+)  # fmt: skip
+
+
+def hub_license(text: str) -> str:
+    """The Hub licence id that a licence text names; "other" for free text.
+
+    >>> hub_license("CC-BY-4.0"), hub_license("cc by sa 4.0"), hub_license("public domain")
+    ('cc-by-4.0', 'cc-by-sa-4.0', 'other')
+    """
+    name = "-".join(text.strip().lower().replace("_", " ").split())
+    return name if name in HUB_LICENSES else "other"
+
+
+def front_matter(manifest: dict[str, Any], data_dir: str) -> str:
+    """The card's YAML metadata: licence, tasks, and one config naming every split's shards
+    (``data_dir``: the shards folder as seen from the card), so that ``datasets.load_dataset``
+    on the card's folder and the Hub find every split, not only the ones named like
+    train/validation/test. A split without rows is left out: ``datasets`` refuses one."""
+    recipe = manifest["recipe"]
+    licences = manifest.get("provenance", {}).get("licenses") or [recipe["source"].get("license")]
+    ids = sorted({hub_license(t) for t in licences if t}) or ["unknown"]
+    prefix = f"{data_dir}/" if data_dir else ""
+    # Shard files are data-NNNNN-of-NNNNN.<format>.
+    data_files = [
+        {"split": split, "path": f"{prefix}{split}/*.{manifest['format']}"}
+        for split, rows in manifest["splits"].items()
+        if rows
+    ]
+    meta = {
+        "pretty_name": recipe["name"],
+        "license": ids[0] if len(ids) == 1 else ids,
+        "task_categories": ["object-detection", "visual-question-answering"],
+    }
+    if data_files:
+        meta["configs"] = [{"config_name": "default", "data_files": data_files}]
+    return f"---\n{yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)}---\n"
+
+
+def render_shards_card(manifest: dict[str, Any]) -> str:
+    """The ``README.md`` of the shards folder: the same metadata, pointing at the full card."""
+    return (
+        f"{front_matter(manifest, '')}\n# {manifest['recipe']['name']}: shards\n\n"
+        "The dataset card is `../README.md`.\n"
+    )
+
 
 def _funnel_table(stages: list[dict[str, Any]]) -> str:
     lines = ["| stage | in | kept | dropped (by reason) |", "|---|---:|---:|---|"]
@@ -67,13 +125,7 @@ def render_card(manifest: dict[str, Any]) -> str:
     ):
         if recipe.get(section) and (recipe[section].get("enabled", True)):
             layers.append(text)
-    return f"""---
-pretty_name: {recipe["name"]}
-task_categories:
-- object-detection
-- visual-question-answering
----
-
+    return f"""{front_matter(manifest, "shards")}
 # {recipe["name"]}
 
 {recipe.get("description") or "A knowledge-intensive visual grounding corpus."}

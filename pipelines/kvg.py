@@ -532,7 +532,7 @@ class KVGGraph:
             cell_size=cfg.cell_size,
             max_side=cfg.max_side,
             margin=cfg.margin,
-            background=tuple(cfg.background),
+            background=cfg.background,
         )
         scenes = self._stage(
             {"plan": by_scene, "members": members} | "gather scenes" >> beam.CoGroupByKey(),

@@ -17,7 +17,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from groundforge.outputs.card import render_card
+from groundforge.outputs.card import render_card, render_shards_card
 from groundforge.outputs.files import list_files, remove_folder, write_text
 from groundforge.outputs.manifest import build_manifest, write_manifest
 from groundforge.outputs.previews import PREVIEWS_FILE, ensure_previews
@@ -221,5 +221,7 @@ def _finish(recipe, out_dir, options, beam_args, graph, result, started) -> RunR
     )
     write_manifest(FileSystems.join(out_dir, MANIFEST_FILE), manifest)
     write_text(FileSystems.join(out_dir, CARD_FILE), render_card(manifest))
+    # datasets.load_dataset reads the card of the folder it is given: the shards folder too.
+    write_text(FileSystems.join(out_dir, SHARDS_DIR, CARD_FILE), render_shards_card(manifest))
     write_report(out_dir)
     return RunResult(out_dir, manifest, funnel)

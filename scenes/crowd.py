@@ -4,6 +4,9 @@ Each instance is the trusted-box crop of a member image (the box widened to whol
 resized with :data:`~groundforge.scenes.compose.RESAMPLE`, aspect kept, so that its longer side
 is a random fraction (``CrowdSpec.scale``) of the canvas's longer side, and pasted wholly inside
 the canvas. Instances are painted in order; a later one hides what lies under its rectangle.
+Where no instance lies, the canvas shows ``CrowdSpec.background``: with ``"auto"`` a colour that
+every pasted instance's outer pixels stand out against (:mod:`groundforge.scenes.background`),
+painted last, so the choice never changes where instances go.
 
 Every instance records two boxes: its *full* box (the whole pasted rectangle, the usual ground
 truth of crowd benchmarks such as CrowdHuman, and the instance's ``box``) and its *visible* box
@@ -36,6 +39,8 @@ import numpy as np
 from PIL import Image
 
 from groundforge.filters.image import PNG_COMPRESS_LEVEL
+from groundforge.scenes.background import AUTO, RGB, Background, check_background, pick_background
+from groundforge.scenes.background import sides as pixel_sides
 from groundforge.scenes.compose import RESAMPLE, decoded_member
 from groundforge.scenes.plan import PoolItem
 from groundforge.schemas.box import Box, mask_box
@@ -56,7 +61,8 @@ class CrowdSpec:
     ``count`` is the inclusive range of instances per scene; ``scale`` the range of an instance's
     longer side as a fraction of the canvas's longer side; ``overlap`` the target mean share of
     an instance's full box hidden by later instances; instances less visible than ``min_visible``
-    become ignore instances (too hidden to ask a model to find). A target below the overlap
+    become ignore instances (too hidden to ask a model to find); ``background`` is the canvas
+    colour, an RGB colour or ``"auto"`` (one per crowd). A target below the overlap
     that the crowd's density forces (many large instances on a small canvas) is missed from
     above: with the defaults, even ``overlap=0`` leaves about 0.1 covered on average.
 
@@ -69,7 +75,7 @@ class CrowdSpec:
     count: tuple[int, int] = (8, 20)
     scale: tuple[float, float] = (0.15, 0.35)
     overlap: float = 0.3
-    background: tuple[int, int, int] = (255, 255, 255)
+    background: Background = AUTO
     min_visible: float = 0.1
 
     def __post_init__(self) -> None:
@@ -87,8 +93,7 @@ class CrowdSpec:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
         if not 0 <= self.min_visible <= 1:
             raise ValueError(f"min_visible must be in [0, 1], got {self.min_visible}")
-        if len(self.background) != 3 or not all(0 <= c <= 255 for c in self.background):
-            raise ValueError(f"background must be 3 values in 0..255, got {self.background}")
+        check_background(self.background)
 
 
 DEFAULT_CROWD = CrowdSpec()
@@ -96,7 +101,8 @@ DEFAULT_CROWD = CrowdSpec()
 
 @dataclass(frozen=True)
 class CrowdScene:
-    """A composed crowd: PNG bytes, its size, and its instances in paint order.
+    """A composed crowd: PNG bytes, its size, its canvas colour, and its instances in paint
+    order.
 
     Each instance's ``box`` and ``full`` are the whole pasted rectangle (always inside the
     canvas), ``visible`` the box of its pixels left visible (None when none are) and ``ignore``
@@ -110,6 +116,7 @@ class CrowdScene:
     instances: tuple[Instance, ...]
     visible_fraction: tuple[float, ...]
     source_image_ids: tuple[str, ...]
+    background: RGB
 
     def to_record(self, domain: str, label: str, location: str) -> ImageRecord:
         """The crowd as an image record whose instances are the crowd's (a ``detect`` source)."""
@@ -150,7 +157,6 @@ def compose_crowd(
     count = rng.randint(*spec.count)
     width, height = spec.width, spec.height
     canvas = np.empty((height, width, 3), dtype=np.uint8)
-    canvas[:] = spec.background
     owner = np.full((height, width), -1, dtype=np.int32)
     # weight[p] = 1 / area of p's current owner: covering p raises that owner's covered fraction
     # by exactly this much.
@@ -160,6 +166,7 @@ def compose_crowd(
     deck: list[int] = []
     chosen: list[int] = []
     fulls: list[Box] = []
+    instance_sides: list[np.ndarray] = []
     for index in range(count):
         if not deck:
             deck = list(range(len(members)))
@@ -173,13 +180,18 @@ def compose_crowd(
         near = np.flatnonzero(miss <= miss.min() + OVERLAP_SLACK * spec.overlap + _ROUNDING)
         y, x = divmod(int(near[rng.randrange(near.size)]), width - w + 1)
         covered_sum += float(rise[y, x])
-        canvas[y : y + h, x : x + w] = np.asarray(crop.resize((w, h), RESAMPLE))
+        pasted = np.asarray(crop.resize((w, h), RESAMPLE))
+        canvas[y : y + h, x : x + w] = pasted
+        # Copies: views would keep every pasted instance alive until the end.
+        instance_sides += [side.copy() for side in pixel_sides(pasted)]
         owner[y : y + h, x : x + w] = index
         _add_to_integral(integral, 1.0 / (w * h) - weight[y : y + h, x : x + w], x, y)
         weight[y : y + h, x : x + w] = 1.0 / (w * h)
         chosen.append(member)
         fulls.append(Box(x, y, x + w, y + h))
 
+    background = pick_background(instance_sides, spec.background)
+    canvas[owner < 0] = background
     visible_pixels = np.bincount(owner[owner >= 0], minlength=count)
     fractions = tuple(float(visible_pixels[i]) / fulls[i].area for i in range(count))
     instances = tuple(
@@ -201,6 +213,7 @@ def compose_crowd(
         instances=instances,
         visible_fraction=fractions,
         source_image_ids=tuple(members[m].image_id for m in chosen),
+        background=background,
     )
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from groundforge.scenes.background import AUTO, Background, check_background
 from groundforge.schemas.box import Box
 
 LAYOUTS = ("horizontal", "vertical", "grid", "random")
@@ -46,7 +47,9 @@ class CanvasSpec:
     """How scenes are drawn.
 
     ``random_slack`` is the random layout's starting canvas area as a multiple of the grid
-    layout's canvas area; the free room is what lets positions vary.
+    layout's canvas area; the free room is what lets positions vary. ``background`` is an RGB
+    colour, or ``"auto"``: a colour per scene that every member's outline stands out against
+    (:func:`~groundforge.scenes.background.pick_background`).
 
     >>> CanvasSpec(cell_size=224).max_side
     1344
@@ -55,7 +58,7 @@ class CanvasSpec:
     cell_size: int = 336
     max_side: int = 1344
     margin: int = 8
-    background: tuple[int, int, int] = (255, 255, 255)
+    background: Background = AUTO
     random_slack: float = 1.5
 
     def __post_init__(self) -> None:
@@ -69,8 +72,7 @@ class CanvasSpec:
             )
         if not self.random_slack >= 1:
             raise ValueError(f"random_slack must be at least 1, got {self.random_slack}")
-        if len(self.background) != 3 or not all(0 <= c <= 255 for c in self.background):
-            raise ValueError(f"background must be 3 values in 0..255, got {self.background}")
+        check_background(self.background)
 
 
 @dataclass(frozen=True)

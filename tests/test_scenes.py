@@ -28,7 +28,6 @@ from groundforge.scenes.sampling import SceneMix
 from groundforge.schemas.box import Box
 from groundforge.schemas.records import ImageRecord, sha256_hex
 
-WHITE = (255, 255, 255)
 TILE = (40, 40, 40)
 INNER = [
     (230, 25, 75),
@@ -196,7 +195,7 @@ def test_remapped_boxes_cover_the_entity_pixels(tiles, layout, spec_args, seed):
     # pixel past the pasted rectangle, so a tile pasted one pixel off would show.
     for (_, box, colour), p, entity in zip(tiles, scene.placements, scene.entities, strict=True):
         e = entity.box
-        others = [WHITE] if box is None else [TILE, WHITE]
+        others = [scene.background] if box is None else [TILE, scene.background]
         row = pixels[int((e.y1 + e.y2) / 2), p.x - 1 : p.x + p.width + 1]
         column = pixels[p.y - 1 : p.y + p.height + 1, int((e.x1 + e.x2) / 2)]
         found = extent(closer_to(row, colour, others), p.x - 1)
