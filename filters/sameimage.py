@@ -7,10 +7,13 @@ Two looks are the same picture when
 
 - their aspect ratios agree within ``max_aspect_change`` (a crop of a few percent changes it a
   little; Monaco's 4:5 and Indonesia's 2:3 differ by 18%);
-- after the best small alignment (shifts of up to ``max_shift`` look pixels, for crops) and the
-  best single gain and offset over all channels (for brightness and contrast shifts), no
-  ``BLOCK`` x ``BLOCK`` block differs by more than ``max_block_difference`` on average on any
-  channel.
+- after the best small alignment per axis (scales within ``max_aspect_change`` and shifts of
+  up to ``max_shift`` look pixels, for crops; searched on half-size grey copies) and the best
+  gain over all channels with a small offset (for brightness shifts), no ``BLOCK`` x ``BLOCK``
+  block inside the outermost lines differs by more than ``max_block_difference`` on average on
+  its worst channel, less ``edge_allowance`` times its mean gradient (alignment errors live on
+  edges). A framed image is also compared whole, since a frame is found or missed by a few
+  levels of noise on its ring.
 
 The block test is what global measures lack: a star or an emblem covering 2% of a flag moves a
 hash or a mean colour by little, but makes one or two blocks differ by its full contrast. JPEG
