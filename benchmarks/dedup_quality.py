@@ -30,9 +30,14 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageEnhance
 
 from groundforge.filters.decontaminate import BenchmarkIndex, check_contamination
-from groundforge.filters.dedup import DEFAULT_SETTINGS, find_duplicates, signature_of
+from groundforge.filters.dedup import (
+    DEFAULT_SETTINGS,
+    find_duplicates,
+    pixel_check,
+    signature_of,
+)
 from groundforge.filters.image import check_image
-from groundforge.filters.sameimage import look_of, same_picture
+from groundforge.filters.sameimage import look_of
 from groundforge.schemas.records import ImageRecord, sha256_hex
 
 FLAGS = Path(__file__).resolve().parents[1] / "examples" / "data" / "flags"
@@ -164,9 +169,7 @@ def main() -> None:
             looks[key] = look_of(everything[key].image)
         return looks[key]
 
-    def verify(key, dup):
-        return same_picture(look(dup.kept_key), look(key)).same
-
+    verify = pixel_check(look)
     start = time.perf_counter()
     sigs = [signature_of(r) for r in everything.values()]
     found = find_duplicates(sigs, DEFAULT_SETTINGS, verify)

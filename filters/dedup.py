@@ -79,7 +79,14 @@ from itertools import islice
 import numpy as np
 
 from groundforge.filters.image import open_rgb
-from groundforge.filters.sameimage import content_of
+from groundforge.filters.sameimage import (
+    DEFAULT_SAME,
+    Look,
+    SameSettings,
+    content_of,
+    look_of,
+    same_picture,
+)
 from groundforge.filters.verdict import Verdict
 from groundforge.pixels import image_bytes
 from groundforge.schemas.records import ImageRecord, record_key
@@ -663,8 +670,9 @@ def find_duplicates(
     return out
 
 
-def dedup_verdict(record: ImageRecord, found: Duplicate | None) -> Verdict:
-    """Keep (no finding), or drop with ``duplicate_<kind>`` naming the twin and the distance.
+def dedup_verdict(record: ImageRecord, found: Duplicate | None, **metrics) -> Verdict:
+    """Keep (no finding), or drop with ``duplicate_<kind>`` naming the twin and the distance
+    (and ``metrics``, such as the pixel check's ``block_difference``).
 
     >>> dedup_verdict(copy, Duplicate("exact", "id1", "a.png", 0.0)).metrics  # doctest: +SKIP
     {'kept_id': 'id1', 'kept_key': 'a.png', 'distance': 0.0}
@@ -676,7 +684,45 @@ def dedup_verdict(record: ImageRecord, found: Duplicate | None) -> Verdict:
         kept_id=found.kept_id,
         kept_key=found.kept_key,
         distance=found.distance,
+        **metrics,
     )
+
+
+def pixel_check(
+    look: Callable[[str], Look], settings: SameSettings = DEFAULT_SAME
+) -> Callable[[str, Duplicate], bool]:
+    """``verify`` for :func:`find_duplicates`: ``look(key)`` gives the look of a record by key,
+    and a candidate holds when :func:`same_picture` says the two show one picture."""
+
+    def verify(key: str, dup: Duplicate) -> bool:
+        return same_picture(look(dup.kept_key), look(key), settings).same
+
+    return verify
+
+
+def confirm_duplicate(
+    record: ImageRecord,
+    candidates: Sequence[Duplicate],
+    kept_look: Callable[[Duplicate], Look],
+    settings: SameSettings = DEFAULT_SAME,
+) -> Verdict:
+    """Drop ``record`` as a duplicate of its first candidate whose pixels show the same picture
+    (``kept_look`` loads the twin's look), with that comparison's ``block_difference``; keep it
+    when none does. Exact copies need no comparison."""
+    if not candidates:
+        return Verdict.ok()
+    own = look_of(image_bytes(record))
+    differences: dict[str, float] = {}
+
+    def verify(dup: Duplicate) -> bool:
+        outcome = same_picture(kept_look(dup), own, settings)
+        differences[dup.kept_key] = outcome.block_difference
+        return outcome.same
+
+    found = first_verified(candidates, verify)
+    if found is not None and found.kept_key in differences:
+        return dedup_verdict(record, found, block_difference=differences[found.kept_key])
+    return dedup_verdict(record, found)
 
 
 def _thumbnail_table(thumbnails: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:

@@ -33,15 +33,14 @@ from groundforge.filters.dedup import (
     band_entries,
     best_candidates,
     compare_chunks,
-    dedup_verdict,
+    confirm_duplicate,
     exact_findings,
-    first_verified,
     signature_of,
     split,
 )
-from groundforge.filters.sameimage import DEFAULT_SAME, SameSettings, look_of, same_picture
+from groundforge.filters.sameimage import DEFAULT_SAME, SameSettings, look_of
 from groundforge.filters.verdict import Verdict
-from groundforge.pixels import image_bytes, load_pixels
+from groundforge.pixels import load_pixels
 from groundforge.schemas.records import ImageRecord, record_key
 
 FAILED = "failed"
@@ -170,33 +169,21 @@ def _pair(element):
 def dedup_check(
     item: tuple[ImageRecord, object, str | None], settings: SameSettings = DEFAULT_SAME
 ) -> Verdict:
-    """The ``dedup`` stage's check on a joined ``(record, candidates, error)``: drops the record
-    as a duplicate of its first candidate that shows the same picture (the kept twin's pixels
-    are loaded from its ``kept_ref``), else keeps it. A record whose signature failed raises,
-    so the stage drops it as ``error``."""
+    """The ``dedup`` stage's check on a joined ``(record, candidates, error)``:
+    :func:`confirm_duplicate`, the kept twins' pixels loaded from their ``kept_ref``. A record
+    whose signature failed raises, so the stage drops it as ``error``."""
     record, candidates, error = item
     if error is not None:
         raise ValueError(f"no dedup signature: {error}")
-    if not candidates:
-        return Verdict.ok(record)
-    own = look_of(image_bytes(record))
-    differences: dict[str, float] = {}
-
-    def verify(dup) -> bool:
-        outcome = same_picture(_kept_look(dup.kept_ref), own, settings)
-        differences[dup.kept_key] = outcome.block_difference
-        return outcome.same
-
-    found = first_verified(candidates, verify)
-    verdict = dedup_verdict(record, found)
-    if found is not None and found.kept_key in differences:
-        return Verdict.drop(
-            verdict.reason, **verdict.metrics, block_difference=differences[found.kept_key]
-        )
+    verdict = confirm_duplicate(record, candidates or (), _kept_look, settings)
     return Verdict.ok(record) if verdict.keep else verdict
 
 
+def _kept_look(dup):
+    return _look_at(dup.kept_ref)
+
+
 @functools.lru_cache(maxsize=1024)
-def _kept_look(ref: str):
+def _look_at(ref: str):
     # A kept image is the twin of many near-copies in a crowded band: decode it once.
     return look_of(load_pixels(ref))

@@ -21,6 +21,7 @@ from groundforge.filters.dedup import (
     best_candidates,
     chunk_pairs,
     colour_thumbnail,
+    confirm_duplicate,
     dedup_verdict,
     embedding_bands,
     exact_findings,
@@ -30,12 +31,13 @@ from groundforge.filters.dedup import (
     perceptual_hash,
     phash_band_layout,
     phash_bands,
+    pixel_check,
     signature_of,
     simhash_parameters,
     simhash_recall,
     split,
 )
-from groundforge.filters.sameimage import look_of, same_picture
+from groundforge.filters.sameimage import DEFAULT_SAME, look_of
 from groundforge.filters.verdict import Verdict
 from groundforge.schemas.records import ImageRecord, sha256_hex
 
@@ -142,13 +144,16 @@ def record(key: str, data: bytes, embedding=None) -> ImageRecord:
     )
 
 
-def pixel_check(data_of: dict[str, bytes]):
-    """``verify`` for :func:`find_duplicates`: the two images compared by :func:`same_picture`."""
+def by_pixels(data_of: dict[str, bytes]):
+    """``verify`` for :func:`find_duplicates` over images held by key (looks made once)."""
+    looks: dict[str, object] = {}
 
-    def verify(key: str, dup: Duplicate) -> bool:
-        return same_picture(look_of(data_of[dup.kept_key]), look_of(data_of[key])).same
+    def look(key: str):
+        if key not in looks:
+            looks[key] = look_of(data_of[key])
+        return looks[key]
 
-    return verify
+    return pixel_check(look)
 
 
 def sig(key: str, phash: int = 0, embedding=None, item_id: str | None = None) -> Signature:
@@ -213,7 +218,7 @@ def test_copies_are_dropped_naming_their_original():
     sigs += [signature_of(record(k, d)) for k, (_, d) in copies.items()]
 
     data_of = {**originals, **{k: d for k, (_, d) in copies.items()}}
-    dups = find_duplicates(sigs, verify=pixel_check(data_of))
+    dups = find_duplicates(sigs, verify=by_pixels(data_of))
 
     assert set(dups) == set(copies)
     hashes = {s.key: s.phash for s in sigs}
@@ -243,7 +248,7 @@ def test_distinct_images_are_all_kept():
     assert len(images) == 21
     data_of = {f"{name}.png": encode(im) for name, im in images.items()}
     sigs = [signature_of(record(k, d)) for k, d in data_of.items()]
-    assert find_duplicates(sigs, verify=pixel_check(data_of)) == {}
+    assert find_duplicates(sigs, verify=by_pixels(data_of)) == {}
     # Hashes and layouts alone would merge some of them: the pixels decide.
     assert find_duplicates(sigs) != {}
 
@@ -253,7 +258,7 @@ def test_phash_is_colour_blind_and_the_pixels_tell_flags_apart():
     france, ireland = (signature_of(record(n, d)) for n, d in data_of.items())
     assert france.phash == ireland.phash
 
-    assert find_duplicates([france, ireland], verify=pixel_check(data_of)) == {}
+    assert find_duplicates([france, ireland], verify=by_pixels(data_of)) == {}
     unverified = find_duplicates([france, ireland])
     assert unverified == {"ireland": Duplicate("perceptual", france.item_id, "france", 0.0)}
     # The thumbnail check, where wanted, screens candidates before the pixels are compared.
@@ -264,7 +269,7 @@ def test_chad_and_romania_differ_by_one_shade_of_blue_and_are_both_kept():
     data_of = {n: encode(tricolour(VERTICAL[n])) for n in ("chad", "romania")}
     chad, romania = (signature_of(record(n, d)) for n, d in data_of.items())
     assert bin(chad.phash ^ romania.phash).count("1") <= 4
-    assert find_duplicates([chad, romania], verify=pixel_check(data_of)) == {}
+    assert find_duplicates([chad, romania], verify=by_pixels(data_of)) == {}
     assert find_duplicates([chad, romania])["romania"].kept_key == "chad"
 
 
@@ -278,7 +283,7 @@ def test_the_first_in_key_order_is_kept_whatever_the_input_order():
         {f"m/{n}.jpg": encode(Image.open(io.BytesIO(d)), "JPEG", 70) for n, d in data.items()}
     )
     sigs = [signature_of(record(k, d)) for k, d in data_of.items()]
-    verify = pixel_check(data_of)
+    verify = by_pixels(data_of)
     expected = find_duplicates(sigs, verify=verify)
     # "m/" sorts before "z/": the JPEG copies are kept and the PNG originals dropped.
     assert set(expected) == {f"z/{name}.png" for name in data}
@@ -753,3 +758,23 @@ def test_dedup_verdict_reasons_and_metrics():
         verdict = dedup_verdict(copy, Duplicate(kind, "k", "a.png", 0.25))
         assert (verdict.keep, verdict.reason) == (False, f"duplicate_{kind}")
         assert verdict.metrics == {"kept_id": "k", "kept_key": "a.png", "distance": 0.25}
+
+
+def test_confirm_duplicate_names_the_first_twin_the_pixels_confirm():
+    chad, romania = (encode(tricolour(VERTICAL[n])) for n in ("chad", "romania"))
+    copy = record("z/romania.jpg", encode(tricolour(VERTICAL["romania"]), "JPEG", 70))
+    looks = {"a/chad.png": look_of(chad), "a/romania.png": look_of(romania)}
+    # Chad ranks first (nearer hash) and is refused by the pixels; Romania is confirmed.
+    candidates = (
+        Duplicate("perceptual", "id-chad", "a/chad.png", 1.0),
+        Duplicate("perceptual", "id-rom", "a/romania.png", 2.0),
+    )
+    verdict = confirm_duplicate(copy, candidates, lambda d: looks[d.kept_key])
+    assert verdict.reason == "duplicate_perceptual"
+    assert verdict.metrics["kept_key"] == "a/romania.png"
+    assert 0 <= verdict.metrics["block_difference"] <= DEFAULT_SAME.max_block_difference
+    assert confirm_duplicate(copy, candidates[:1], lambda d: looks[d.kept_key]).keep
+    # An exact copy is dropped without loading its twin.
+    exact = (Duplicate("exact", "id-rom", "a/romania.png", 0.0),)
+    unloadable = confirm_duplicate(copy, exact, lambda d: 1 / 0)
+    assert unloadable.metrics == {"kept_id": "id-rom", "kept_key": "a/romania.png", "distance": 0.0}

@@ -13,8 +13,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from PIL import Image
 from test_dedup import encode, photo, shapes
 
-from groundforge.filters.dedup import DedupSettings, find_duplicates, signature_of
-from groundforge.filters.sameimage import look_of, same_picture
+from groundforge.filters.dedup import DedupSettings, find_duplicates, pixel_check, signature_of
+from groundforge.filters.sameimage import look_of
 from groundforge.pipelines.dedup import JoinFindings, dedup_check
 from groundforge.pipelines.metrics import read_funnel
 from groundforge.pipelines.stage import apply_check
@@ -120,11 +120,8 @@ def runs(tmp_path_factory):
 def test_every_runner_keeps_the_same_records_as_the_rule(runs):
     records, results = runs
     signed = [r for r in records if r.location != "f/broken.png"]
-    pixels = {record_key(r): load_pixels(r.image_ref) for r in signed}
-
-    def verify(key, dup):
-        return same_picture(look_of(pixels[dup.kept_key]), look_of(pixels[key])).same
-
+    looks = {record_key(r): look_of(load_pixels(r.image_ref)) for r in signed}
+    verify = pixel_check(looks.__getitem__)
     expected = find_duplicates([signature_of(r) for r in signed], SETTINGS, verify)
     reference = results["in_process"]
     assert reference["kept"] == sorted(

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance
 
 from groundforge.filters.decontaminate import BenchmarkIndex, check_contamination
-from groundforge.filters.dedup import find_duplicates, signature_of
+from groundforge.filters.dedup import find_duplicates, pixel_check, signature_of
 from groundforge.filters.image import check_image
-from groundforge.filters.sameimage import look_of, same_picture
+from groundforge.filters.sameimage import look_of
 from groundforge.schemas.records import ImageRecord, sha256_hex
 
 FLAGS = Path(__file__).resolve().parents[1] / "examples" / "data" / "flags"
@@ -86,10 +86,7 @@ def test_dedup_drops_every_planted_copy_and_keeps_every_look_alike(planted):
     originals, copied = planted
     everything = {**originals, **{k: r for k, (_, r) in copied.items()}}
     looks = {k: look_of(r.image) for k, r in everything.items()}
-
-    def verify(key, dup):
-        return same_picture(looks[dup.kept_key], looks[key]).same
-
+    verify = pixel_check(looks.__getitem__)
     found = find_duplicates([signature_of(r) for r in everything.values()], verify=verify)
     assert set(found) == set(copied)
     for key, (original, _) in copied.items():
