@@ -12,7 +12,7 @@ Built at run time from the bundled flags (examples/data/flags):
 Dedup runs on originals, look-alikes and copies together (copies sort last, so each should
 name its original's family as twin). Printed: recall on copies (dropped / planted), the
 look-alikes dropped, and the originals dropped as duplicates of each other (the bundle's own
-copies: listed, to be checked by eye). Decontamination indexes a copy of every fourth original
+copies: listed, to be checked by eye). Decontamination indexes a copy of every second original
 as the benchmark and checks every kept original: recall (originals of benchmark images
 dropped) and distinct originals dropped.
 
@@ -62,8 +62,9 @@ def copy_of(rgb: Image.Image, rng: random.Random) -> tuple[str, bytes]:
     if kind == "jpeg":
         return kind, encode(rgb, "JPEG", quality=rng.randint(40, 90))
     if kind == "resize":
-        f = rng.uniform(0.4, 1.0)
-        small = rgb.resize((max(16, round(w * f)), max(16, round(h * f))), Image.LANCZOS)
+        # Never below the pipeline's 16-pixel minimum side, and never out of proportion.
+        f = max(rng.uniform(0.4, 1.0), min(1.0, 16 / min(w, h)))
+        small = rgb.resize((round(w * f), round(h * f)), Image.LANCZOS)
         return kind, encode(small, "JPEG", quality=85)
     if kind == "crop":
         c = [rng.uniform(0, 0.03) for _ in range(4)]
@@ -195,9 +196,9 @@ def main() -> None:
     for k in dropped_originals:
         print(f"    {k} -> {found[k].kept_key} ({found[k].kind})")
 
-    # Decontamination: a copy of every fourth kept original is the benchmark.
+    # Decontamination: a copy of every second kept original is the benchmark; the others must stay.
     kept = [k for k in sorted(originals) if k not in found]
-    bench_sources = kept[::4]
+    bench_sources = kept[::2]
     bench = {
         f"bench/{i}": copy_of(Image.open(io.BytesIO(originals[k].image)).convert("RGB"), rng)[1]
         for i, k in enumerate(bench_sources)
@@ -226,7 +227,10 @@ def main() -> None:
     missed = sorted(expected - set(caught))
     if missed:
         print(f"    missed: {missed}")
-    print(f"  distinct images dropped: {len(wrong)}" + (f": {wrong}" if wrong else ""))
+    print(
+        f"  distinct images dropped: {len(wrong)} of {len(training) - len(expected)}"
+        + (f": {wrong}" if wrong else "")
+    )
 
 
 if __name__ == "__main__":

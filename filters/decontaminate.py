@@ -1,7 +1,8 @@
 """Keep benchmark images out of training data.
 
-A :class:`BenchmarkIndex` holds, for every distinct benchmark image, its 64-bit pHash, its 4x4
-colour thumbnail (taken without the image's frame), its look for pixel comparison
+A :class:`BenchmarkIndex` holds, for every distinct benchmark image, its 64-bit pHash and 4x4
+colour thumbnail (taken without the image's frame, and of the whole image too when a frame was
+trimmed: :func:`~groundforge.filters.dedup.fingerprints`), its look for pixel comparison
 (:mod:`groundforge.filters.sameimage`) and, when built with an ``embed`` callable, its
 L2-normalised embedding. :func:`check_contamination` is the filter: hashes, colour layouts and
 embeddings propose benchmark images a record may copy, and a record is dropped as
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from groundforge.filters.dedup import THUMBNAIL_BYTES, fingerprint, layout_vector
+from groundforge.filters.dedup import THUMBNAIL_BYTES, fingerprints, layout_vector
 from groundforge.filters.image import ImageLimits, check_image
 from groundforge.filters.sameimage import DEFAULT_SAME, Look, SameSettings, look_of, same_picture
 from groundforge.filters.verdict import Verdict
@@ -47,8 +48,9 @@ _BENCHMARK_LIMITS = ImageLimits(min_side=1, max_pixels=1 << 40)
 class BenchmarkIndex:
     """Perceptual hashes, colour thumbnails and optional embeddings of benchmark images.
 
-    ``ids[i]`` names image ``i``; ``phashes`` is uint64 ``(n,)``, ``thumbnails`` uint8
-    ``(n, 48)``, ``embeddings`` float32 ``(n, d)`` or None.
+    ``ids[i]`` names image ``i``; ``embeddings`` is float32 ``(n, d)`` or None. ``phashes``
+    (uint64) and ``thumbnails`` (uint8, 48 per row) hold one row per view, ``owners`` the image
+    of each row (default: one row per image).
 
     >>> index = BenchmarkIndex.from_images(["q1"], [png_bytes])          # doctest: +SKIP
     >>> len(index), index.ids                                            # doctest: +SKIP
@@ -62,22 +64,28 @@ class BenchmarkIndex:
         thumbnails: np.ndarray,
         embeddings: np.ndarray | None = None,
         looks: Sequence[Look] | None = None,
+        owners: Sequence[int] | None = None,
     ) -> None:
         self.ids = tuple(ids)
         self.phashes = np.asarray(phashes, dtype=np.uint64)
         self.thumbnails = np.asarray(thumbnails, dtype=np.uint8).reshape(-1, THUMBNAIL_BYTES)
+        self.owners = np.arange(len(self.ids)) if owners is None else np.asarray(owners, np.int64)
         self.embeddings = None if embeddings is None else _unit_rows(embeddings, "benchmark")
         self.looks = None if looks is None else tuple(looks)
         self.layouts = np.array([layout_vector(bytes(t)) for t in self.thumbnails]).reshape(
             len(self.thumbnails), THUMBNAIL_BYTES
         )
-        sizes = {len(self.ids), len(self.phashes), len(self.thumbnails)}
+        if not len(self.phashes) == len(self.thumbnails) == len(self.owners):
+            raise ValueError("hashes, thumbnails and owners differ in length")
+        if len(self.owners) and not 0 <= self.owners.min() <= self.owners.max() < len(self.ids):
+            raise ValueError("owners must index ids")
+        sizes = {len(self.ids), len(np.unique(self.owners))}
         if self.embeddings is not None:
             sizes.add(len(self.embeddings))
         if self.looks is not None:
             sizes.add(len(self.looks))
         if len(sizes) != 1:
-            raise ValueError(f"ids, hashes, thumbnails and embeddings differ in length: {sizes}")
+            raise ValueError(f"ids, hashes, looks and embeddings differ in length: {sizes}")
         self._faiss = None
 
     def __len__(self) -> int:
@@ -107,13 +115,15 @@ class BenchmarkIndex:
             normalised.append(_normalise(str(item_id), data))
         if not normalised:
             raise ValueError("no benchmark images to index")
-        prints = [fingerprint(data) for data in normalised]
-        phashes = np.array([phash for phash, _ in prints], dtype=np.uint64)
-        thumbs = np.frombuffer(b"".join(thumb for _, thumb in prints), dtype=np.uint8)
+        prints = [(i, view) for i, d in enumerate(normalised) for view in fingerprints(d)]
+        phashes = np.array([phash for _, (phash, _) in prints], dtype=np.uint64)
+        thumbs = np.frombuffer(b"".join(thumb for _, (_, thumb) in prints), dtype=np.uint8)
+        owners = [i for i, _ in prints]
         embeddings = None if embed is None else np.asarray(embed(normalised))
         if embeddings is not None and embeddings.shape[0] != len(normalised):
             raise ValueError(f"embed returned {embeddings.shape[0]} rows for {len(normalised)}")
-        return cls(kept_ids, phashes, thumbs, embeddings, [look_of(d) for d in normalised])
+        looks = [look_of(d) for d in normalised]
+        return cls(kept_ids, phashes, thumbs, embeddings, looks, owners)
 
     @classmethod
     def from_parquet(
@@ -174,39 +184,42 @@ class BenchmarkIndex:
         thumbnail: bytes,
         embedding: Sequence[float] | None,
         settings: CandidateSettings,
+        views: Sequence[tuple[int, bytes]] = (),
     ) -> list[tuple[int, str, float]]:
         """``(index, kind, distance)`` of every benchmark image the record may copy, best first:
-        pHash within ``max_hamming`` bits, colour layout at ``layout_cosine`` or more, and
-        embedding at ``min_cosine`` or more (when both sides have one); one row per image, its
-        best kind (perceptual > layout > embedding), then the nearest, then the lowest index."""
-        found: dict[int, tuple[int, str, float]] = {}
+        pHash within ``max_hamming`` bits, colour layout at ``layout_cosine`` or more (either
+        against any view of a benchmark image, the record's own ``views`` beside ``phash`` and
+        ``thumbnail``), and embedding at ``min_cosine`` or more (when both sides have one); one
+        row per image, its best kind (perceptual > layout > embedding), then the nearest, then
+        the lowest index."""
+        best: dict[tuple[str, int], float] = {}
 
         def offer(rows, kind, distances):
-            for i, d in zip(rows.tolist(), distances.tolist(), strict=True):
-                if i not in found:
-                    found[i] = (i, kind, float(d))
+            for i, d in zip(self.owners[rows].tolist(), distances.tolist(), strict=True):
+                best[(kind, i)] = min(float(d), best.get((kind, i), float("inf")))
 
-        bits = np.bitwise_count(self.phashes ^ np.uint64(phash)).astype(np.int64)
-        near = np.flatnonzero(bits <= settings.max_hamming)
-        if settings.max_colour_difference is not None and len(near):
-            own = np.frombuffer(thumbnail, dtype=np.uint8).astype(np.int16)
-            diff = np.abs(self.thumbnails[near].astype(np.int16) - own).max(axis=1)
-            near = near[diff <= settings.max_colour_difference]
-        offer(near, "perceptual", bits[near])
-        layout = layout_vector(thumbnail)
-        if layout.any():
-            cosines = self.layouts @ layout
-            rows = np.flatnonzero(cosines >= settings.layout_cosine)
-            offer(rows, "layout", 1.0 - cosines[rows])
+        for own_hash, own_thumbnail in ((phash, thumbnail), *views):
+            bits = np.bitwise_count(self.phashes ^ np.uint64(own_hash)).astype(np.int64)
+            near = np.flatnonzero(bits <= settings.max_hamming)
+            offer(near, "perceptual", bits[near])
+            layout = layout_vector(own_thumbnail)
+            if layout.any():
+                cosines = self.layouts @ layout
+                rows = np.flatnonzero(cosines >= settings.layout_cosine)
+                offer(rows, "layout", 1.0 - cosines[rows])
         if embedding is not None and self.embeddings is not None:
             vectors = self.embeddings.astype(np.float64)
             cosines = vectors @ _query(embedding, self.embeddings)
             # A zero row (an image the embedder could not describe) matches nothing.
             described = np.linalg.norm(vectors, axis=1) > 1e-6
             rows = np.flatnonzero(described & (cosines >= settings.min_cosine))
-            offer(rows, "embedding", 1.0 - cosines[rows])
+            for i in rows.tolist():
+                best[("embedding", i)] = 1.0 - float(cosines[i])
         order = {"perceptual": 0, "layout": 1, "embedding": 2}
-        return sorted(found.values(), key=lambda c: (order[c[1]], c[2], c[0]))
+        found: dict[int, tuple[int, str, float]] = {}
+        for (kind, i), d in sorted(best.items(), key=lambda c: (order[c[0][0]], c[1], c[0][1])):
+            found.setdefault(i, (i, kind, d))
+        return list(found.values())
 
     def nearest_embedding(self, embedding: Sequence[float]) -> tuple[int, float]:
         """(index, cosine) of the most similar benchmark embedding, the cosine in float64."""
@@ -229,14 +242,12 @@ class CandidateSettings:
     """Which benchmark images a record is compared with (:meth:`BenchmarkIndex.candidates`).
 
     Looser than dedup's: here a false candidate costs one comparison of pixels, a missed one
-    leaks the benchmark. ``max_colour_difference`` (None: off) screens pHash candidates by
-    their 4x4 thumbnails.
+    leaks the benchmark.
     """
 
     max_hamming: int = 6
     layout_cosine: float = 0.9
     min_cosine: float = 0.95
-    max_colour_difference: int | None = None
 
 
 def check_contamination(
@@ -258,7 +269,8 @@ def check_contamination(
     ('contaminated', '1042', 'perceptual')
     """
     data = image_bytes(record)
-    found = index.candidates(*fingerprint(data), record.embedding, candidates)
+    (phash, thumbnail), *views = fingerprints(data)
+    found = index.candidates(phash, thumbnail, record.embedding, candidates, views)
     own = look_of(data) if found and index.looks is not None else None
     nearest = None
     for i, kind, distance in found:
@@ -338,6 +350,8 @@ def merge_indexes(named: Sequence[tuple[str, BenchmarkIndex]]) -> BenchmarkIndex
     with_embeddings = [index.embeddings is not None for _, index in named]
     if any(with_embeddings) and not all(with_embeddings):
         raise ValueError("either every benchmark index has embeddings or none has")
+    starts = np.cumsum([0] + [len(index) for _, index in named])[:-1]
+    owners = [index.owners + start for (_, index), start in zip(named, starts, strict=True)]
     return BenchmarkIndex(
         [f"{name}:{item}" for name, index in named for item in index.ids],
         np.concatenate([index.phashes for _, index in named]),
@@ -346,6 +360,7 @@ def merge_indexes(named: Sequence[tuple[str, BenchmarkIndex]]) -> BenchmarkIndex
         [look for _, index in named for look in index.looks]
         if all(index.looks is not None for _, index in named)
         else None,
+        np.concatenate(owners),
     )
 
 

@@ -11,8 +11,10 @@ very same steps in memory, for tests and small collections.
 **Rule.** Signature keys (a record's location, else its image id) are unique in a run and are
 ordered as strings. An item is a *duplicate* when it has a verified match with an *earlier* key.
 So the first item in key order is always kept, and no two kept items match each other. The
-duplicate names as its twin its best earlier match: the kind decides first (exact > perceptual >
-embedding), then the distance (nearest), then the key (earliest). The twin may itself be a
+duplicate names as its twin its first earlier candidate that ``verify`` confirms, in the order
+kind (exact > perceptual > layout > embedding), distance (nearest), key (earliest); each kind
+keeps its own ``candidates`` best per key. Every signature is filed under each of its views (the
+image without its frame, and whole when a frame was trimmed). The twin may itself be a
 duplicate: in a chain A~B~C where A and C do not match, B names A and C names B, and only A is
 kept. The answer depends only on the set of signatures: not on their order, on how the work is
 split, or on which runner does it. Near-copies are only matched within one ``scope``
@@ -22,14 +24,13 @@ across the whole run.
 Verification (what a match is):
 
 - ``exact``: the same ``item_id`` (the sha256 of the source bytes).
-- ``perceptual``: 64-bit pHash within ``max_hamming`` bits *and* 4x4 mean-colour thumbnails
-  within ``max_colour_difference`` on every channel value. pHash sees luminance only: the flags
-  of France and Ireland hash identically, and 93 pairs of the 314 distinct bundled flags are
-  within 4 bits (pHash alone drops 42 of them; with the thumbnail check, only the 5 true
-  copies). Re-encodes and 0.9x resizes move a thumbnail by 10 levels or less in 99% of cases.
-  pHash is unstable on flat artwork: most of its 64 DCT coefficients are then near zero and
-  JPEG noise flips them against the median (horizontal tricolours move by up to 27 bits), so
-  about 5% of re-encoded bundled flags are missed here; the embedding kind is the net for those.
+- ``perceptual``: 64-bit pHash within ``max_hamming`` bits (and, with ``max_colour_difference``
+  set, 4x4 mean-colour thumbnails within it on every channel value: a screen for runs without a
+  pixel check). pHash sees luminance only: the flags of France and Ireland hash identically, and
+  93 pairs of the 314 distinct bundled flags are within 4 bits; pHash is also unstable on flat
+  artwork (JPEG noise flips near-zero DCT coefficients against the median). So in a run it only
+  proposes: ``verify`` (the pixel check, :func:`pixel_check`) decides.
+- ``layout``: the 4x4 thumbnails' centred colour vectors at cosine ``layout_cosine`` or more.
 - ``embedding``: cosine >= ``min_cosine`` between L2-normalised embeddings, decided in float64 on
   the vectors given (a float32 product with a margin only screens candidates). A zero vector (an
   image the embedder could not describe) matches nothing; vectors of different lengths are never
@@ -114,7 +115,10 @@ class Signature:
     L2-normalised vector (a zero vector counts as none), or None; ``thumbnail`` the 48-byte RGB
     4x4 thumbnail of the image without its frame (empty: no layout candidates and no colour
     check). Near-copies are only matched within one ``scope``; exact copies everywhere. ``ref``
-    is where the image's pixels can be loaded for verification.
+    is where the image's pixels can be loaded for verification. ``views`` holds the
+    ``(phash, thumbnail)`` of the whole image when a frame was trimmed: whether a frame is
+    found can flip between a picture and its copy (a crop cuts into a border, a white field
+    reads as padding), so candidates are searched under both.
     """
 
     key: str
@@ -124,6 +128,7 @@ class Signature:
     thumbnail: bytes = b""
     scope: str = ""
     ref: str = ""
+    views: tuple[tuple[int, bytes], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -219,10 +224,22 @@ def colour_thumbnail(image: bytes) -> bytes:
 def fingerprint(image: bytes) -> tuple[int, bytes]:
     """``(perceptual_hash, colour_thumbnail)`` of image bytes, decoded once, both taken without
     the image's uniform frame (so a padded copy hashes like its original)."""
+    return fingerprints(image)[0]
+
+
+def fingerprints(image: bytes) -> tuple[tuple[int, bytes], ...]:
+    """The :func:`fingerprint` of image bytes, then, when a frame was trimmed, that of the whole
+    image (decoded once)."""
+    whole = open_rgb(image)
+    content = content_of(whole)
+    views = (content,) if content.size == whole.size else (content, whole)
+    return tuple(_fingerprint_of(rgb) for rgb in views)
+
+
+def _fingerprint_of(rgb) -> tuple[int, bytes]:
     import imagehash
     from PIL import Image
 
-    rgb = content_of(open_rgb(image))
     side = (THUMBNAIL_SIDE, THUMBNAIL_SIDE)
     thumbnail = rgb.resize(side, Image.Resampling.BOX).tobytes()
     return int(str(imagehash.phash(rgb)), 16), thumbnail
@@ -236,7 +253,7 @@ def signature_of(record: ImageRecord, scope: str = "all") -> Signature:
     """
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    phash, thumbnail = fingerprint(image_bytes(record))
+    (phash, thumbnail), *views = fingerprints(image_bytes(record))
     within = record.entity if scope == "entity" else ""
     return Signature(
         record_key(record),
@@ -246,6 +263,7 @@ def signature_of(record: ImageRecord, scope: str = "all") -> Signature:
         thumbnail,
         within,
         record.image_ref,
+        tuple(views),
     )
 
 
@@ -364,10 +382,11 @@ def simhash_bands(
 
 def check_signature(sig: Signature) -> None:
     """Raise ValueError, naming the key, when a signature cannot be compared."""
-    if not 0 <= sig.phash < 1 << 64:
-        raise ValueError(f"phash of {sig.key!r} is not a 64-bit unsigned int")
-    if sig.thumbnail and len(sig.thumbnail) != THUMBNAIL_BYTES:
-        raise ValueError(f"thumbnail of {sig.key!r} is not {THUMBNAIL_BYTES} bytes")
+    for phash, thumbnail in ((sig.phash, sig.thumbnail), *sig.views):
+        if not 0 <= phash < 1 << 64:
+            raise ValueError(f"phash of {sig.key!r} is not a 64-bit unsigned int")
+        if thumbnail and len(thumbnail) != THUMBNAIL_BYTES:
+            raise ValueError(f"thumbnail of {sig.key!r} is not {THUMBNAIL_BYTES} bytes")
     if sig.embedding is not None:
         norm = math.sqrt(math.fsum(float(v) * float(v) for v in sig.embedding))
         if norm >= _BLANK_NORM and abs(norm - 1.0) > _NORM_TOLERANCE:
@@ -392,27 +411,33 @@ def band_entries(
     check_signature(sig)
     out: list[tuple[str, BandEntry]] = []
     if settings.exact:
-        bare = replace(sig, embedding=None, thumbnail=b"")
+        bare = replace(sig, embedding=None, thumbnail=b"", views=())
         out.append((f"exact:{sig.item_id}", BandEntry("exact", 0, bare)))
-    if settings.perceptual:
-        bare = replace(sig, embedding=None)
-        values = phash_bands(np.array([sig.phash], dtype=np.uint64), settings.max_hamming)[0]
-        for band, value in enumerate(values.tolist()):
-            key = f"perceptual:{band}:{value:x}:{sig.scope}"
-            out.append((key, BandEntry("perceptual", band, bare)))
-    if settings.layout and len(sig.thumbnail) == THUMBNAIL_BYTES:
-        vector = layout_vector(sig.thumbnail)
-        if vector.any():
-            sketch = tuple(layout_bands(vector[None], settings)[0].tolist())
-            bare = replace(sig, embedding=None)
-            for band, value in enumerate(sketch):
-                key = f"layout:{band}:{value:x}:{sig.scope}"
-                out.append((key, BandEntry("layout", band, bare, sketch)))
+    # Each view is filed on its own; a band key both views share is filed once.
+    filed: set[str] = set()
+    for phash, thumbnail in ((sig.phash, sig.thumbnail), *sig.views):
+        bare = replace(sig, phash=phash, thumbnail=thumbnail, embedding=None, views=())
+        if settings.perceptual:
+            values = phash_bands(np.array([phash], dtype=np.uint64), settings.max_hamming)[0]
+            for band, value in enumerate(values.tolist()):
+                key = f"perceptual:{band}:{value:x}:{sig.scope}"
+                if key not in filed:
+                    filed.add(key)
+                    out.append((key, BandEntry("perceptual", band, bare)))
+        if settings.layout and len(thumbnail) == THUMBNAIL_BYTES:
+            vector = layout_vector(thumbnail)
+            if vector.any():
+                sketch = tuple(layout_bands(vector[None], settings)[0].tolist())
+                for band, value in enumerate(sketch):
+                    key = f"layout:{band}:{value:x}:{sig.scope}"
+                    if key not in filed:
+                        filed.add(key)
+                        out.append((key, BandEntry("layout", band, bare, sketch)))
     if settings.embedding and sig.embedding is not None:
         vector = np.asarray(sig.embedding, dtype=np.float64)
         if np.sqrt(vector @ vector) >= _BLANK_NORM:
             sketch = tuple(embedding_bands(vector[None], settings)[0].tolist())
-            bare = replace(sig, thumbnail=b"")
+            bare = replace(sig, thumbnail=b"", views=())
             for band, value in enumerate(sketch):
                 key = f"embedding:{band}:{len(vector)}:{value:x}:{sig.scope}"
                 out.append((key, BandEntry("embedding", band, bare, sketch)))
@@ -549,12 +574,20 @@ def compare_chunks(
         return {}
     # Rank the keys once, then keep each later key's best earlier matches with array operations:
     # a crowded chunk pair has up to chunk_size**2 matches but at most 2 * chunk_size later keys.
+    # Both views of a record share its rank, and meet nowhere but in a group they both joined.
     members = [e.signature for e in left] + ([] if right is None else [e.signature for e in right])
-    order = sorted(range(len(members)), key=lambda m: members[m].key)
-    rank = np.empty(len(members), dtype=np.int64)
-    rank[order] = np.arange(len(members))
+    keys, rank = np.unique(np.array([m.key for m in members], dtype=object), return_inverse=True)
+    holder = np.empty(len(keys), dtype=np.int64)
+    holder[rank] = np.arange(len(members))
     a, b = rank[rows], rank[cols + (0 if right is None else len(left))]
+    other = a != b
+    a, b, distance = a[other], b[other], distance[other]
     earlier, later = np.minimum(a, b), np.maximum(a, b)
+    # One row per (later, earlier) pair, the nearest of the views that met; then each later
+    # key's rows nearest first.
+    pair = np.lexsort((distance, earlier, later))
+    fresh = np.r_[True, (np.diff(later[pair]) != 0) | (np.diff(earlier[pair]) != 0)]
+    earlier, later, distance = earlier[pair[fresh]], later[pair[fresh]], distance[pair[fresh]]
     best = np.lexsort((earlier, distance, later))
     starts = np.r_[True, later[best][1:] != later[best][:-1]]
     place = np.arange(len(best)) - np.maximum.accumulate(np.where(starts, np.arange(len(best)), 0))
@@ -564,9 +597,11 @@ def compare_chunks(
         earlier[first].tolist(), later[first].tolist(), distance[first].tolist(), strict=True
     )
     for e, l_, d in picked:
-        twin = members[order[e]]
-        key = members[order[l_]].key
-        found[key] = (*found.get(key, ()), Duplicate(kind, twin.item_id, twin.key, d, twin.ref))
+        twin = members[holder[e]]
+        found[keys[l_]] = (
+            *found.get(keys[l_], ()),
+            Duplicate(kind, twin.item_id, twin.key, d, twin.ref),
+        )
     return found
 
 
@@ -611,26 +646,40 @@ def _rank(dup: Duplicate) -> tuple[int, float, str]:
 def best_candidates(
     lists: Iterable[tuple[Duplicate, ...]], limit: int = DEFAULT_SETTINGS.candidates
 ) -> tuple[Duplicate, ...]:
-    """The best ``limit`` candidates of a record among several lists, best first (exact >
-    perceptual > layout > embedding, then the nearest, then the earliest twin), one per twin.
+    """The best ``limit`` candidates of each kind of a record among several lists, best first
+    (exact > perceptual > layout > embedding, then the nearest, then the earliest twin), one
+    per twin and kind. Each kind keeps its own ``limit``: pHash is blind to colour, so a crowd
+    of same-luminance tricolours must not push out the twin the colour layout found.
     Associative and commutative, so lists can be combined in any grouping and order."""
-    best: dict[str, Duplicate] = {}
+    best: dict[tuple[str, str], Duplicate] = {}
     for dups in lists:
         for dup in dups:
-            held = best.get(dup.kept_key)
+            held = best.get((dup.kind, dup.kept_key))
             if held is None or _rank(dup) < _rank(held):
-                best[dup.kept_key] = dup
-    return tuple(sorted(best.values(), key=_rank)[:limit])
+                best[(dup.kind, dup.kept_key)] = dup
+    taken: dict[str, int] = {}
+    out = []
+    for dup in sorted(best.values(), key=_rank):
+        taken[dup.kind] = taken.get(dup.kind, 0) + 1
+        if taken[dup.kind] <= limit:
+            out.append(dup)
+    return tuple(out)
 
 
 def first_verified(
     candidates: Sequence[Duplicate], verify: Callable[[Duplicate], bool] | None
 ) -> Duplicate | None:
-    """The first candidate that ``verify`` confirms (exact copies need no check); with
-    ``verify`` None, the first candidate."""
+    """The first candidate that ``verify`` confirms (exact copies need no check; a twin already
+    refused under another kind is not compared again); with ``verify`` None, the first."""
+    refused: set[str] = set()
     for dup in candidates:
-        if verify is None or dup.kind == "exact" or verify(dup):
+        if verify is None or dup.kind == "exact":
             return dup
+        if dup.kept_key in refused:
+            continue
+        if verify(dup):
+            return dup
+        refused.add(dup.kept_key)
     return None
 
 

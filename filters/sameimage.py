@@ -13,11 +13,16 @@ Two looks are the same picture when
   block inside the outermost lines differs by more than ``max_block_difference`` on average on
   its worst channel, less ``edge_allowance`` times its mean gradient (alignment errors live on
   edges). A framed image is also compared whole, since a frame is found or missed by a few
-  levels of noise on its ring.
+  levels of noise on its ring, unless both were trimmed alike (the same number of frames of
+  the same colours, parts of one aspect): then the framed comparison, the sharper one, decides
+  (a star and a disc on one plain field differ by less than a whole look's block).
 
 The block test is what global measures lack: a star or an emblem covering 2% of a flag moves a
 hash or a mean colour by little, but makes one or two blocks differ by its full contrast. JPEG
-noise, resampling and chroma subsampling average out within a block after a light blur.
+noise, resampling and chroma subsampling average out within a block after a light blur; in an
+image too small for that (JPEG keeps one colour sample per 2x2 pixels, which in a 16-pixel image
+is a whole look block), colours are blurred over ``_CHROMA_SPREAD`` source pixels and
+brightness is not.
 
 >>> same_picture(look_of(png), look_of(jpeg_copy_of_png)).same       # doctest: +SKIP
 True
@@ -43,10 +48,11 @@ _MAX_TRIM = 0.45
 _FRAMES = 3
 _EDGE = 2  # lines of the trimming copy
 _SLACK = 0.02
-_OUTER = 2  # look lines left out at each edge
+_OUTER = 2  # look lines left out at each edge, at least
 _DARK, _BRIGHT = 4, 251  # saturated values
 _MAX_OFFSET = 8.0
 _FRAMED_RING = 0.98  # share of the outer ring in the frame colour
+_CHROMA_SPREAD = 1.5  # chroma blur in source pixels of the smaller image
 
 
 @dataclass(frozen=True)
@@ -54,18 +60,21 @@ class Look:
     """An image reduced for comparison: ``pixels`` are ``LOOK_SIDE**2 * 3`` bytes of RGB of the
     image without its uniform frame, ``aspect`` that part's width / height; ``whole`` and
     ``whole_aspect`` the same of the untrimmed image (empty when nothing was trimmed);
-    ``shortest`` the trimmed part's shorter side in source pixels."""
+    ``shortest`` and ``whole_shortest`` the shorter sides of both in source pixels; ``frames``
+    the RGB colour of each frame trimmed, outermost first."""
 
     pixels: bytes
     aspect: float
     whole: bytes = b""
     whole_aspect: float = 0.0
     shortest: int = LOOK_SIDE
+    whole_shortest: int = LOOK_SIDE
+    frames: tuple[tuple[int, int, int], ...] = ()
 
     def untrimmed(self) -> Look:
         if not self.whole:
             return self
-        return Look(self.whole, self.whole_aspect, shortest=self.shortest)
+        return Look(self.whole, self.whole_aspect, shortest=self.whole_shortest)
 
 
 @dataclass(frozen=True)
@@ -94,12 +103,20 @@ DEFAULT_SAME = SameSettings()
 def look_of(image: bytes | Image.Image) -> Look:
     """The :class:`Look` of image bytes (decoded upright, RGB) or of an RGB PIL image."""
     rgb = open_rgb(image) if isinstance(image, bytes) else image.convert("RGB")
-    content = content_of(rgb)
+    content, frames = _trimmed(rgb)
     shortest = min(content.size)
     look = Look(_side(content), content.width / content.height, shortest=shortest)
-    if content.size == rgb.size:
+    if not frames:
         return look
-    return Look(look.pixels, look.aspect, _side(rgb), rgb.width / rgb.height, shortest)
+    return Look(
+        look.pixels,
+        look.aspect,
+        _side(rgb),
+        rgb.width / rgb.height,
+        shortest,
+        min(rgb.size),
+        frames,
+    )
 
 
 def _side(rgb: Image.Image) -> bytes:
@@ -108,13 +125,19 @@ def _side(rgb: Image.Image) -> bytes:
 
 def content_of(rgb: Image.Image) -> Image.Image:
     """``rgb`` without its uniform frames (:func:`frame_box`, applied until none is left)."""
+    return _trimmed(rgb)[0]
+
+
+def _trimmed(rgb: Image.Image) -> tuple[Image.Image, tuple[tuple[int, int, int], ...]]:
     # A padded picture whose own edge is one colour has two frames: trim both, like the original.
-    for _ in range(_FRAMES):
-        box = frame_box(rgb)
-        if box == (0, 0, *rgb.size):
+    colours = []
+    for depth in range(_FRAMES):
+        box, colour = _frame(rgb, outermost=depth == 0)
+        if colour is None:
             break
+        colours.append(colour)
         rgb = rgb.crop(box)
-    return rgb
+    return rgb, tuple(colours)
 
 
 def frame_box(rgb: Image.Image) -> tuple[int, int, int, int]:
@@ -127,6 +150,14 @@ def frame_box(rgb: Image.Image) -> tuple[int, int, int, int]:
     the side beyond what the opposite side lost: padding is added evenly, so a side that keeps
     going has reached a stripe of the frame's colour (Angola's black half on black padding).
     """
+    return _frame(rgb)[0]
+
+
+def _frame(
+    rgb: Image.Image, outermost: bool = True
+) -> tuple[tuple[int, int, int, int], tuple[int, int, int] | None]:
+    """:func:`frame_box` and the frame's colour (None: no frame). ``outermost``: ``rgb`` is a
+    whole image, not what an outer frame left."""
     width, height = rgb.size
     scale = min(1.0, _TRIM_SIDE / max(width, height))
     small = (
@@ -138,14 +169,16 @@ def frame_box(rgb: Image.Image) -> tuple[int, int, int, int]:
     )
     a = np.asarray(small, dtype=np.int16)
     h, w = a.shape[:2]
-    e = _EDGE
-    if min(h, w) < 8 * e:
-        return 0, 0, width, height
+    # In a tiny image those lines are the picture itself, and its pad may be a single line.
+    e = 0 if outermost and min(h, w) < 32 * _EDGE else _EDGE
+    whole = (0, 0, width, height)
+    if min(h, w) < max(8, 8 * e):
+        return whole, None
     inner = a[e : h - e, e : w - e]
     ring = np.concatenate([inner[0], inner[-1], inner[:, 0], inner[:, -1]])
     colour = np.median(ring, axis=0)
     if (np.abs(ring - colour).max(axis=1) <= _FRAME_TOLERANCE).mean() < _FRAMED_RING:
-        return 0, 0, width, height
+        return whole, None
 
     def uniform(line: np.ndarray) -> bool:
         return bool(np.abs(line - colour).max() <= _FRAME_TOLERANCE)
@@ -163,12 +196,17 @@ def frame_box(rgb: Image.Image) -> tuple[int, int, int, int]:
     slack_h, slack_w = max(e, round(_SLACK * h)), max(e, round(_SLACK * w))
     top, bottom = min(top, h - bottom + slack_h), max(bottom, h - top - slack_h)
     left, right = min(left, w - right + slack_w), max(right, w - left - slack_w)
-    return (
+    if uniform(a[top:bottom, left:right].reshape(-1, a.shape[-1])):
+        return whole, None  # one colour throughout: a plain field, not a frame
+    box = (
         round(left / scale),
         round(top / scale),
         max(round(left / scale) + 1, round(right / scale)),
         max(round(top / scale) + 1, round(bottom / scale)),
     )
+    if box == whole:
+        return whole, None
+    return box, (int(colour[0]), int(colour[1]), int(colour[2]))
 
 
 def same_picture(a: Look, b: Look, settings: SameSettings = DEFAULT_SAME) -> Verification:
@@ -176,7 +214,7 @@ def same_picture(a: Look, b: Look, settings: SameSettings = DEFAULT_SAME) -> Ver
     their frames, and also whole when either had one (a frame is found or not by a few levels
     of noise on its ring, so a copy may lose one its original kept)."""
     framed = _same(a, b, settings)
-    if framed.same or not (a.whole or b.whole):
+    if framed.same or not (a.whole or b.whole) or _trimmed_alike(a, b, framed, settings):
         return framed
     whole = _same(a.untrimmed(), b.untrimmed(), settings)
     return whole if whole.block_difference < framed.block_difference else framed
@@ -186,9 +224,13 @@ def _same(a: Look, b: Look, settings: SameSettings) -> Verification:
     change = abs(np.log(a.aspect / b.aspect))
     if change > np.log1p(settings.max_aspect_change):
         return Verification(False, float(np.expm1(change)), float("inf"))
-    # An image smaller than the look was enlarged: blur away the detail it never had.
-    sigma = max(1.0, LOOK_SIDE / (2 * max(1, min(a.shortest, b.shortest))))
-    pa, pb = _blurred(a.pixels, sigma), _blurred(b.pixels, sigma)
+    # An image smaller than the look was enlarged: blur away the detail it never had. Its
+    # colours had less still: JPEG keeps one chroma sample per 2 x 2 pixels, which in a tiny
+    # image covers whole blocks of the look.
+    shortest = max(1, min(a.shortest, b.shortest))
+    sigma = max(1.0, LOOK_SIDE / (2 * shortest))
+    chroma = max(sigma, _CHROMA_SPREAD * LOOK_SIDE / shortest)
+    pa, pb = _blurred(a.pixels, sigma, chroma), _blurred(b.pixels, sigma, chroma)
     # Align on half-size grey copies (cheap), then compare the full looks.
     ga, gb = _half_grey(pa), _half_grey(pb)
     x = y = (1.0, 0.0)
@@ -205,6 +247,19 @@ def _same(a: Look, b: Look, settings: SameSettings) -> Verification:
 
 
 _ROUNDS = 2
+
+
+def _trimmed_alike(a: Look, b: Look, framed: Verification, settings: SameSettings) -> bool:
+    """Whether both looks lost the same frames (count and colours, within the gain of a
+    brightness shift) down to parts of one aspect."""
+    if not a.frames or len(a.frames) != len(b.frames):
+        return False
+    if framed.aspect_change > settings.max_aspect_change:
+        return False
+    return all(
+        max(abs(x - y) for x, y in zip(p, q, strict=True)) <= 2 * _FRAME_TOLERANCE
+        for p, q in zip(a.frames, b.frames, strict=True)
+    )
 
 
 def _positions(scale, shift, side: int) -> np.ndarray:
@@ -270,9 +325,14 @@ def _half_grey(pixels: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=4096)
-def _blurred(pixels: bytes, sigma: float) -> np.ndarray:
+def _blurred(pixels: bytes, sigma: float, chroma: float) -> np.ndarray:
+    """The look's RGB, its luma blurred by ``sigma`` and its chroma by ``chroma``."""
     image = Image.frombytes("RGB", (LOOK_SIDE, LOOK_SIDE), pixels)
     blurred = image.filter(ImageFilter.GaussianBlur(sigma))
+    if chroma > sigma:
+        luma = blurred.convert("YCbCr").getchannel(0)
+        _, cb, cr = image.filter(ImageFilter.GaussianBlur(chroma)).convert("YCbCr").split()
+        blurred = Image.merge("YCbCr", (luma, cb, cr)).convert("RGB")
     out = np.asarray(blurred, dtype=np.float32)
     out.setflags(write=False)
     return out

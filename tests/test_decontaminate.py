@@ -114,9 +114,6 @@ def test_the_pixels_keep_a_flag_that_only_shares_the_layout(bench):
     verdict = check_contamination(ireland, index)
     assert verdict.keep and verdict.metrics["candidates"] == len(found)
     assert verdict.metrics["block_difference"] > DEFAULT_SAME.max_block_difference
-    # The thumbnail screen, where wanted, leaves it out before any pixels are compared.
-    screened = CandidateSettings(max_colour_difference=24)
-    assert check_contamination(ireland, index, screened).metrics["candidates"] == 0
 
 
 def test_rows_without_ids_or_bytes(tmp_path):
@@ -272,3 +269,23 @@ def test_a_zero_benchmark_embedding_is_allowed_and_matches_nothing():
     phash, thumbnail = fingerprint(image_bytes(probe))
     found = index.candidates(phash, thumbnail, (1.0, 0.0), CandidateSettings(min_cosine=0.0))
     assert [index.ids[i] for i, kind, _ in found if kind == "embedding"] == ["q1"]
+
+
+def test_a_benchmark_copy_that_lost_its_frames_is_caught_in_a_merged_index():
+    # Wyoming's bordered flag in the second of two benchmarks (indexed under two views: without
+    # its frames and whole); the training copy is cropped into its red border.
+    from test_dedup import FLAGS
+
+    from groundforge.filters.decontaminate import merge_indexes
+
+    data = (FLAGS / "america" / "united_states" / "usa_wyoming.png").read_bytes()
+    original = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = original.size
+    first = BenchmarkIndex.from_images(["p", "s"], [encode(photo(10)), encode(shapes(10))])
+    second = BenchmarkIndex.from_images(["w"], [data])
+    assert len(second.phashes) == 2 and second.owners.tolist() == [0, 0]
+    index = merge_indexes([("one", first), ("two", second)])
+    assert index.owners.tolist() == [0, 1, 2, 2]
+    copy = record("train/wyoming.png", encode(original.crop((0, 0, w - 15, h - 15))))
+    verdict = check_contamination(copy, index)
+    assert verdict.reason == "contaminated" and verdict.metrics["benchmark_id"] == "two:w"

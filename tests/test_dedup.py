@@ -6,6 +6,7 @@ import io
 import math
 import random
 from dataclasses import replace
+from pathlib import Path
 
 import imagehash
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from groundforge.filters.dedup import (
+    DEFAULT_SETTINGS,
     BandEntry,
     DedupSettings,
     Duplicate,
@@ -28,6 +30,7 @@ from groundforge.filters.dedup import (
     find_duplicates,
     first_verified,
     group_findings,
+    layout_vector,
     perceptual_hash,
     phash_band_layout,
     phash_bands,
@@ -137,6 +140,9 @@ def derived(image: Image.Image) -> dict[str, bytes]:
     }
 
 
+FLAGS = Path(__file__).resolve().parents[1] / "examples" / "data" / "flags"
+
+
 def record(key: str, data: bytes, embedding=None) -> ImageRecord:
     width, height = Image.open(io.BytesIO(data)).size
     return ImageRecord(
@@ -221,10 +227,11 @@ def test_copies_are_dropped_naming_their_original():
     dups = find_duplicates(sigs, verify=by_pixels(data_of))
 
     assert set(dups) == set(copies)
-    hashes = {s.key: s.phash for s in sigs}
+    hashes = {s.key: [s.phash, *(h for h, _ in s.views)] for s in sigs}
 
     def bits(a: str, b: str) -> int:
-        return bin(hashes[a] ^ hashes[b]).count("1")
+        # The nearest of the two images' views (without their frames, and whole).
+        return min(bin(x ^ y).count("1") for x in hashes[a] for y in hashes[b])
 
     for key, (original, _) in copies.items():
         dup = dups[key]
@@ -642,28 +649,60 @@ def test_the_banded_search_recalls_embedding_duplicates_and_reports_true_twins()
 # -- resolution and chunks -----------------------------------------------------------------------
 
 
-def test_best_candidates_are_order_free_and_one_per_twin():
+def test_best_candidates_are_order_free_and_limited_per_kind():
     options = [
         Duplicate("embedding", "i1", "a", 0.0),
         Duplicate("perceptual", "i2", "c", 2.0),
         Duplicate("perceptual", "i3", "b", 2.0),
         Duplicate("perceptual", "i4", "a", 3.0),
+        Duplicate("perceptual", "i6", "d", 4.0),
+        Duplicate("perceptual", "i6", "d", 1.0),
         Duplicate("layout", "i2", "c", 0.01),
+        Duplicate("layout", "i7", "e", 0.02),
     ]
-    # One per twin (its best kind), best first, at most ``limit``.
+    # One per (kind, twin) at its nearest, best first, at most ``limit`` of each kind: the
+    # crowd of perceptual candidates leaves the layout ones their places.
     expected = (
+        Duplicate("perceptual", "i6", "d", 1.0),
         Duplicate("perceptual", "i3", "b", 2.0),
         Duplicate("perceptual", "i2", "c", 2.0),
-        Duplicate("perceptual", "i4", "a", 3.0),
+        Duplicate("layout", "i2", "c", 0.01),
+        Duplicate("layout", "i7", "e", 0.02),
+        Duplicate("embedding", "i1", "a", 0.0),
     )
     rng = random.Random(3)
     for _ in range(10):
         rng.shuffle(options)
         assert best_candidates([options], limit=3) == expected
-        halves = [best_candidates([options[:2]], 3), best_candidates([options[2:]], 3)]
-        assert best_candidates(halves, limit=3) == expected
+        for cut in range(len(options)):
+            halves = [best_candidates([options[:cut]], 3), best_candidates([options[cut:]], 3)]
+            assert best_candidates(halves, limit=3) == expected
     with_exact = best_candidates([options, (Duplicate("exact", "i5", "z", 0.0),)], limit=2)
-    assert [d.kind for d in with_exact] == ["exact", "perceptual"]
+    assert [d.kind for d in with_exact] == [
+        "exact",
+        "perceptual",
+        "perceptual",
+        "layout",
+        "layout",
+        "embedding",
+    ]
+
+
+def test_a_twin_refused_once_is_not_compared_again():
+    candidates = [
+        Duplicate("perceptual", "i1", "a", 1.0),
+        Duplicate("perceptual", "i2", "b", 2.0),
+        Duplicate("layout", "i1", "a", 0.01),
+        Duplicate("layout", "i3", "c", 0.02),
+    ]
+    asked = []
+
+    def verify(dup):
+        asked.append(dup.kept_key)
+        return dup.kept_key == "c"
+
+    assert first_verified(candidates, verify).kept_key == "c"
+    assert asked == ["a", "b", "c"]
 
 
 def test_the_first_candidate_the_pixels_confirm_is_the_twin():
@@ -778,3 +817,20 @@ def test_confirm_duplicate_names_the_first_twin_the_pixels_confirm():
     exact = (Duplicate("exact", "id-rom", "a/romania.png", 0.0),)
     unloadable = confirm_duplicate(copy, exact, lambda d: 1 / 0)
     assert unloadable.metrics == {"kept_id": "id-rom", "kept_key": "a/romania.png", "distance": 0.0}
+
+
+def test_a_copy_that_lost_its_frames_is_found_through_the_whole_view():
+    # Wyoming's flag has a red and a white border round a blue field: trimmed, it is the bison
+    # emblem. A crop into the red border changes what trims (and every trimmed fingerprint),
+    # but not the whole image's.
+    data = (FLAGS / "america" / "united_states" / "usa_wyoming.png").read_bytes()
+    original = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = original.size
+    cropped = encode(original.crop((0, 0, w - 15, h - 15)))
+    a, b = signature_of(record("a.png", data)), signature_of(record("b.png", cropped))
+    assert a.views and b.views
+    assert bin(a.phash ^ b.phash).count("1") > DEFAULT_SETTINGS.max_hamming
+    assert layout_vector(a.thumbnail) @ layout_vector(b.thumbnail) < DEFAULT_SETTINGS.layout_cosine
+    verify = by_pixels({"a.png": data, "b.png": cropped})
+    assert find_duplicates([a, b], verify=verify)["b.png"].kept_key == "a.png"
+    assert find_duplicates([replace(a, views=()), replace(b, views=())], verify=verify) == {}
