@@ -158,7 +158,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs=2, default=[2000, 20000])
     parser.add_argument(
-        "--modes", nargs="+", default=["in_process", "multi_processing"],
+        "--modes",
+        nargs="+",
+        default=["in_process", "multi_processing"],
         choices=["in_process", "multi_processing", "multi_threading"],
     )
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "gf-mem")

@@ -118,7 +118,8 @@ class Signature:
     is where the image's pixels can be loaded for verification. ``views`` holds the
     ``(phash, thumbnail)`` of the whole image when a frame was trimmed: whether a frame is
     found can flip between a picture and its copy (a crop cuts into a border, a white field
-    reads as padding), so candidates are searched under both.
+    reads as padding), so candidates are searched under both. ``entity`` names what the image
+    shows, for the alias table.
     """
 
     key: str
@@ -129,6 +130,7 @@ class Signature:
     scope: str = ""
     ref: str = ""
     views: tuple[tuple[int, bytes], ...] = ()
+    entity: str = ""
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ class Duplicate:
     """Why an item was dropped: the ``kind`` of match and the earlier item it matched (its twin).
 
     ``distance`` is 0 for ``exact``, the Hamming distance in bits for ``perceptual`` and
-    ``1 - cosine`` for ``embedding``.
+    ``1 - cosine`` for ``embedding``. ``kept_entity`` is the twin's entity.
     """
 
     kind: str
@@ -190,6 +192,7 @@ class Duplicate:
     kept_key: str
     distance: float
     kept_ref: str = ""
+    kept_entity: str = ""
 
 
 @dataclass(frozen=True)
@@ -264,6 +267,7 @@ def signature_of(record: ImageRecord, scope: str = "all") -> Signature:
         within,
         record.image_ref,
         tuple(views),
+        record.entity,
     )
 
 
@@ -600,7 +604,7 @@ def compare_chunks(
         twin = members[holder[e]]
         found[keys[l_]] = (
             *found.get(keys[l_], ()),
-            Duplicate(kind, twin.item_id, twin.key, d, twin.ref),
+            Duplicate(kind, twin.item_id, twin.key, d, twin.ref, twin.entity),
         )
     return found
 
@@ -615,7 +619,7 @@ def exact_findings(entries: Iterable[BandEntry]) -> Iterator[tuple[str, tuple[Du
     """An exact band group (one ``item_id``): every member but the earliest names the earliest.
     ``entries`` is read twice and never held."""
     first = min((e.signature for e in entries), key=lambda s: s.key)
-    twin = Duplicate("exact", first.item_id, first.key, 0.0, first.ref)
+    twin = Duplicate("exact", first.item_id, first.key, 0.0, first.ref, first.entity)
     for entry in entries:
         if entry.signature.key != first.key:
             yield entry.signature.key, (twin,)
@@ -728,6 +732,8 @@ def dedup_verdict(record: ImageRecord, found: Duplicate | None, **metrics) -> Ve
     """
     if found is None:
         return Verdict.ok()
+    if found.kept_entity:
+        metrics = {"kept_entity": found.kept_entity, **metrics}
     return Verdict.drop(
         f"duplicate_{found.kind}",
         kept_id=found.kept_id,

@@ -90,6 +90,25 @@ def _domains(manifest: dict[str, Any], recipe_domain: str) -> str:
     return ("Domains: " if len(parts) > 1 else "Domain: ") + ", ".join(parts)
 
 
+def _aliases(manifest: dict[str, Any]) -> str:
+    """The entities known under more than one name (their other names' images were all copies
+    of theirs), or nothing."""
+    table = manifest.get("aliases") or {}
+    if not table:
+        return ""
+    lines = [
+        "## One entity, several names",
+        "",
+        "Every image of each alias was a copy of the entity's own, so the alias has no rows of",
+        "its own; its name is another name of the entity.",
+        "",
+        "| entity | also named |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | {', '.join(others)} |" for name, others in table.items()]
+    return "\n".join(lines) + "\n\n"
+
+
 def _source_place(source: dict[str, Any]) -> str:
     # Annotation sources name two places, an annotation file and an image folder.
     if "annotations" in source:
@@ -143,7 +162,7 @@ boxes of that image, and `entities` lists every named instance it shows.
 
 `val` holds entities that never appear in the training splits.
 
-## How it was made
+{_aliases(manifest)}## How it was made
 
 Source: `{source["kind"]}` at {_source_place(source)}. Steps: {"; ".join(layers)} (a box known
 from the source wins). Stage funnel:

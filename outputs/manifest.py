@@ -54,6 +54,7 @@ def build_manifest(
     models: dict[str, Any] | None = None,
     timing: dict[str, Any] | None = None,
     provenance: dict[str, dict[str, int]] | None = None,
+    aliases: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     splits: Counter = Counter()
     for s in shards:
@@ -69,6 +70,7 @@ def build_manifest(
         "models": models or {},
         "timing": timing or {},
         "provenance": provenance or {"licenses": {}, "sources": {}},
+        "aliases": aliases or {},
         "rejections": {
             "path": REJECTIONS_FILE,
             "rows": sum(rejection_reasons.values()),

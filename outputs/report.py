@@ -582,6 +582,7 @@ def iter_report(
             pages=pages,
             page_rows=page_rows,
             entity_rows=dist.entity_rows(),
+            aliases=manifest.get("aliases") or {},
             charts=dist.charts() if picker.sizes else [],
             colors=COLORS,
             legend=LEGEND,

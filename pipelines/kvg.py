@@ -53,6 +53,7 @@ from groundforge.pipelines.crowd import (
     make_detection_sample,
     mark_uncertain,
 )
+from groundforge.pipelines.aliases import TallyAliases
 from groundforge.pipelines.dedup import JoinFindings, dedup_check
 from groundforge.pipelines.metrics import TallyEntities, TallyProvenance, model_namespace
 from groundforge.pipelines.plans import (
@@ -509,7 +510,9 @@ class KVGGraph:
         )
         same = SameSettings(max_block_difference=cfg.max_block_difference)
         joined = records | "dedup join" >> JoinFindings(settings, scope=cfg.scope)
-        return self._stage(joined, "dedup", partial(dedup_check, settings=same))
+        kept = self._stage(joined, "dedup", partial(dedup_check, settings=same))
+        _ = kept | "tally aliases" >> TallyAliases(self._rejected[-1])
+        return kept
 
     def _scenes(self, records):
         recipe, cfg = self.recipe, self.recipe.scenes

@@ -56,7 +56,7 @@ def model_namespace(stage: str) -> str:
     return MODEL_PREFIX + stage
 
 
-def _counters(result, prefix: str) -> dict[str, dict[str, int]]:
+def counters(result, prefix: str) -> dict[str, dict[str, int]]:
     """Counter values by namespace (prefix removed) and name.
 
     Portable runners report only committed values, the DirectRunner both; committed wins.
@@ -77,7 +77,7 @@ def _with_prefix(values: dict[str, int], prefix: str) -> dict[str, int]:
 
 def read_funnel(result, stages: list[str]) -> list[StageCount]:
     """Counts of every stage in ``stages`` order (a stage that saw nothing reports zeros)."""
-    values = _counters(result, NAMESPACE_PREFIX)
+    values = counters(result, NAMESPACE_PREFIX)
     funnel = []
     for stage in stages:
         v = values.get(stage, {})
@@ -88,7 +88,7 @@ def read_funnel(result, stages: list[str]) -> list[StageCount]:
 
 def read_chat_counts(result, roles: list[str]) -> dict[str, dict]:
     """Per chat role: requests, answers from the cache, requests sent, HTTP attempts, failures."""
-    values = _counters(result, CHAT_PREFIX)
+    values = counters(result, CHAT_PREFIX)
     counts = {}
     for role in roles:
         v = values.get(role, {})
@@ -104,7 +104,7 @@ def read_chat_counts(result, roles: list[str]) -> dict[str, dict]:
 
 def read_stage_seconds(result, stages: list[str]) -> dict[str, float]:
     """Busy seconds of every stage in ``stages`` (see the module docstring)."""
-    busy = _counters(result, NAMESPACE_PREFIX)
+    busy = counters(result, NAMESPACE_PREFIX)
     model_us: dict[str, int] = defaultdict(int)
     for dist in result.metrics().query(MetricsFilter())["distributions"]:
         ns, name = dist.key.metric.namespace, dist.key.metric.name
@@ -154,7 +154,7 @@ _PLURALS = {"license": "licenses", "source": "sources", "domain": "domains", "en
 def read_provenance(result) -> dict[str, dict[str, int]]:
     """Rows per licence, source and domain, and distinct entities per domain, most common
     first."""
-    values = _counters(result, PROVENANCE_PREFIX)
+    values = counters(result, PROVENANCE_PREFIX)
     return {
         plural: dict(sorted(values.get(kind, {}).items(), key=lambda kv: (-kv[1], kv[0])))
         for kind, plural in _PLURALS.items()

@@ -31,6 +31,7 @@ from groundforge.pipelines.kvg import (
     KVGGraph,
     splits_for,
 )
+from groundforge.pipelines.aliases import read_aliases
 from groundforge.pipelines.metrics import (
     StageCount,
     read_chat_counts,
@@ -218,6 +219,7 @@ def _finish(recipe, out_dir, options, beam_args, graph, result, started) -> RunR
         models=models,
         timing=timing,
         provenance=read_provenance(result),
+        aliases=read_aliases(result),
     )
     write_manifest(FileSystems.join(out_dir, MANIFEST_FILE), manifest)
     write_text(FileSystems.join(out_dir, CARD_FILE), render_card(manifest))

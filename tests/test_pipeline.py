@@ -15,13 +15,14 @@ import pytest
 from PIL import Image
 
 from groundforge.examples import demo_recipe_path
+from groundforge.filters.image import check_image, open_rgb
 from groundforge.outputs.files import file_sha256
 from groundforge.outputs.shards import read_samples
 from groundforge.pipelines.kvg import DetectorFailure, attach_detections
 from groundforge.pipelines.run import run_recipe
 from groundforge.recipe import load_recipe, parse_recipe
 from groundforge.schemas.box import Box
-from groundforge.schemas.records import Detection, ImageRecord
+from groundforge.schemas.records import Detection, ImageRecord, sha256_hex
 
 RUNNERS = {
     "in_process": [],
@@ -367,3 +368,45 @@ def test_every_rejection_has_an_id_of_its_own(tmp_path):
     assert by_path["zz_chad.png"]["entity"] == "Zz Chad"
     assert by_path["broken.png"]["sha256"] == by_path["broken_too.png"]["sha256"] != ""
     assert by_path["broken.png"]["entity"] == "Broken"
+
+
+def test_an_entity_whose_every_image_is_a_copy_becomes_an_alias(tmp_path):
+    images = tmp_path / "images"
+    flags = demo_recipe_path().parent / "data" / "flags" / "africa"
+    # As the image check normalises it (transparency on white), then copied.
+    raw = (flags / "chad.png").read_bytes()
+    chad = open_rgb(check_image(ImageRecord(sha256_hex(raw), raw, 0, 0, "flag")).value.image)
+
+    def put(entity: str, name: str, data: bytes) -> None:
+        (images / entity).mkdir(parents=True, exist_ok=True)
+        (images / entity / name).write_bytes(data)
+
+    for entity in ("mali", "kenya", "ghana"):
+        put(entity, f"{entity}.png", (flags / f"{entity}.png").read_bytes())
+    put("chad", "chad.png", (flags / "chad.png").read_bytes())
+    # "tchad": one picture, Chad's, under another name, re-encoded and resized; "kenya" keeps
+    # its own picture beside a copy of Ghana's, so it is no alias.
+    buf = io.BytesIO()
+    chad.resize((chad.width * 3 // 4, chad.height * 3 // 4)).save(buf, "JPEG", quality=80)
+    put("tchad", "tchad.jpg", buf.getvalue())
+    put("tchad", "tchad_exact.png", (flags / "chad.png").read_bytes())
+    put("kenya", "zz_ghana_copy.png", (flags / "ghana.png").read_bytes())
+    out = tmp_path / "out"
+    recipe = folder_recipe(images, source={"entity_from": "parent"})
+    run_recipe(parse_recipe(recipe, tmp_path), str(out))
+
+    rows = {Path(r["source_id"]).name: r for r in rejections_of(out)}
+    assert {n: rows[n]["reason"] for n in rows} == {
+        "tchad.jpg": "duplicate_perceptual",
+        "tchad_exact.png": "duplicate_exact",
+        "zz_ghana_copy.png": "duplicate_exact",
+    }
+    assert json.loads(rows["tchad.jpg"]["detail"])["kept_entity"] == "Chad"
+    manifest = manifest_of(out)
+    assert manifest["aliases"] == {"Chad": ["Tchad"]}
+    card = (out / "README.md").read_text()
+    assert "| Chad | Tchad |" in card
+    report = (out / "report.html").read_text()
+    assert '<td class="aliases">Tchad</td>' in report
+    targets = {s.target for s in read_samples(str(out / "shards"))}
+    assert "Tchad" not in targets and {"Chad", "Kenya", "Ghana", "Mali"} <= targets
