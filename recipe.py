@@ -41,6 +41,8 @@ class ImageFolderSourceConfig(_Strict):
     exclude: list[str] = []
     license: str = ""
     author: str = ""
+    # A symlink that leads out of `path` is refused (`outside_source`) unless this is set.
+    follow_outside_links: bool = False
 
 
 class HFDatasetSourceConfig(_Strict):

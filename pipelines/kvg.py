@@ -41,11 +41,13 @@ from groundforge.filters.image import ImageLimits, check_image
 from groundforge.filters.instances import check_instances
 from groundforge.filters.output import check_sample
 from groundforge.filters.rationale import RationaleRules, check_rationale, with_rationale
+from groundforge.filters.references import check_reference, rank_references
 from groundforge.filters.sameimage import SameSettings
 from groundforge.filters.verdict import Verdict
 from groundforge.outputs.previews import PREVIEWS_FILE, WritePreviews
 from groundforge.outputs.rejections import WriteRejections
 from groundforge.outputs.shards import WriteShards
+from groundforge.pipelines.aliases import TallyAliases
 from groundforge.pipelines.crowd import (
     attach_detection_rationale,
     compose_planned_crowd,
@@ -53,7 +55,6 @@ from groundforge.pipelines.crowd import (
     make_detection_sample,
     mark_uncertain,
 )
-from groundforge.pipelines.aliases import TallyAliases
 from groundforge.pipelines.dedup import JoinFindings, dedup_check
 from groundforge.pipelines.metrics import TallyEntities, TallyProvenance, model_namespace
 from groundforge.pipelines.plans import (
@@ -111,6 +112,7 @@ def make_source(recipe: Recipe):
             exclude=tuple(cfg.exclude),
             license=cfg.license,
             author=cfg.author,
+            follow_outside_links=cfg.follow_outside_links,
         )
     if isinstance(cfg, HFDatasetSourceConfig):
         from groundforge.sources.hf_dataset import HFDatasetSource
@@ -497,6 +499,23 @@ class KVGGraph:
         )
         return self._stage(records, "decontaminate", check)
 
+    def _references(self, records):
+        """One record per source location (:mod:`groundforge.filters.references`)."""
+        located = records | "located" >> beam.Filter(lambda r: bool(r.location))
+        unlocated = (
+            records
+            | "unlocated" >> beam.Filter(lambda r: not r.location)
+            | "nothing shared" >> beam.Map(lambda r: (r, None))
+        )
+        ranked = (
+            located
+            | "key by location" >> beam.Map(lambda r: (r.location, r))
+            | "records per location" >> beam.GroupByKey()
+            | "rank references" >> beam.FlatMap(lambda kv: rank_references(kv[1]))
+        )
+        pairs = (ranked, unlocated) | "all references" >> beam.Flatten()
+        return self._stage(pairs, "reference", check_reference)
+
     def _dedup(self, records):
         cfg = self.recipe.dedup
         settings = DedupSettings(
@@ -670,6 +689,7 @@ class KVGGraph:
         records = self._stage(records, "image", partial(check_image, limits=limits))
         # From here on records hold a reference: pixels never cross a shuffle or a side input.
         records = records | "park pixels" >> beam.Map(self.pixels.parked)
+        records = self._references(records)
         if isinstance(recipe.source, ANNOTATION_SOURCES):
             records = self._stage(records, "instances", check_instances)
         if needs_embedding(recipe):

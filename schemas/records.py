@@ -83,7 +83,8 @@ class SourceItem(Compact):
     ``instances`` are the annotated objects (``boxes`` stays the non-ignored truths among them);
     ``dropped_instances`` counts, by reason, the annotations of this image that could not become
     instances. ``error`` says why the source could not make a usable item of its entry (a
-    malformed annotation line): :func:`groundforge.sources.read.read_item` drops such an item.
+    malformed annotation line): :func:`groundforge.sources.read.read_item` drops such an item,
+    with ``reason`` as its reason code (``bad_annotation`` when empty).
     """
 
     item_id: str
@@ -99,6 +100,7 @@ class SourceItem(Compact):
     instances: tuple[Instance, ...] = ()
     dropped_instances: dict[str, int] = field(default_factory=dict)
     error: str = ""
+    reason: str = ""
 
 
 @dataclass(frozen=True)

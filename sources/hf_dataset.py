@@ -22,8 +22,10 @@ Boxes (``box_column``; ``a.b`` reaches a field ``b`` nested in column ``a``, as 
 ``objects.bbox``) may hold one box of 4 numbers or a list of them, in ``box_format`` ``xyxy`` or
 ``xywh``. They are stored as pixel ``xyxy``: ``norm01`` boxes are scaled by the image's size, read
 from its header (nothing is decoded). When no size can be read the row gets no boxes; such bytes
-are not an image the image filter would keep anyway. A value that is not a box raises
-``ValueError`` naming the row: that is a wrong ``box_column`` or ``box_format``, not a bad image.
+are not an image the image filter would keep anyway. A value that is not a box (``[1, 2]``, a
+string, corners out of order) makes that row a ``bad_annotation`` rejection naming the row; when
+none of the first rows has a readable box, :meth:`partitions` raises ``ValueError`` before any
+work starts: that is a wrong ``box_column`` or ``box_format``, not a bad row.
 """
 
 from __future__ import annotations
@@ -166,8 +168,17 @@ class HFDatasetSource:
         ds = self.dataset()
         n = len(ds)
         if n and self.box_column:
-            # A wrong box_column/box_format fails here, before any worker starts.
-            self._boxes(ds[0], 0, None)
+            # A wrong box_column/box_format fails here, before any worker starts: when none of
+            # the first rows has a readable box. One malformed row is that row's rejection.
+            errors = []
+            for index in range(min(n, _CHECKED_ROWS)):
+                try:
+                    self._boxes(ds[index], index, None)
+                    break
+                except ValueError as err:
+                    errors.append(err)
+            else:
+                raise errors[0]
         step = self.rows_per_partition
         return [(start, min(start + step, n)) for start in range(0, n, step)]
 
@@ -191,15 +202,20 @@ class HFDatasetSource:
             except Exception:  # left for read_item, which reads it again and says why
                 data = None
         item_id = row[self.id_column] if self.id_column else None
+        try:
+            boxes, error = self._boxes(row, index, data), ""
+        except ValueError as err:  # this row's box is malformed: its rejection, not the run's end
+            boxes, error = (), str(err)
         return SourceItem(
             item_id=str(item_id) if item_id is not None else f"{self.split}/{index}",
             location=location,
             domain=self._label(self.domain_column, row) or self.domain,
             entity=self._label(self.entity_column, row),
-            boxes=self._boxes(row, index, data),
+            boxes=boxes,
             source=self.source,
             license=self.license,
             data=data,
+            error=error,
         )
 
     def _resolve(self, image_path: str) -> str:
@@ -237,6 +253,9 @@ class HFDatasetSource:
                 return ()
             boxes = tuple(b.scale(size[0], size[1]) for b in boxes)
         return boxes
+
+
+_CHECKED_ROWS = 8
 
 
 def _is_box(value: Any) -> bool:

@@ -7,7 +7,10 @@ folders (names starting with ``.``) are skipped. On a local disk anything whose 
 image extension is listed, even a directory or a dangling symlink, so that
 :func:`groundforge.sources.read.read_item` rejects it with a reason instead of it vanishing, and
 symlinked folders are followed (a link back to an enclosing folder is not); a bucket has neither,
-so there every object under the prefix is listed through ``FileSystems.match``.
+so there every object under the prefix is listed through ``FileSystems.match``. A symlink (of a
+file, or of a folder on its path) that leads out of the root is listed but refused as
+``outside_source``, unless ``follow_outside_links`` is set: a folder handed to the pipeline
+should not make it read whatever its links point at.
 
 Per-file overrides: ``metadata.jsonl`` at the root of the folder, one JSON object per line::
 
@@ -191,6 +194,7 @@ class ImageFolderSource:
     license: str = ""
     author: str = ""
     source: str = "image_folder"
+    follow_outside_links: bool = False
     # Parsed metadata.jsonl, loaded once per process; never pickled.
     _metadata: Metadata | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -302,7 +306,8 @@ class ImageFolderSource:
                 else FileSystems.join(self.root, rel)
             )
             data = digest = None
-            if meta.by_sha256:
+            outside = local and not self.follow_outside_links and _leaves(location, self.root)
+            if meta.by_sha256 and not outside:
                 data = _read_or_none(location)
                 digest = sha256_hex(data) if data is not None else None
             fields = {
@@ -313,9 +318,21 @@ class ImageFolderSource:
                 "domain": self.domain,
             }
             fields.update(meta.lookup(rel, digest))
+            if outside:
+                fields["error"] = (
+                    f"{location} is a link to {os.path.realpath(location)}, outside the source "
+                    f"folder {self.root}; set source.follow_outside_links: true to read it"
+                )
+                fields["reason"] = "outside_source"
             yield SourceItem(
                 item_id=rel, location=location, source=self.source, data=data, **fields
             )
+
+
+def _leaves(location: str, root: str) -> bool:
+    """Whether a local path resolves (through its links) to somewhere outside ``root``."""
+    real, top = os.path.realpath(location), os.path.realpath(root)
+    return os.path.commonpath([real, top]) != top
 
 
 def _read_or_none(location: str) -> bytes | None:

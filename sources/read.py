@@ -9,6 +9,8 @@ Drop reasons, each with ``location`` and (for read failures) ``error`` in the me
 
 - ``bad_annotation``: the source could not describe the item (``item.error``: a malformed
   annotation line, an annotation naming an image that is not listed); nothing is read.
+- ``outside_source``: a symlink in an image folder that leads out of it (a source may set
+  ``item.reason`` to name its own refusal); nothing is read.
 - ``missing_image``: no bytes and nothing to read (no location, or the location is a dataset row,
   ``<dataset>#<split>/<index>``, whose image is empty).
 - ``not_found``: nothing exists at the location.
@@ -75,7 +77,8 @@ def read_item(item: SourceItem) -> Verdict:
     'missing_image'
     """
     if item.error:
-        return Verdict.drop("bad_annotation", location=item.location, error=item.error)
+        reason = item.reason or "bad_annotation"
+        return Verdict.drop(reason, location=item.location, error=item.error)
     data = item.data
     if data is None:
         if not item.location or is_dataset_row(item.location):

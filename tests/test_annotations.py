@@ -17,6 +17,7 @@ from PIL import Image
 from groundforge.filters.image import check_image
 from groundforge.filters.instances import check_instances, fit_instances
 from groundforge.pipelines.kvg import make_source
+from groundforge.outputs.shards import read_samples
 from groundforge.pipelines.run import run_recipe
 from groundforge.recipe import RecipeError, load_recipe, parse_recipe
 from groundforge.schemas.box import Box
@@ -516,7 +517,7 @@ def test_odgt_recipe_runs_and_every_drop_has_a_reason(tmp_path: Path) -> None:
     result = run_recipe(recipe, str(out))
 
     funnel = {s.stage: s for s in result.funnel}
-    assert list(funnel)[:3] == ["read", "image", "instances"]
+    assert list(funnel)[:4] == ["read", "image", "reference", "instances"]
     assert funnel["read"].total == 5
     for s in result.funnel:
         assert s.balanced, s
@@ -535,3 +536,50 @@ def test_odgt_recipe_runs_and_every_drop_has_a_reason(tmp_path: Path) -> None:
     assert result.manifest["samples"] == 1
     dropped = sum(s.dropped_total for s in result.funnel)
     assert funnel["read"].total == dropped + result.manifest["samples"]
+
+
+@pytest.mark.parametrize("dedup", [True, False])
+def test_an_image_listed_twice_gives_one_sample_and_a_duplicate_reference(
+    tmp_path: Path, dedup: bool
+) -> None:
+    # COCO: two images[] entries name one file (with different boxes); odgt: one ID on two
+    # lines. Neither may end the run, and neither may give two samples of one picture.
+    coco_dir, odgt_dir = tmp_path / "coco", tmp_path / "odgt"
+    images = [
+        {"id": 1, "file_name": "street.jpg", "width": 64, "height": 48},
+        {"id": 2, "file_name": "street.jpg", "width": 64, "height": 48},
+        {"id": 3, "file_name": "park.jpg", "width": 64, "height": 48},
+    ]
+    anns = [ann(10, 1, 1, [2, 3, 10, 20]), ann(11, 2, 1, [30, 4, 8, 16])]
+    anns.append(ann(12, 3, 1, [5, 5, 20, 20]))
+    write_coco(coco_dir, images, anns)
+    (coco_dir / "images" / "park.jpg").write_bytes(image_bytes(64, 48, seed=7))
+    alone = {"gtboxes": [person([10, 8, 40, 44], [10, 8, 40, 44], [20, 8, 9, 9])]}
+    other = {"gtboxes": [person([4, 4, 30, 30], [4, 4, 30, 30], [8, 4, 9, 9])]}
+    write_odgt(odgt_dir, [{"ID": "a", **alone}, {"ID": "a", **other}], {"a": (64, 60)})
+    sources = {
+        coco_dir: {"kind": "coco", "annotations": "instances.json", "images": "images"},
+        odgt_dir: {"kind": "odgt", "annotations": "annotation.odgt", "images": "Images"},
+    }
+    for root, source in sources.items():
+        recipe = {
+            "name": "twice",
+            "domain": "person",
+            "source": source,
+            "detect": {"label": "person"},
+            "dedup": {"enabled": dedup},
+        }
+        out = root / "out"
+        result = run_recipe(parse_recipe(recipe, root), str(out))
+        for s in result.funnel:
+            assert s.balanced, s
+        rows = pq.read_table(out / "rejections.parquet").to_pylist()
+        repeated = [r for r in rows if r["reason"] == "duplicate_reference"]
+        assert len(repeated) == 1 and repeated[0]["stage"] == "reference", rows
+        assert Path(repeated[0]["source_id"]).name in {"street.jpg", "a.jpg"}
+        locations = [
+            loc
+            for s in read_samples(str(out / "shards"))
+            for loc in s.provenance.locations
+        ]
+        assert len(locations) == len(set(locations)) == (2 if root == coco_dir else 1)

@@ -621,6 +621,26 @@ def test_hf_bad_settings_fail_on_the_driver(tmp_path: Path) -> None:
         HFDatasetSource(path=str(tmp_path / "absent")).partitions()
 
 
+def test_one_malformed_box_rejects_its_row_only(tmp_path: Path) -> None:
+    import datasets
+
+    def source(boxes, name):
+        ds = datasets.Dataset.from_dict({"image": [png(8, 8)] * len(boxes), "bbox": boxes})
+        ds.save_to_disk(str(tmp_path / name))
+        return HFDatasetSource(path=str(tmp_path / name), box_column="bbox", domain="x")
+
+    # The first row malformed, one in the middle too: each is its own bad_annotation.
+    src = source([[1, 2], [1, 2, 5, 6], [0, 0, 1], [2, 2, 6, 6]], "rows")
+    items = all_items(src)
+    assert [i.boxes for i in items] == [(), (Box(1, 2, 5, 6),), (), (Box(2, 2, 6, 6),)]
+    verdicts = [read_item(i) for i in items]
+    assert [v.reason for v in verdicts] == ["bad_annotation", None, "bad_annotation", None]
+    assert "row train/0: bbox = [1, 2] is neither a box" in verdicts[0].metrics["error"]
+    # No readable box in any of the first rows: a wrong box_column, said before any work.
+    with pytest.raises(ValueError, match="neither a box"):
+        source([[1, 2]] * 3, "none").partitions()
+
+
 # ---------------------------------------------------------------- pickling
 
 
@@ -663,3 +683,26 @@ def test_bound_items_survive_beams_pickler(tmp_path: Path) -> None:
     items = pickler.loads(pickler.dumps(hf.items))
     assert items.__self__._dataset is None
     assert [i.entity for i in items(part)] == ["owl", "sparrow", "eagle", "owl", "eagle"]
+
+
+def test_a_link_out_of_the_folder_is_refused_unless_allowed(tmp_path: Path) -> None:
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    write(root / "inside.png", png())
+    write(elsewhere / "secret.png", png(color=(1, 2, 3)))
+    (root / "out.png").symlink_to(elsewhere / "secret.png")
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (root / "same.png").symlink_to(root / "inside.png")  # stays inside: fine
+    (root / "metadata.jsonl").write_text('{"sha256": "00", "author": "A"}\n')
+    items = {i.item_id: i for i in all_items(ImageFolderSource(str(root), "x", NamingRule()))}
+    assert sorted(items) == ["inside.png", "linked/secret.png", "out.png", "same.png"]
+    verdicts = {k: read_item(i) for k, i in items.items()}
+    assert {k: v.reason for k, v in verdicts.items()} == {
+        "inside.png": None,
+        "same.png": None,
+        "out.png": "outside_source",
+        "linked/secret.png": "outside_source",
+    }
+    assert items["out.png"].data is None  # never read, not even to hash it
+    assert "follow_outside_links" in verdicts["out.png"].metrics["error"]
+    allowed = ImageFolderSource(str(root), "x", NamingRule(), follow_outside_links=True)
+    assert all(read_item(i).keep for i in all_items(allowed))
