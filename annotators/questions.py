@@ -194,5 +194,6 @@ def detection_sample(
         ignore_regions=tuple(ignore),
         uncertain_regions=tuple(occluded),
         provenance=provenance or record_provenance(record, recipe_hash, version),
+        dropped_instances=record.dropped_instances,
     )
     return Verdict.ok(sample, instances=len(truths), ignored=len(ignore), occluded=len(occluded))

@@ -10,8 +10,10 @@ instance whose ``box`` has no area left is dropped and counted under ``outside_i
 record's ``dropped_instances``; a ``visible`` box with no area left becomes None.
 
 Drop reason: ``no_instances``, when no ground-truth (non-ignored) instance remains. Metrics, kept
-or dropped: ``instances``, ``truths``, ``ignored``, ``clipped`` (instances whose box was cut) and
-``dropped_instances`` (every instance the record lost, by reason, the source's included).
+or dropped: ``instances``, ``truths``, ``ignored``, ``clipped`` (instances whose box was cut),
+``dropped_instances`` (every instance the record lost, by reason, the source's included) and,
+when the annotation file gives another size than the decoded image has, ``declared_size`` and
+``size_mismatch`` (its boxes were then clipped to the declared size, and again to the real one).
 """
 
 from __future__ import annotations
@@ -83,6 +85,9 @@ def check_instances(record: ImageRecord) -> Verdict:
         "clipped": clipped,
         "dropped_instances": dropped,
     }
+    declared = record.declared_size
+    if declared is not None and tuple(declared) != (record.width, record.height):
+        metrics.update(size_mismatch=True, declared_size=list(declared))
     if not truths:
         return Verdict.drop("no_instances", **metrics)
     fitted = replace(record, instances=kept, boxes=truths, dropped_instances=dropped)

@@ -55,6 +55,7 @@ def build_manifest(
     timing: dict[str, Any] | None = None,
     provenance: dict[str, dict[str, int]] | None = None,
     aliases: dict[str, list[str]] | None = None,
+    instances: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     splits: Counter = Counter()
     for s in shards:
@@ -71,6 +72,7 @@ def build_manifest(
         "timing": timing or {},
         "provenance": provenance or {"licenses": {}, "sources": {}},
         "aliases": aliases or {},
+        **({"instances": instances} if instances is not None else {}),
         "rejections": {
             "path": REJECTIONS_FILE,
             "rows": sum(rejection_reasons.values()),

@@ -5,6 +5,9 @@ rationale. :class:`groundforge.pipelines.kvg.KVGGraph` wires them when a recipe 
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import replace
+
 from groundforge import __version__
 from groundforge.annotators.questions import detection_sample, members_provenance
 from groundforge.filters.detect_rationale import DetectionRules, check_detection_rationale
@@ -39,6 +42,11 @@ def compose_planned_crowd(keyed, spec, label: str) -> Verdict:
     # A crowd may draw fewer instances than it was offered: credit only the images it shows.
     shown = set(crowd.source_image_ids)
     painted = tuple(m for m in members if m.image_id in shown)
+    # What its images' annotation files could not describe may be in the crowd too.
+    lost: Counter = Counter()
+    for member in painted:
+        lost.update(member.dropped_instances)
+    record = replace(record, dropped_instances=dict(sorted(lost.items())))
     return Verdict.ok((record, plan, painted), instances=len(crowd.instances))
 
 

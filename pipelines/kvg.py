@@ -38,7 +38,6 @@ from groundforge.filters.dedup import DedupSettings
 from groundforge.filters.detection import check_agreement, check_box_bounds, resolve_box
 from groundforge.filters.difficulty import SplitRule, count_correct, split_by_difficulty
 from groundforge.filters.image import ImageLimits, check_image
-from groundforge.filters.instances import check_instances
 from groundforge.filters.output import check_sample
 from groundforge.filters.rationale import RationaleRules, check_rationale, with_rationale
 from groundforge.filters.references import check_reference, rank_references
@@ -56,7 +55,12 @@ from groundforge.pipelines.crowd import (
     mark_uncertain,
 )
 from groundforge.pipelines.dedup import JoinFindings, dedup_check
-from groundforge.pipelines.metrics import TallyEntities, TallyProvenance, model_namespace
+from groundforge.pipelines.metrics import (
+    TallyEntities,
+    TallyProvenance,
+    counted_instances,
+    model_namespace,
+)
 from groundforge.pipelines.plans import (
     PlanCrowds,
     PlanScenes,
@@ -691,7 +695,7 @@ class KVGGraph:
         records = records | "park pixels" >> beam.Map(self.pixels.parked)
         records = self._references(records)
         if isinstance(recipe.source, ANNOTATION_SOURCES):
-            records = self._stage(records, "instances", check_instances)
+            records = self._stage(records, "instances", counted_instances)
         if needs_embedding(recipe):
             records = self._embed(records)
         if recipe.decontaminate is not None:

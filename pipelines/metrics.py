@@ -16,6 +16,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 
 from groundforge.annotators.teacher.handler import METRICS_PREFIX as CHAT_PREFIX
+from groundforge.filters.instances import check_instances
+from groundforge.filters.verdict import Verdict
 from groundforge.pipelines.stage import NAMESPACE_PREFIX
 
 
@@ -159,3 +161,24 @@ def read_provenance(result) -> dict[str, dict[str, int]]:
         plural: dict(sorted(values.get(kind, {}).items(), key=lambda kv: (-kv[1], kv[0])))
         for kind, plural in _PLURALS.items()
     }
+
+
+INSTANCES_NAMESPACE = "instances:"
+
+
+def counted_instances(record) -> Verdict:
+    """:func:`~groundforge.filters.instances.check_instances`, counting every annotation the
+    image lost (by reason) and every declared size that is not the decoded one, kept or not."""
+    verdict = check_instances(record)
+    for reason, n in (verdict.metrics.get("dropped_instances") or {}).items():
+        Metrics.counter(INSTANCES_NAMESPACE + "dropped", reason).inc(n)
+    if verdict.metrics.get("size_mismatch"):
+        Metrics.counter(INSTANCES_NAMESPACE + "images", "size_mismatch").inc()
+    return verdict
+
+
+def read_instances(result) -> dict[str, object]:
+    """Annotations dropped by reason, and images whose declared size is not their own."""
+    values = counters(result, INSTANCES_NAMESPACE)
+    dropped = {k: n for k, n in sorted(values.get("dropped", {}).items()) if n}
+    return {"dropped": dropped, "size_mismatch": values.get("images", {}).get("size_mismatch", 0)}

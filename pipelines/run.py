@@ -24,6 +24,7 @@ from groundforge.outputs.previews import PREVIEWS_FILE, ensure_previews
 from groundforge.outputs.rejections import REJECTIONS_FILE, iter_rejections, merge_rejections
 from groundforge.outputs.report import REPORT_FILE, write_report
 from groundforge.outputs.shards import finalize_shards
+from groundforge.pipelines.aliases import read_aliases
 from groundforge.pipelines.kvg import (
     REJECTION_PARTS,
     SHARDS_DIR,
@@ -31,11 +32,11 @@ from groundforge.pipelines.kvg import (
     KVGGraph,
     splits_for,
 )
-from groundforge.pipelines.aliases import read_aliases
 from groundforge.pipelines.metrics import (
     StageCount,
     read_chat_counts,
     read_funnel,
+    read_instances,
     read_provenance,
     read_stage_seconds,
 )
@@ -220,6 +221,7 @@ def _finish(recipe, out_dir, options, beam_args, graph, result, started) -> RunR
         timing=timing,
         provenance=read_provenance(result),
         aliases=read_aliases(result),
+        instances=read_instances(result) if "instances" in stages else None,
     )
     write_manifest(FileSystems.join(out_dir, MANIFEST_FILE), manifest)
     write_text(FileSystems.join(out_dir, CARD_FILE), render_card(manifest))

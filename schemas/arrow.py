@@ -99,6 +99,7 @@ _SAMPLE_FIELDS = pa.schema(
         ("uncertain_regions", pa.list_(pa.struct([("box", _BOX), ("reason", pa.string())]))),
         ("ignore_regions", pa.list_(_BOX)),
         ("provenance", PROVENANCE_TYPE),
+        ("dropped_instances", _REASON_COUNTS),
     ]
 )
 
@@ -124,6 +125,7 @@ _IMAGE_RECORD_FIELDS = pa.schema(
         ("embedding", pa.list_(pa.float32())),
         ("instances", _INSTANCES),
         ("dropped_instances", _REASON_COUNTS),
+        ("declared_size", pa.list_(pa.int32())),
     ]
 )
 
@@ -278,6 +280,7 @@ def sample_to_row(s: KVGSample) -> dict[str, Any]:
             "recipe_hash": p.recipe_hash,
             "version": p.version,
         },
+        "dropped_instances": _counts_to_rows(s.dropped_instances),
     }
 
 
@@ -326,7 +329,17 @@ def row_to_sample(row: dict[str, Any]) -> KVGSample:
             UncertainRegion(_box(r["box"]), r["reason"]) for r in row["uncertain_regions"]
         ),
         ignore_regions=tuple(_box(b) for b in row["ignore_regions"]),
+        # Shards written before samples counted their dropped instances have no such column.
+        dropped_instances=_rows_to_counts(row.get("dropped_instances") or ()),
     )
+
+
+def _counts_to_rows(counts: dict[str, int]) -> list[dict[str, Any]]:
+    return [{"reason": k, "count": v} for k, v in sorted(counts.items())]
+
+
+def _rows_to_counts(rows) -> dict[str, int]:
+    return {x["reason"]: x["count"] for x in rows}
 
 
 def image_record_to_row(r: ImageRecord) -> dict[str, Any]:
@@ -350,9 +363,8 @@ def image_record_to_row(r: ImageRecord) -> dict[str, Any]:
         "box_ious": [{"name": k, "iou": v} for k, v in sorted(r.box_ious.items())],
         "embedding": list(r.embedding) if r.embedding is not None else None,
         "instances": _instances_to_rows(r.instances),
-        "dropped_instances": [
-            {"reason": k, "count": v} for k, v in sorted(r.dropped_instances.items())
-        ],
+        "dropped_instances": _counts_to_rows(r.dropped_instances),
+        "declared_size": list(r.declared_size) if r.declared_size is not None else None,
     }
 
 
@@ -377,7 +389,8 @@ def row_to_image_record(row: dict[str, Any]) -> ImageRecord:
         box_ious={x["name"]: x["iou"] for x in row["box_ious"]},
         embedding=tuple(row["embedding"]) if row["embedding"] is not None else None,
         instances=_rows_to_instances(row["instances"]),
-        dropped_instances={x["reason"]: x["count"] for x in row["dropped_instances"]},
+        dropped_instances=_rows_to_counts(row["dropped_instances"]),
+        declared_size=tuple(row["declared_size"]) if row.get("declared_size") else None,
     )
 
 

@@ -82,7 +82,8 @@ class SourceItem(Compact):
     ``data`` carries the bytes when the source already holds them (a dataset row).
     ``instances`` are the annotated objects (``boxes`` stays the non-ignored truths among them);
     ``dropped_instances`` counts, by reason, the annotations of this image that could not become
-    instances. ``error`` says why the source could not make a usable item of its entry (a
+    instances; ``declared_size`` is the ``(width, height)`` the annotation file gives, if any.
+    ``error`` says why the source could not make a usable item of its entry (a
     malformed annotation line): :func:`groundforge.sources.read.read_item` drops such an item,
     with ``reason`` as its reason code (``bad_annotation`` when empty).
     """
@@ -101,6 +102,7 @@ class SourceItem(Compact):
     dropped_instances: dict[str, int] = field(default_factory=dict)
     error: str = ""
     reason: str = ""
+    declared_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,8 @@ class ImageRecord(Compact):
     ``candidates`` holds each annotator's proposals by annotator name; ``box`` is the box the
     pipeline decided to trust (``box_source`` says which one). ``embedding`` is the image's
     L2-normalised vector from the run's image embedder (dedup, distractor choice), when computed.
-    ``instances`` and ``dropped_instances`` are as on :class:`SourceItem`, carried through.
+    ``instances``, ``dropped_instances`` and ``declared_size`` are as on :class:`SourceItem`,
+    carried through.
     In a pipeline the checked bytes are parked (:mod:`groundforge.pixels`): ``image`` is then
     empty and ``image_ref`` names the file; read pixels with :func:`groundforge.pixels.image_bytes`.
     """
@@ -150,6 +153,7 @@ class ImageRecord(Compact):
     instances: tuple[Instance, ...] = ()
     dropped_instances: dict[str, int] = field(default_factory=dict)
     image_ref: str = ""
+    declared_size: tuple[int, int] | None = None
 
 
 def record_key(record: ImageRecord) -> str:
@@ -196,6 +200,9 @@ class KVGSample(Compact):
     each box the teacher quoted is a placeholder ``⟦box i⟧`` (``⟦box i j⟧`` for a list) and
     ``rationale_boxes[i]`` holds it in this image's pixels with its label (``name``, ``""`` when
     unlabelled), so a trainer writes them in its own frame, as it writes the answer.
+    ``dropped_instances`` counts, by reason, the annotations of a ``detect`` sample's images
+    that could not become instances: objects that may be in the picture but are not in
+    ``gt_boxes``.
     """
 
     sample_id: str
@@ -225,6 +232,7 @@ class KVGSample(Compact):
     ignore_regions: tuple[Box, ...] = ()
     image_ref: str = ""
     rationale_boxes: tuple[Entity, ...] = ()
+    dropped_instances: dict[str, int] = field(default_factory=dict)
 
 
 def item_id_of(location: str, sha256: str) -> str:

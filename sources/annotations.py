@@ -447,9 +447,11 @@ class CocoSource:
         counts = _counts(dropped)
         kept = tuple(instances)
         width, height = image.get("width"), image.get("height")
+        declared = None
         if _is_number(width) and _is_number(height) and width > 0 and height > 0:
             kept, _, outside = fit_instances(kept, width, height)
             counts = add_counts(counts, OUTSIDE_IMAGE, outside)
+            declared = (int(width), int(height))
         url = image.get("coco_url") or image.get("flickr_url") or ""
         return SourceItem(
             item_id=str(image_id),
@@ -462,4 +464,5 @@ class CocoSource:
             url=url if isinstance(url, str) else "",
             instances=kept,
             dropped_instances=counts,
+            declared_size=declared,
         )

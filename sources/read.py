@@ -102,5 +102,6 @@ def read_item(item: SourceItem) -> Verdict:
         url=item.url,
         instances=item.instances,
         dropped_instances=item.dropped_instances,
+        declared_size=item.declared_size,
     )
     return Verdict.ok(record)

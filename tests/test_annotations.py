@@ -16,8 +16,8 @@ from PIL import Image
 
 from groundforge.filters.image import check_image
 from groundforge.filters.instances import check_instances, fit_instances
-from groundforge.pipelines.kvg import make_source
 from groundforge.outputs.shards import read_samples
+from groundforge.pipelines.kvg import make_source
 from groundforge.pipelines.run import run_recipe
 from groundforge.recipe import RecipeError, load_recipe, parse_recipe
 from groundforge.schemas.box import Box
@@ -578,8 +578,47 @@ def test_an_image_listed_twice_gives_one_sample_and_a_duplicate_reference(
         assert len(repeated) == 1 and repeated[0]["stage"] == "reference", rows
         assert Path(repeated[0]["source_id"]).name in {"street.jpg", "a.jpg"}
         locations = [
-            loc
-            for s in read_samples(str(out / "shards"))
-            for loc in s.provenance.locations
+            loc for s in read_samples(str(out / "shards")) for loc in s.provenance.locations
         ]
         assert len(locations) == len(set(locations)) == (2 if root == coco_dir else 1)
+
+
+def test_dropped_annotations_are_counted_in_the_manifest_and_kept_on_the_sample(
+    tmp_path: Path,
+) -> None:
+    # street.jpg is 64x48 but the file says 128x96: the box at x=100 lies in the declared
+    # image only, and disappears at the real size; it must be counted, and the size flagged.
+    images = [
+        {"id": 1, "file_name": "street.jpg", "width": 64, "height": 48},
+        {"id": 2, "file_name": "park.jpg", "width": 128, "height": 96},
+    ]
+    anns = [
+        ann(10, 1, 1, [2, 3, 10, 20]),
+        ann(11, 1, 1, [0, 0, 0, 5]),  # degenerate
+        ann(12, 1, 7, [5, 5, 5, 5]),  # unknown category
+        {"id": 13, "image_id": 1, "category_id": 1, "bbox": [1, "x", 2, 2]},  # malformed
+        ann(14, 2, 1, [5, 5, 20, 20]),
+        ann(15, 2, 1, [100, 70, 20, 20]),  # outside the real 64x48 image
+    ]
+    write_coco(tmp_path, images, anns)
+    (tmp_path / "images" / "park.jpg").write_bytes(image_bytes(64, 48, seed=3))
+    recipe = {
+        "name": "counted",
+        "domain": "person",
+        "source": {"kind": "coco", "annotations": "instances.json", "images": "images"},
+        "detect": {"label": "person", "min_box_side": 0},
+    }
+    out = tmp_path / "out"
+    result = run_recipe(parse_recipe(recipe, tmp_path), str(out))
+    assert result.manifest["instances"] == {
+        "dropped": {"degenerate": 1, "malformed": 1, "outside_image": 1, "unknown_category": 1},
+        "size_mismatch": 1,
+    }
+    samples = {Path(s.provenance.locations[0]).name: s for s in read_samples(str(out / "shards"))}
+    assert samples["street.jpg"].dropped_instances == {
+        "degenerate": 1,
+        "malformed": 1,
+        "unknown_category": 1,
+    }
+    assert samples["park.jpg"].dropped_instances == {"outside_image": 1}
+    assert len(samples["park.jpg"].gt_boxes) == 1
