@@ -389,12 +389,15 @@ def test_near_copies_are_only_matched_within_a_scope():
     assert [s.scope for s in entity] == ["Chad", "Romania", "Romania"]
     # Exact copies are found across entities; near-copies only within one: the JPEG names the
     # Romania copy (a duplicate itself), never the Chad original.
+    # Each names its twin's entity, for the alias table.
     assert find_duplicates(entity) == {
-        "b": Duplicate("exact", chad.image_id, "a.png", 0.0),
-        "c.jpg": Duplicate("perceptual", chad.image_id, "b", 0.0),
+        "b": Duplicate("exact", chad.image_id, "a.png", 0.0, kept_entity="Chad"),
+        "c.jpg": Duplicate("perceptual", chad.image_id, "b", 0.0, kept_entity="Romania"),
     }
     no_exact = find_duplicates(entity, DedupSettings(exact=False))
-    assert no_exact == {"c.jpg": Duplicate("perceptual", chad.image_id, "b", 0.0)}
+    assert no_exact == {
+        "c.jpg": Duplicate("perceptual", chad.image_id, "b", 0.0, kept_entity="Romania")
+    }
     everywhere = find_duplicates([signature_of(r) for r in (chad, same_bytes, jpeg)])
     assert set(everywhere) == {"b", "c.jpg"}
     assert everywhere["c.jpg"].kind == "perceptual"
