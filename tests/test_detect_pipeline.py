@@ -56,6 +56,7 @@ def test_detect_samples_hold_every_instance_and_the_ignore_regions(crowd_run):
     assert [s.stage for s in result.funnel] == [
         "read",
         "image",
+        "reference",
         "instances",
         "dedup",
         "detect_sample",

@@ -99,6 +99,7 @@ def test_demo_manifest_checksums_and_counts(demo_runs):
     assert names == [
         "read",
         "image",
+        "reference",
         "embed",
         "dedup",
         "box",
@@ -234,6 +235,7 @@ def test_detector_pipeline_with_tiny_model(tmp_path, tiny_detector_dir):
     assert list(funnel) == [
         "read",
         "image",
+        "reference",
         "dedup",
         "detect",
         "box",
@@ -258,7 +260,7 @@ def test_detector_pipeline_with_tiny_model(tmp_path, tiny_detector_dir):
     )
     out = tmp_path / "agree"
     result = run_recipe(parse_recipe(agree, tmp_path), str(out))
-    assert [s.stage for s in result.funnel][4:6] == ["box", "agreement"]
+    assert [s.stage for s in result.funnel][5:7] == ["box", "agreement"]
     samples = list(read_samples(str(out / "shards")))
     assert len(samples) == len(names)
     for s in samples:

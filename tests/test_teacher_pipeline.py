@@ -209,9 +209,10 @@ def test_grounder_checks_the_detector(flags, tmp_path, teacher_server, tiny_dete
         recipe["grounder"]["base_url"] = proxy.base_url
         result = run_recipe(parse_recipe(recipe, tmp_path), str(tmp_path / "out"))
     stages = {s.stage: s for s in result.funnel}
-    assert [s.stage for s in result.funnel][:6] == [
+    assert [s.stage for s in result.funnel][:7] == [
         "read",
         "image",
+        "reference",
         "dedup",
         "detect",
         "grounder",
