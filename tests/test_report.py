@@ -479,10 +479,14 @@ def test_scene_cards_and_every_rejection_show_difficulty_and_causes(tmp_path):
         ("landmark", "entity 2"),
     }
     assert re.search(
-        r'data-entity="Chad"><td>flag</td><td>Chad</td><td[^>]*>1</td><td[^>]*>1</td>', html
+        r'data-entity="Chad"><td>flag</td><td>Chad</td><td class="aliases"></td>'
+        r"<td[^>]*>1</td><td[^>]*>1</td>",
+        html,
     )
     assert re.search(
-        r'data-entity="Romania"><td>flag</td><td>Romania</td><td[^>]*>0</td><td[^>]*>1</td>', html
+        r'data-entity="Romania"><td>flag</td><td>Romania</td><td class="aliases"></td>'
+        r"<td[^>]*>0</td><td[^>]*>1</td>",
+        html,
     )
 
     # In a browser the first page of each reason is drawn, rows in file order.
