@@ -32,10 +32,13 @@ class UnsafeURL(Exception):
 
 
 def check_scheme(url: str) -> None:
-    """Raise :class:`UnsafeURL` unless ``url`` is an absolute http or https URL with a host."""
+    """Raise :class:`UnsafeURL` unless ``url`` is an absolute http or https URL with a host and,
+    if it names one, a port from 0 to 65535."""
     try:
         parts = urlsplit(url)
         host = parts.hostname
+        # httpx takes any number as a port; the socket layer would then raise OverflowError.
+        parts.port  # noqa: B018 - raises ValueError when out of range
     except ValueError as exc:
         raise UnsafeURL("invalid_url", url, str(exc)) from exc
     if parts.scheme.lower() not in ("http", "https"):
