@@ -127,7 +127,7 @@ def test_a_trickling_answer_ends_at_the_deadline_as_a_timeout(part: str) -> None
     assert not request.completed and request.bytes_sent < len(PNG)
 
 
-def test_a_timeout_is_retried_and_the_deadline_is_per_attempt() -> None:
+def test_a_timeout_is_retried() -> None:
     slow = Route(body=PNG, headers=IMAGE, trickle=0.05)
     with serve({"/a.png": [slow, Route(body=PNG, headers=IMAGE)]}) as server:
         result = fetch(server.url("/a.png"), settings(timeout=0.5, retries=1))
@@ -159,7 +159,10 @@ def bombs() -> dict[str, Route]:
         ),
         "/small.png": Route(body=gzip.compress(PNG), headers={**IMAGE, "Content-Encoding": "gzip"}),
     }
-    zstandard = pytest.importorskip("zstandard")
+    try:
+        import zstandard
+    except ImportError:
+        return routes
     routes["/zstd.png"] = Route(
         body=_compressed_zeros(zstandard.ZstdCompressor().compressobj(), BOMB),
         headers={**IMAGE, "Content-Encoding": "zstd"},
@@ -194,6 +197,8 @@ asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
     [("/gzip.png", "too_large"), ("/gzip-gzip.png", "too_large"), ("/zstd.png", "bad_encoding")],
 )
 def test_a_compression_bomb_stays_within_max_bytes(bombs, path: str, reason: str) -> None:
+    if path not in bombs:
+        pytest.skip("making a zstd body needs the zstandard package")
     with serve(bombs) as server:
         run = subprocess.run(
             [
@@ -250,6 +255,14 @@ def test_other_or_corrupt_codings_are_bad_encoding(encoding: str, body: bytes) -
     with serve({"/a.png": route}) as server:
         result = fetch(server.url("/a.png"), settings(respect_robots=False))
     assert (result.outcome, result.reason, result.data) == ("failed", "bad_encoding", None)
+
+
+def test_bytes_after_a_compressed_stream_count_towards_max_bytes() -> None:
+    body = gzip.compress(PNG) + bytes(100_000)
+    route = Route(body=body, headers={**IMAGE, "Content-Encoding": "gzip"}, chunked=True)
+    with serve({"/a.png": route}) as server:
+        result = fetch(server.url("/a.png"), settings(respect_robots=False, max_bytes=50_000))
+    assert (result.outcome, result.reason) == ("failed", "too_large")
 
 
 def test_compressed_robots_txt_is_read() -> None:

@@ -359,7 +359,7 @@ class Fetcher:
                 response = await self._send(target, want)
             except httpx.TimeoutException as exc:
                 failure = _Failure("failed", "timeout", f"{type(exc).__name__}: {exc}")
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 failure = _Failure(
                     "failed", "timeout", f"no whole answer within {settings.timeout} s"
                 )
@@ -384,7 +384,8 @@ class Fetcher:
     async def _send(self, target: httpx.URL, want: _Want) -> _Response:
         """One HTTP request inside the host's slot and pace, ending within ``timeout`` (waiting
         for the slot excluded); the body is read only on 2xx."""
-        if self._transport is None:
+        transport = self._transport
+        if transport is None:
             raise RuntimeError("use the Fetcher as 'async with Fetcher(settings) as fetcher:'")
         request = httpx.Request(
             "GET",
@@ -397,15 +398,23 @@ class Fetcher:
             extensions={"timeout": httpx.Timeout(self.settings.timeout).as_dict()},
         )
         async with self._slot(target.raw_host.decode("ascii")):
-            async with asyncio.timeout(self.settings.timeout):
-                response = await self._transport.handle_async_request(request)
-                try:
-                    return await self._receive(response, want)
-                finally:
-                    await response.aclose()
+            # httpx's own timeouts bound each read, not the request: a server sending one byte
+            # at a time would hold the slot for as long as it liked.
+            exchange = self._exchange(transport, request, want)
+            return await asyncio.wait_for(exchange, self.settings.timeout)
+
+    async def _exchange(
+        self, transport: httpx.AsyncHTTPTransport, request: httpx.Request, want: _Want
+    ) -> _Response:
+        """Send ``request``, check the answer's headers and read its body within ``max_bytes``."""
+        response = await transport.handle_async_request(request)
+        try:
+            return await self._receive(response, want)
+        finally:
+            await response.aclose()
 
     async def _receive(self, response: httpx.Response, want: _Want) -> _Response:
-        """Check the answer's headers and read its body within ``max_bytes``."""
+        """Check the answer's headers and read its body, decoded, within ``max_bytes``."""
         if not 200 <= response.status_code < 300:
             return _Response(response.status_code, response.headers)
         if want.images_only:
@@ -420,9 +429,6 @@ class Fetcher:
         body = bytearray()
         received = 0
         async for chunk in response.aiter_raw():
-            received += len(chunk)
-            if received > limit and not want.truncate:
-                raise _Failure("failed", "too_large", f"body passed {limit} bytes")
             for piece in _decode_layers(layers, chunk):
                 room = limit - len(body)
                 if len(piece) > room:
@@ -431,6 +437,13 @@ class Fetcher:
                         return _Response(response.status_code, response.headers, bytes(body))
                     raise _Failure("failed", "too_large", f"body passed {limit} bytes")
                 body += piece
+            # Bytes on the wire count too: whatever follows the end of a compressed stream is
+            # read but decodes to nothing.
+            received += len(chunk)
+            if received > limit:
+                if want.truncate:
+                    break
+                raise _Failure("failed", "too_large", f"body passed {limit} bytes on the wire")
         return _Response(response.status_code, response.headers, bytes(body))
 
     @asynccontextmanager
