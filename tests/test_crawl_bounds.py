@@ -24,6 +24,7 @@ from PIL import Image
 from groundforge.sources.crawl.cli import crawl as crawl_command
 from groundforge.sources.crawl.fetch import Fetcher, FetchResult, FetchSettings
 from groundforge.sources.crawl.run import run_crawl
+from groundforge.sources.crawl.state import CrawlState, status_for
 
 
 def _png(colour: tuple[int, int, int] = (20, 140, 60)) -> bytes:
@@ -85,7 +86,14 @@ def test_redirect_to_a_location_without_a_usable_host_is_refused(
 
 @pytest.mark.parametrize("robots", [True, False], ids=["robots", "no-robots"])
 @pytest.mark.parametrize(
-    "url", ["http://127.0.0.1:70000/a.png", "http://example.org:99999/a.png", "http://[::1/a"]
+    "url",
+    [
+        "http://127.0.0.1:70000/a.png",
+        "http://example.org:99999/a.png",
+        "http://[::1/a",
+        "http://images..example.org/a.png",  # an empty label cannot be encoded for DNS
+        f"http://{'a' * 64}.example.org/a.png",  # nor one over 63 characters
+    ],
 )
 def test_listed_url_that_does_not_parse_is_refused(url: str, robots: bool) -> None:
     result = fetch(url, settings(respect_robots=robots))
@@ -278,6 +286,20 @@ def test_compressed_robots_txt_is_read() -> None:
 
 
 # --- reruns ------------------------------------------------------------------------------------
+
+
+def test_failures_that_would_repeat_are_recorded_as_refused(tmp_path):
+    assert status_for("failed", "too_large") == status_for("failed", "invalid_url") == "refused"
+    assert status_for("failed", "timeout") == status_for("failed", "http_503") == "failed"
+    assert status_for("robots", "robots") == "robots"
+    with CrawlState(tmp_path / "s.sqlite") as state:
+        state.claim("u", "A")
+        state.finish("u", status_for("failed", "not_an_image"), "not_an_image")
+        assert state.claim("u", "B") == "refused"
+        assert state.get("u")["entity"] == "A"
+        # Asked to retry, the URL is claimed again, for the entity listed now.
+        assert state.claim("u", "B", retry_failed=True) == "refused"
+        assert state.get("u")["entity"] == "B"
 
 
 def _rows(out: Path) -> dict[str, dict]:

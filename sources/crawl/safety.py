@@ -88,7 +88,10 @@ async def check_host(host: str, port: int, allow_private_hosts: frozenset[str]) 
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as exc:
+    except UnicodeError as exc:
+        # The name cannot be encoded for DNS (an empty or over-long label): no lookup is made.
+        raise UnsafeURL("invalid_url", where, str(exc)) from exc
+    except OSError as exc:
         raise UnsafeURL("unresolvable", where, str(exc)) from exc
     # Drop an IPv6 zone ("fe80::1%eth0"): ipaddress does not parse it on every Python.
     addresses = list(dict.fromkeys(str(info[4][0]).split("%")[0] for info in infos))
