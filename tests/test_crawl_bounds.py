@@ -317,6 +317,10 @@ def bad_list(tmp_path):
         "/v6.png": redirect("http://[::1/a.png"),
         "/port.png": redirect("http://127.0.0.1:70000/a.png"),
         "/big.png": Route(body=bytes(5000), headers=IMAGE),
+        "/bomb.png": Route(
+            body=gzip.compress(gzip.compress(bytes(1_000_000))),
+            headers={**IMAGE, "Content-Encoding": "gzip, gzip"},
+        ),
         "/page.png": Route(body=b"<html></html>", headers={"Content-Type": "text/html"}),
         "/junk.png": Route(body=b"not an image", headers=IMAGE),
         "/down.png": Route(status=503),
@@ -342,11 +346,12 @@ def bad_list(tmp_path):
         yield server, entities, tmp_path / "out"
 
 
-FINAL_REASONS = {
+GIVEN_UP = {
     "/js.png": "scheme",
     "/v6.png": "invalid_url",
     "/port.png": "invalid_url",
     "/big.png": "too_large",
+    "/bomb.png": "too_large",
     "/page.png": "not_an_image",
     "/junk.png": "decode_error",
     ":99999/x.png": "invalid_url",
@@ -355,24 +360,24 @@ FINAL_REASONS = {
 
 
 def _by_suffix(rows: dict[str, dict]) -> dict[str, dict]:
-    suffixes = [*FINAL_REASONS, "/ok.png", "/down.png"]
+    suffixes = [*GIVEN_UP, "/ok.png", "/down.png"]
     return {next(s for s in suffixes if url.endswith(s)): row for url, row in rows.items()}
 
 
 def test_bad_urls_end_as_final_outcomes_and_are_not_fetched_again(bad_list):
     server, entities, out = bad_list
     first = run_crawl(entities, out)
-    assert (first.listed, first.fetched) == (10, 1)
+    assert (first.listed, first.fetched) == (11, 1)
     rows = _by_suffix(_rows(out))
     assert {s: (r["status"], r["reason"]) for s, r in rows.items()} == {
-        **{s: ("refused", reason) for s, reason in FINAL_REASONS.items()},
+        **{s: ("refused", reason) for s, reason in GIVEN_UP.items()},
         "/ok.png": ("done", ""),
         "/down.png": ("failed", "http_503"),
     }
     requests = Counter(request.path for request in server.requests)
 
     again = run_crawl(entities, out)
-    assert (again.skipped, again.outcomes) == (9, Counter({"failed": 1}))
+    assert (again.skipped, again.outcomes) == (10, Counter({"failed": 1}))
     retried = Counter(request.path for request in server.requests) - requests
     # Each run reads robots.txt once; of the listed URLs only the one that may recover is asked.
     assert retried == Counter({"/robots.txt": 1, "/down.png": 2})
@@ -393,7 +398,7 @@ def test_retry_failed_option(bad_list):
     first = runner.invoke(crawl_command, [str(entities), "--out", str(out)], env={"COLUMNS": "200"})
     assert first.exit_code == 0, first.output
     assert "failed for good (--retry-failed)" in first.output
-    assert "too_large 1" in first.output and "invalid_url 4" in first.output
+    assert "too_large 2" in first.output and "invalid_url 4" in first.output
     runner.invoke(crawl_command, [str(entities), "--out", str(out)])
     assert server.count("/big.png") == 1
     forced = runner.invoke(crawl_command, [str(entities), "--out", str(out), "--retry-failed"])
