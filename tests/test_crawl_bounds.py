@@ -135,6 +135,24 @@ def test_a_trickling_answer_ends_at_the_deadline_as_a_timeout(part: str) -> None
     assert not request.completed and request.bytes_sent < len(PNG)
 
 
+def test_a_resolver_that_never_answers_ends_at_the_deadline_as_a_timeout() -> None:
+    # A fake resolver: no real one can be made to hang on demand.
+    async def hang(*args: object, **kwargs: object) -> list:
+        await asyncio.Event().wait()
+        return []
+
+    async def run() -> FetchResult:
+        asyncio.get_running_loop().getaddrinfo = hang  # type: ignore[method-assign]
+        async with Fetcher(settings(timeout=0.3)) as fetcher:
+            # Bounded here too, so that a fetcher without a deadline fails this test, not hangs.
+            return await asyncio.wait_for(
+                fetcher.fetch_image("http://images.example.org/a.png"), 60
+            )
+
+    result = asyncio.run(run())
+    assert (result.outcome, result.reason, result.attempts) == ("failed", "timeout", 0)
+
+
 def test_a_timeout_is_retried() -> None:
     slow = Route(body=PNG, headers=IMAGE, trickle=0.05)
     with serve({"/a.png": [slow, Route(body=PNG, headers=IMAGE)]}) as server:

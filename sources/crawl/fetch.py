@@ -91,7 +91,8 @@ class FetchSettings(pydantic.BaseModel, extra="forbid"):
     timeout: float = pydantic.Field(
         default=30.0,
         gt=0,
-        description="Seconds allowed for one request: connecting, the headers and the whole body.",
+        description="Seconds allowed for one request (connecting, the headers and the whole "
+        "body), and for resolving a host.",
     )
     max_redirects: int = pydantic.Field(default=5, ge=0, description="Redirect hops followed.")
     max_bytes: int = pydantic.Field(
@@ -334,9 +335,13 @@ class Fetcher:
             target = httpx.URL(url)
             host = target.raw_host.decode("ascii")
             port = target.port or _DEFAULT_PORTS[target.scheme]
-            await check_host(host, port, self._allow)
+            # The system resolver has timeouts of its own, but they are not ``timeout``.
+            await asyncio.wait_for(check_host(host, port, self._allow), self.settings.timeout)
         except (httpx.InvalidURL, ValueError) as exc:
             raise _Failure("refused", "invalid_url", str(exc)) from exc
+        except asyncio.TimeoutError as exc:
+            detail = f"resolving {url} took over {self.settings.timeout} s"
+            raise _Failure("failed", "timeout", detail) from exc
         except UnsafeURL as exc:
             if exc.reason == "unresolvable":
                 # A DNS failure says nothing about safety and may pass; a later run may retry.
