@@ -13,6 +13,9 @@ repeats, e.g. ``[Route(status=500), Route(body=png)]`` fails once, then succeeds
 matched without the query string; unknown paths answer 404. ``server.routes`` may be changed
 while the server runs (e.g. to redirect to a second server's URL).
 
+A route with ``trickle`` writes its whole response (status line and headers included) one byte
+at a time, ``trickle`` seconds apart, as a server that stalls a client would.
+
 A route's body is bytes or a callable returning an iterable of chunks (for large or endless
 streams that must not be built in memory). A body is sent with Content-Length unless the route
 sets ``chunked`` or the body is a callable; a ``Content-Length`` given in ``headers`` is sent
@@ -27,6 +30,7 @@ cannot see a response before the server stops counting it.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -45,6 +49,7 @@ class Route:
     headers: Mapping[str, str] = field(default_factory=dict)
     delay: float = 0.0
     chunked: bool = False
+    trickle: float = 0.0
 
 
 def redirect(location: str, status: int = 302) -> Route:
@@ -166,6 +171,11 @@ class _HTTPServer(ThreadingHTTPServer):
         self.owner._connected()
         return True
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A client hanging up on a kept-alive connection is what clients do, not a server error.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -191,7 +201,7 @@ class _Handler(BaseHTTPRequestHandler):
             request.status = route.status
             self._write(route, request)
             request.completed = True
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        except (ConnectionError, TimeoutError):
             self.close_connection = True
         finally:
             if not responding:
@@ -199,6 +209,9 @@ class _Handler(BaseHTTPRequestHandler):
             request.finished = time.monotonic()
 
     def _write(self, route: Route, request: Request) -> None:
+        if route.trickle:
+            self._trickle(route, request)
+            return
         if isinstance(route.body, bytes):
             chunks: Iterable[bytes] = [route.body]
             length: int | None = len(route.body)
@@ -226,6 +239,21 @@ class _Handler(BaseHTTPRequestHandler):
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+    def _trickle(self, route: Route, request: Request) -> None:
+        body = route.body if isinstance(route.body, bytes) else b"".join(route.body())
+        head = [f"HTTP/1.1 {route.status} {self.responses[route.status][0]}"]
+        head += [f"{name}: {value}" for name, value in route.headers.items()]
+        head += [f"Content-Length: {len(body)}", "", ""]
+        head_bytes = "\r\n".join(head).encode("latin-1")
+        stopping = self.server.owner._stopping
+        for n, byte in enumerate(head_bytes + body):
+            if n and stopping.wait(route.trickle):
+                raise ConnectionAbortedError("the server is stopping")
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            if n >= len(head_bytes):
+                request.bytes_sent += 1
 
 
 def serve(routes: Mapping[str, Route | Sequence[Route]] | None = None) -> Server:

@@ -25,14 +25,21 @@ if TYPE_CHECKING:
     type=click.IntRange(min=1),
     help="At most N URLs per entity (overrides commons.per_entity).",
 )
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="Fetch again the URLs earlier runs gave up on for good (refused, robots.txt, invalid "
+    "URL, too large, not an image, ...), e.g. after changing the fetch settings.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every URL that is not stored.")
-def crawl(entities: Path, out: Path, limit: int | None, verbose: bool) -> None:
+def crawl(entities: Path, out: Path, limit: int | None, retry_failed: bool, verbose: bool) -> None:
     """Collect images for the entities of ENTITIES (a YAML file) into --out.
 
     Images come from Wikimedia Commons and/or a URL manifest, fetched politely (robots.txt,
     per-host pacing, an identifying User-Agent) and safely (public hosts only, size and pixel
-    limits, real decoding). A rerun resumes: finished URLs are not fetched again. The folder is
-    ready for a recipe's `source: {kind: image_folder, path: OUT}`.
+    limits, real decoding). A rerun resumes: finished URLs are not fetched again, and failed ones
+    are retried unless the failure would repeat (see --retry-failed). The folder is ready for a
+    recipe's `source: {kind: image_folder, path: OUT}`.
     """
     from rich.console import Console
 
@@ -46,7 +53,9 @@ def crawl(entities: Path, out: Path, limit: int | None, verbose: bool) -> None:
     console = Console()
     try:
         with progress_bar(f"crawling {entities.name}") as update:
-            summary = run_crawl(entities, out, progress=update, limit=limit)
+            summary = run_crawl(
+                entities, out, progress=update, limit=limit, retry_failed=retry_failed
+            )
     except CrawlInterrupted as stop:
         print_summary(stop.summary, console)
         console.print("[yellow]interrupted[/]: run the same command again to resume")
@@ -66,6 +75,8 @@ def print_summary(summary: CrawlSummary, console: Console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from groundforge.sources.crawl.state import FINAL_REASONS
+
     table = Table(title="crawl", title_justify="left")
     table.add_column("URLs")
     table.add_column("count", justify="right")
@@ -74,14 +85,22 @@ def print_summary(summary: CrawlSummary, console: Console) -> None:
     table.add_row("fetched and stored", str(summary.fetched), "")
     table.add_row("same image as another URL", str(summary.duplicates), "")
     table.add_row("skipped (done before)", str(summary.skipped), "")
-    for outcome, label in (
-        ("robots", "disallowed by robots.txt"),
-        ("refused", "refused by a safety rule"),
-        ("failed", "failed (retried next run)"),
-    ):
-        reasons = summary.reasons.get(outcome, Counter())
+    failed = summary.reasons.get("failed", Counter())
+    rows = (
+        ("disallowed by robots.txt", summary.reasons.get("robots", Counter())),
+        ("refused by a safety rule", summary.reasons.get("refused", Counter())),
+        (
+            "failed for good (--retry-failed)",
+            Counter({r: n for r, n in failed.items() if r in FINAL_REASONS}),
+        ),
+        (
+            "failed (retried next run)",
+            Counter({r: n for r, n in failed.items() if r not in FINAL_REASONS}),
+        ),
+    )
+    for label, reasons in rows:
         by_count = ", ".join(f"{r} {n}" for r, n in reasons.most_common())
-        table.add_row(label, str(summary.outcomes.get(outcome, 0)), by_count)
+        table.add_row(label, str(reasons.total()), by_count)
     if summary.source_skipped:
         by_count = ", ".join(f"{r} {n}" for r, n in summary.source_skipped.most_common())
         table.add_row("left out when listing", str(summary.source_skipped.total()), by_count)

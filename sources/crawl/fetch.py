@@ -6,12 +6,17 @@ Every request, including retries, redirect hops and robots.txt, goes through the
 2. robots.txt for the URL's origin is consulted (:mod:`.robots`) when ``respect_robots``;
 3. the request waits for a per-host slot (at most ``per_host_concurrency`` at once) and for
    the per-host pace (request starts at least ``1 / per_host_rate`` seconds apart);
-4. the body is streamed and abandoned as soon as it passes ``max_bytes``.
+4. the whole request (connecting, the headers, the body) must end within ``timeout``;
+5. the body is streamed and abandoned as soon as it passes ``max_bytes``, counted after
+   decompression: gzip and deflate are inflated here in bounded pieces, so a small compressed
+   body cannot grow past the limit in memory; other content codings are refused.
 
-Redirects are followed by hand so that each hop passes steps 1 and 2 again. A hop that leads to
-a non-public address is refused with reason ``redirect_to_private`` (``private_address`` is kept
-for a URL that was private to begin with), so a crawl log tells a bad input from a site that
-bounces visitors inward.
+Requests go straight to an httpx transport, so the client's redirect handling never parses a
+``Location``; redirects are followed by hand so that each hop passes steps 1 and 2 again, and a
+``Location`` (or a listed URL) that does not parse is refused with reason ``invalid_url``. A hop
+that leads to a non-public address is refused with reason ``redirect_to_private``
+(``private_address`` is kept for a URL that was private to begin with), so a crawl log tells a
+bad input from a site that bounces visitors inward.
 
 The addresses are checked when each hop starts and the connection then resolves the name again,
 so a name whose DNS answer changes in between (DNS rebinding) is not caught. Proxy settings from
@@ -24,7 +29,8 @@ import asyncio
 import io
 import json
 import random
-from collections.abc import AsyncIterator
+import zlib
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +47,13 @@ from groundforge.sources.crawl.safety import UnsafeURL, check_host, check_scheme
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+
+# Content codings inflated here, by zlib window bits; zlib's max_length bounds each piece.
+_CODINGS = {"gzip": zlib.MAX_WBITS | 16, "x-gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS}
+_ACCEPT_ENCODING = "gzip, deflate"
+# Stacked codings are legal but rare; each layer holds a zlib window and one piece.
+_MAX_CODINGS = 3
+_PIECE = 64 * 1024
 
 # Formats decoded in-process by Pillow alone. Pillow can open more (EPS runs Ghostscript, for
 # one); anything else is a decode_error rather than a reason to run an external program.
@@ -76,7 +89,10 @@ class FetchSettings(pydantic.BaseModel, extra="forbid"):
         default=1.0, gt=0, description="Request starts per second per host."
     )
     timeout: float = pydantic.Field(
-        default=30.0, gt=0, description="Seconds allowed to connect, and between received bytes."
+        default=30.0,
+        gt=0,
+        description="Seconds allowed for one request (connecting, the headers and the whole "
+        "body), and for resolving a host.",
     )
     max_redirects: int = pydantic.Field(default=5, ge=0, description="Redirect hops followed.")
     max_bytes: int = pydantic.Field(
@@ -110,7 +126,8 @@ class FetchResult:
     ``outcome`` is ``ok``, ``robots`` (disallowed by robots.txt), ``refused`` (a safety rule:
     reasons ``scheme``, ``invalid_url``, ``no_host``, ``private_address``,
     ``redirect_to_private``) or ``failed`` (reasons ``http_<status>``, ``timeout``,
-    ``connect_error``, ``bad_encoding``, ``unresolvable``, ``too_many_redirects``,
+    ``connect_error``, ``bad_encoding`` (a content coding that is corrupt or not gzip/deflate),
+    ``unresolvable``, ``too_many_redirects``,
     ``redirect_loop``, ``too_large``, ``not_an_image``, ``decode_error``, ``too_many_pixels``).
     ``mime``, ``ext`` and the size come from the decoded image, never from the URL or headers.
     ``attempts`` counts the HTTP requests sent for this URL, redirect hops and retries included.
@@ -195,7 +212,7 @@ class Fetcher:
     def __init__(self, settings: FetchSettings):
         self.settings = settings
         self._allow = frozenset(settings.allow_private_hosts)
-        self._client: httpx.AsyncClient | None = None
+        self._transport: httpx.AsyncHTTPTransport | None = None
         self._hosts: dict[str, _Host] = {}
         self._robots = RobotsCache(self._get_robots, self.user_agent)
 
@@ -209,10 +226,7 @@ class Fetcher:
         return f"groundforge/{__version__}"
 
     async def __aenter__(self) -> Fetcher:
-        self._client = httpx.AsyncClient(
-            follow_redirects=False,
-            timeout=httpx.Timeout(self.settings.timeout),
-            headers={"User-Agent": self.user_agent},
+        self._transport = httpx.AsyncHTTPTransport(
             # Per-host semaphores bound the connections; a pool cap would turn waiting for a
             # free connection into spurious timeouts.
             limits=httpx.Limits(max_connections=None),
@@ -222,9 +236,9 @@ class Fetcher:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._robots.close()
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._transport is not None:
+            await self._transport.aclose()
+            self._transport = None
 
     async def fetch_image(self, url: str) -> FetchResult:
         """Download and decode one image; never raises for a problem with this URL."""
@@ -303,10 +317,11 @@ class Fetcher:
             response = await self._send_with_retries(target, want, trace)
             if response.status not in _REDIRECTS:
                 return response
+            location = response.headers["location"]
             try:
-                following = target.join(response.headers["location"]).copy_with(fragment=None)
-            except httpx.InvalidURL as exc:
-                raise _Failure("refused", "invalid_url", str(exc)) from exc
+                following = target.join(location).copy_with(fragment=None)
+            except (httpx.InvalidURL, ValueError) as exc:
+                raise _Failure("refused", "invalid_url", f"Location {location!r}: {exc}") from exc
             current = str(following)
             if current in seen:
                 raise _Failure("failed", "redirect_loop", f"{current} seen twice")
@@ -320,9 +335,13 @@ class Fetcher:
             target = httpx.URL(url)
             host = target.raw_host.decode("ascii")
             port = target.port or _DEFAULT_PORTS[target.scheme]
-            await check_host(host, port, self._allow)
-        except httpx.InvalidURL as exc:
+            # The system resolver has timeouts of its own, but they are not ``timeout``.
+            await asyncio.wait_for(check_host(host, port, self._allow), self.settings.timeout)
+        except (httpx.InvalidURL, ValueError) as exc:
             raise _Failure("refused", "invalid_url", str(exc)) from exc
+        except asyncio.TimeoutError as exc:
+            detail = f"resolving {url} took over {self.settings.timeout} s"
+            raise _Failure("failed", "timeout", detail) from exc
         except UnsafeURL as exc:
             if exc.reason == "unresolvable":
                 # A DNS failure says nothing about safety and may pass; a later run may retry.
@@ -345,10 +364,12 @@ class Fetcher:
                 response = await self._send(target, want)
             except httpx.TimeoutException as exc:
                 failure = _Failure("failed", "timeout", f"{type(exc).__name__}: {exc}")
+            except asyncio.TimeoutError:
+                failure = _Failure(
+                    "failed", "timeout", f"no whole answer within {settings.timeout} s"
+                )
             except httpx.TransportError as exc:
                 failure = _Failure("failed", "connect_error", f"{type(exc).__name__}: {exc}")
-            except httpx.DecodingError as exc:
-                raise _Failure("failed", "bad_encoding", str(exc)) from exc
             else:
                 status = response.status
                 if 200 <= status < 300 or (status in _REDIRECTS and "location" in response.headers):
@@ -366,32 +387,69 @@ class Fetcher:
             attempt += 1
 
     async def _send(self, target: httpx.URL, want: _Want) -> _Response:
-        """One HTTP request inside the host's slot and pace; the body is read only on 2xx."""
-        if self._client is None:
+        """One HTTP request inside the host's slot and pace, ending within ``timeout`` (waiting
+        for the slot excluded); the body is read only on 2xx."""
+        transport = self._transport
+        if transport is None:
             raise RuntimeError("use the Fetcher as 'async with Fetcher(settings) as fetcher:'")
-        limit = self.settings.max_bytes
+        request = httpx.Request(
+            "GET",
+            target,
+            headers={
+                "User-Agent": self.user_agent,
+                "Accept": want.accept,
+                "Accept-Encoding": _ACCEPT_ENCODING,
+            },
+            extensions={"timeout": httpx.Timeout(self.settings.timeout).as_dict()},
+        )
         async with self._slot(target.raw_host.decode("ascii")):
-            request = self._client.stream("GET", target, headers={"Accept": want.accept})
-            async with request as response:
-                if not 200 <= response.status_code < 300:
-                    return _Response(response.status_code, response.headers)
-                if want.images_only:
-                    mime = response.headers.get("content-type", "").split(";")[0].strip().lower()
-                    if not mime.startswith("image/"):
-                        raise _Failure("failed", "not_an_image", f"Content-Type {mime!r}")
-                declared = response.headers.get("content-length", "")
-                if not want.truncate and declared.isdigit() and int(declared) > limit:
-                    raise _Failure("failed", "too_large", f"Content-Length {declared} > {limit}")
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    room = limit - len(body)
-                    if len(chunk) > room:
-                        if want.truncate:
-                            body += chunk[:room]
-                            break
-                        raise _Failure("failed", "too_large", f"body passed {limit} bytes")
-                    body += chunk
-                return _Response(response.status_code, response.headers, bytes(body))
+            # httpx's own timeouts bound each read, not the request: a server sending one byte
+            # at a time would hold the slot for as long as it liked.
+            exchange = self._exchange(transport, request, want)
+            return await asyncio.wait_for(exchange, self.settings.timeout)
+
+    async def _exchange(
+        self, transport: httpx.AsyncHTTPTransport, request: httpx.Request, want: _Want
+    ) -> _Response:
+        """Send ``request``, check the answer's headers and read its body within ``max_bytes``."""
+        response = await transport.handle_async_request(request)
+        try:
+            return await self._receive(response, want)
+        finally:
+            await response.aclose()
+
+    async def _receive(self, response: httpx.Response, want: _Want) -> _Response:
+        """Check the answer's headers and read its body, decoded, within ``max_bytes``."""
+        if not 200 <= response.status_code < 300:
+            return _Response(response.status_code, response.headers)
+        if want.images_only:
+            mime = response.headers.get("content-type", "").split(";")[0].strip().lower()
+            if not mime.startswith("image/"):
+                raise _Failure("failed", "not_an_image", f"Content-Type {mime!r}")
+        limit = self.settings.max_bytes
+        declared = response.headers.get("content-length", "")
+        if not want.truncate and declared.isdigit() and int(declared) > limit:
+            raise _Failure("failed", "too_large", f"Content-Length {declared} > {limit}")
+        layers = _decoders(response.headers.get("content-encoding", ""))
+        body = bytearray()
+        received = 0
+        async for chunk in response.aiter_raw():
+            for piece in _decode_layers(layers, chunk):
+                room = limit - len(body)
+                if len(piece) > room:
+                    if want.truncate:
+                        body += piece[:room]
+                        return _Response(response.status_code, response.headers, bytes(body))
+                    raise _Failure("failed", "too_large", f"body passed {limit} bytes")
+                body += piece
+            # Bytes on the wire count too: whatever follows the end of a compressed stream is
+            # read but decodes to nothing.
+            received += len(chunk)
+            if received > limit:
+                if want.truncate:
+                    break
+                raise _Failure("failed", "too_large", f"body passed {limit} bytes on the wire")
+        return _Response(response.status_code, response.headers, bytes(body))
 
     @asynccontextmanager
     async def _slot(self, host: str) -> AsyncIterator[None]:
@@ -408,6 +466,58 @@ class Fetcher:
             state.next_start = start + 1.0 / self.settings.per_host_rate
             await asyncio.sleep(start - now)
             yield
+
+
+class _Inflater:
+    """One gzip or deflate layer whose output comes in pieces of at most :data:`_PIECE` bytes."""
+
+    def __init__(self, coding: str):
+        self._coding = coding
+        self._zlib = zlib.decompressobj(_CODINGS[coding])
+        self._started = False
+
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        """Inflate ``data``, yielding the output piece by piece as it is consumed."""
+        while not self._zlib.eof:
+            try:
+                out = self._zlib.decompress(data, _PIECE)
+            except zlib.error as exc:
+                if self._coding == "deflate" and not self._started:
+                    # Some servers send raw deflate without the zlib header the RFC asks for.
+                    self._coding = "raw deflate"
+                    self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+                    continue
+                raise _Failure("failed", "bad_encoding", f"{self._coding}: {exc}") from exc
+            self._started = True
+            data = self._zlib.unconsumed_tail
+            if out:
+                yield out
+            # With no input left, a full piece may still leave output inside zlib: ask again.
+            if not data and len(out) < _PIECE:
+                return
+
+
+def _decoders(header: str) -> list[_Inflater]:
+    """The layers that undo a ``Content-Encoding``, in decoding order (the last coding first)."""
+    codings = [
+        c for c in (c.strip().lower() for c in header.split(",")) if c not in ("", "identity")
+    ]
+    if any(coding not in _CODINGS for coding in codings):
+        raise _Failure("failed", "bad_encoding", f"unsupported Content-Encoding {header!r}")
+    if len(codings) > _MAX_CODINGS:
+        raise _Failure("failed", "bad_encoding", f"more than {_MAX_CODINGS} codings: {header!r}")
+    return [_Inflater(coding) for coding in reversed(codings)]
+
+
+def _decode_layers(layers: list[_Inflater], data: bytes) -> Iterator[bytes]:
+    """Push ``data`` through ``layers``, one bounded piece at a time: however far a piece would
+    expand, at most one piece per layer is held while the caller consumes the output."""
+    if not layers:
+        if data:
+            yield data
+        return
+    for piece in layers[0].pieces(data):
+        yield from _decode_layers(layers[1:], piece)
 
 
 def _decode(data: bytes, max_pixels: int) -> tuple[int, int, str, str]:

@@ -77,8 +77,7 @@ def _candidates(
         for key in REQUIRED:
             if not fields[key]:
                 raise ManifestError(f"{where}: {key!r} is missing")
-        parts = urlsplit(fields["url"])
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if not _http_url(fields["url"]):
             raise ManifestError(f"{where}: {fields['url']!r} is not an http(s) URL")
         entity = entity_names.get(" ".join(fields["entity"].split()).casefold())
         if entity is None:
@@ -106,6 +105,19 @@ def _candidates(
             f"{path}: entities not in the entities file: {listed}; add them (or an alias) there"
         )
     return [candidate for _, candidate in found.values()]
+
+
+def _http_url(url: str) -> bool:
+    """Whether ``url`` names http or https and a host.
+
+    An http(s) URL that does not parse (a broken IPv6 literal, say) passes: the fetcher records
+    it as ``invalid_url``, so one bad row costs one URL, not the crawl.
+    """
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        return url.partition(":")[0].lower() in ("http", "https")
 
 
 def _csv_rows(path: Path, fh) -> Iterator[tuple[int, dict]]:

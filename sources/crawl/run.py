@@ -18,10 +18,11 @@ being fetched, at most ``concurrency`` at a time; per-host limits, robots.txt an
 rules are the Fetcher's.
 
 A rerun skips URLs that are finished (``done``, ``robots``, ``refused``) and retries ``failed``
-ones. Images are written under a hidden temporary name and renamed into place, the metadata line
-is appended next, and the URL is marked done last; a crawl stopped at any point (Ctrl-C or a
-killed process) therefore leaves no partial file in sight, and the rerun completes what was
-missing without writing any image or metadata line twice.
+ones; with ``retry_failed`` it fetches every URL that is not ``done``. Images are written under
+a hidden temporary name and renamed into place, the metadata line is appended next, and the URL
+is marked done last; a crawl stopped at any point (Ctrl-C or a killed process) therefore leaves
+no partial file in sight, and the rerun completes what was missing without writing any image or
+metadata line twice.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from groundforge.sources.crawl.commons import CommonsAdapter
 from groundforge.sources.crawl.entities import Candidate, CrawlConfig, load_crawl_config
 from groundforge.sources.crawl.fetch import Fetcher, FetchResult
 from groundforge.sources.crawl.manifest import read_manifest
-from groundforge.sources.crawl.state import FINAL, CrawlState, now
+from groundforge.sources.crawl.state import FINAL, CrawlState, now, status_for
 from groundforge.sources.image_folder import METADATA_FILE
 
 log = logging.getLogger(__name__)
@@ -196,11 +197,13 @@ class Crawl:
         out_dir: str | Path,
         progress: Progress | None = None,
         limit: int | None = None,
+        retry_failed: bool = False,
     ):
         self.config = config
         self.out_dir = Path(out_dir)
         self.progress = progress
         self.limit = limit
+        self.retry_failed = retry_failed
         self.summary = CrawlSummary(out_dir=str(self.out_dir), domain=config.domain)
         self._total = 0
         self._done = 0
@@ -286,7 +289,8 @@ class Crawl:
                 seen.add(candidate.url)
                 counts[candidate.entity] += 1
                 self.summary.listed += 1
-                if state.claim(candidate.url, candidate.entity) in FINAL:
+                status = state.claim(candidate.url, candidate.entity, self.retry_failed)
+                if status == "done" or (status in FINAL and not self.retry_failed):
                     self.summary.skipped += 1
                     continue
                 self._total += 1
@@ -316,7 +320,7 @@ class Crawl:
             log.info("%s %s: %s %s", result.outcome, candidate.url, result.reason, result.detail)
             state.finish(
                 candidate.url,
-                result.outcome,
+                status_for(result.outcome, result.reason),
                 result.reason,
                 result.detail,
                 attempts=result.attempts,
@@ -346,13 +350,15 @@ async def crawl(
     out_dir: str | Path,
     progress: Progress | None = None,
     limit: int | None = None,
+    retry_failed: bool = False,
 ) -> CrawlSummary:
     """Crawl the images of ``config`` into ``out_dir`` (layout in the module docstring).
 
     ``progress(done, total)`` is called as URLs are listed and finished; ``limit`` caps the URLs
-    per entity (overriding ``commons.per_entity``).
+    per entity (overriding ``commons.per_entity``); ``retry_failed`` fetches again the URLs an
+    earlier run refused or gave up on for good.
     """
-    return await Crawl(config, out_dir, progress, limit).run()
+    return await Crawl(config, out_dir, progress, limit, retry_failed).run()
 
 
 def run_crawl(
@@ -360,10 +366,11 @@ def run_crawl(
     out_dir: str | Path,
     progress: Progress | None = None,
     limit: int | None = None,
+    retry_failed: bool = False,
 ) -> CrawlSummary:
-    """Load ENTITIES.yaml at ``path`` and crawl it into ``out_dir``; Ctrl-C raises
-    :class:`CrawlInterrupted` carrying the summary of what was finished."""
-    job = Crawl(load_crawl_config(path), out_dir, progress, limit)
+    """Load ENTITIES.yaml at ``path`` and crawl it into ``out_dir`` (see :func:`crawl`); Ctrl-C
+    raises :class:`CrawlInterrupted` carrying the summary of what was finished."""
+    job = Crawl(load_crawl_config(path), out_dir, progress, limit, retry_failed)
     try:
         return asyncio.run(job.run())
     except KeyboardInterrupt:

@@ -32,10 +32,13 @@ class UnsafeURL(Exception):
 
 
 def check_scheme(url: str) -> None:
-    """Raise :class:`UnsafeURL` unless ``url`` is an absolute http or https URL with a host."""
+    """Raise :class:`UnsafeURL` unless ``url`` is an absolute http or https URL with a host and,
+    if it names one, a port from 0 to 65535."""
     try:
         parts = urlsplit(url)
         host = parts.hostname
+        # httpx takes any number as a port; the socket layer would then raise OverflowError.
+        parts.port  # noqa: B018 - raises ValueError when out of range
     except ValueError as exc:
         raise UnsafeURL("invalid_url", url, str(exc)) from exc
     if parts.scheme.lower() not in ("http", "https"):
@@ -85,7 +88,10 @@ async def check_host(host: str, port: int, allow_private_hosts: frozenset[str]) 
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as exc:
+    except UnicodeError as exc:
+        # The name cannot be encoded for DNS (an empty or over-long label): no lookup is made.
+        raise UnsafeURL("invalid_url", where, str(exc)) from exc
+    except OSError as exc:
         raise UnsafeURL("unresolvable", where, str(exc)) from exc
     # Drop an IPv6 zone ("fe80::1%eth0"): ipaddress does not parse it on every Python.
     addresses = list(dict.fromkeys(str(info[4][0]).split("%")[0] for info in infos))

@@ -2,9 +2,11 @@
 
 Each URL is ``pending`` until fetched, then ``done`` (stored, or the same bytes as a stored
 image), ``failed`` (network or HTTP trouble, retried by the next run), ``robots`` (disallowed by
-robots.txt) or ``refused`` (a safety rule: private address, too large, not an image). A rerun
-skips ``done``, ``robots`` and ``refused`` URLs. Every change is committed at once in WAL mode,
-so a killed crawl loses at most the URLs it was fetching.
+robots.txt) or ``refused`` (a safety rule, or an answer that fetching again would not change:
+private address, invalid URL, too large, not an image; see :func:`status_for`). A rerun skips
+``done``, ``robots`` and ``refused`` URLs, and with ``retry_failed`` only ``done`` ones. Every
+change is committed at once in WAL mode, so a killed crawl loses at most the URLs it was
+fetching.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from pathlib import Path
 
 STATUSES = ("pending", "done", "failed", "robots", "refused")
 FINAL = frozenset({"done", "robots", "refused"})
+# Fetch failures about the URL or its bytes rather than the network: recorded as ``refused``.
+FINAL_REASONS = frozenset(
+    {"invalid_url", "too_large", "not_an_image", "decode_error", "too_many_pixels", "bad_encoding"}
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS urls (
@@ -34,6 +40,13 @@ CREATE TABLE IF NOT EXISTS urls (
 def now() -> str:
     """The current UTC time as ISO 8601 with seconds."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def status_for(outcome: str, reason: str) -> str:
+    """The status recorded for a fetch that did not succeed, from its outcome and reason."""
+    if outcome == "failed" and reason in FINAL_REASONS:
+        return "refused"
+    return outcome
 
 
 class CrawlState:
@@ -59,16 +72,19 @@ class CrawlState:
         """Close the database (every change is already committed)."""
         self._db.close()
 
-    def claim(self, url: str, entity: str) -> str:
+    def claim(self, url: str, entity: str, retry_failed: bool = False) -> str:
         """Record ``url`` for ``entity`` (``pending`` when new) and return its status.
 
-        A URL not yet finished takes the entity given now; a finished one keeps its row.
+        A URL not yet finished takes the entity given now; a finished one keeps its row. With
+        ``retry_failed`` only ``done`` counts as finished.
         """
+        finished = ("done",) if retry_failed else tuple(sorted(FINAL))
+        marks = ", ".join("?" * len(finished))
         self._db.execute(
             "INSERT INTO urls (url, entity, status, updated_at) VALUES (?, ?, 'pending', ?) "
             "ON CONFLICT(url) DO UPDATE SET entity = excluded.entity "
-            "WHERE status NOT IN ('done', 'robots', 'refused')",
-            (url, entity, now()),
+            f"WHERE status NOT IN ({marks})",
+            (url, entity, now(), *finished),
         )
         return self._db.execute("SELECT status FROM urls WHERE url = ?", (url,)).fetchone()[0]
 
