@@ -285,31 +285,60 @@ def test_qwen_vl_folders_as_downloaded_are_served_with_images(folders, kind, tmp
     assert "images reach" in (tmp_path / "server.log").read_text()
 
 
-def test_a_model_it_would_serve_text_only_is_refused_at_startup(tmp_path):
-    from transformers import AutoProcessor
+def build_tiny_text_lm(path: Path) -> Path:
+    """A tiny random Qwen2 language model with its tokenizer: no vision at all."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    folder = build_tiny_llava_without_processor(tmp_path / "llava")
-    assert not hasattr(AutoProcessor.from_pretrained(folder), "image_processor")
-    port = free_port()
+    tokenizer = tinymodels._train_qwen_tokenizer()
+    tokenizer.chat_template = tinymodels.VLM_CHAT_TEMPLATE
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def refusal(folder: Path) -> str:
+    """Run ``groundforge serve-teacher`` on ``folder``; it must exit 1 before it listens.
+    Returns its error line."""
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "groundforge.cli",
-            "serve-teacher",
-            str(folder),
-            "--port",
-            str(port),
-        ],
+        [sys.executable, "-m", "groundforge.cli", "serve-teacher", str(folder)]
+        + ["--port", str(free_port())],
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert done.returncode == 1
-    message = done.stderr.strip().splitlines()[-1]
-    assert message.startswith("Error: ") and str(folder) in message
-    assert "served text-only" in message and "vllm serve" in message
+    assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"Error: {folder} ")
+    return message
+
+
+def test_a_vision_model_it_would_serve_text_only_is_refused_at_startup(tmp_path):
+    from transformers import AutoProcessor
+
+    folder = build_tiny_llava_without_processor(tmp_path / "llava")
+    # Plain `transformers serve` would load the bare tokenizer and drop every image.
+    assert not hasattr(AutoProcessor.from_pretrained(folder), "image_processor")
+    message = refusal(folder)
+    assert "served text-only" in message and "vllm serve" in message
+
+
+def test_a_text_only_model_is_refused_at_startup(tmp_path):
+    message = refusal(build_tiny_text_lm(tmp_path / "text-lm"))
+    assert "is a text-only model (model type 'qwen2')" in message
+    assert "serve a vision-language model" in message
 
 
 def test_served_and_in_process_replies_decode_alike(teacher_server, tiny_vlm_dir, monkeypatch):

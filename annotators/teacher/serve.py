@@ -119,15 +119,27 @@ def check_images_reach_model(model: str, with_image: int, text_only: int) -> Non
     """Raise :class:`ServeError` unless the image cost prompt tokens."""
     if with_image > text_only:
         return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    probe = (
+        f"a request with a {PROBE_SIZE[0]}x{PROBE_SIZE[1]} image cost {with_image} prompt "
+        f"tokens, the same text alone {text_only}"
+    )
+    if getattr(config, "vision_config", None) is None:
+        raise ServeError(
+            f"{model} is a text-only model (model type {config.model_type!r}): {probe}. Every "
+            "teacher, grounder and student request carries an image; serve a vision-language "
+            "model."
+        )
     raise ServeError(
-        f"{model} would be served text-only: a request with a {PROBE_SIZE[0]}x{PROBE_SIZE[1]} "
-        f"image cost {with_image} prompt tokens, the same text alone {text_only}: the processor "
-        "transformers loads for this folder reads no images (a processor class it does not "
-        "know, named in processor_config.json or tokenizer_config.json, falls back to the bare "
-        "tokenizer), so every image would be dropped silently. Fix: put the processor files of "
-        "the model's hub repository (preprocessor_config.json or processor_config.json, "
-        f"tokenizer_config.json, the chat template) in {model}, or serve the model with vLLM in "
-        "its own environment (`vllm serve MODEL`)."
+        f"{model} would be served text-only: {probe}. The processor transformers loads for this "
+        "folder reads no images (a processor class it does not know, named in "
+        "processor_config.json or tokenizer_config.json, falls back to the bare tokenizer), so "
+        "every image would be dropped silently. Fix: put the processor files of the model's hub "
+        "repository (preprocessor_config.json or processor_config.json, tokenizer_config.json, "
+        f"the chat template) in {model}, or serve the model with vLLM in its own environment "
+        "(`vllm serve MODEL`)."
     )
 
 
@@ -138,7 +150,8 @@ def run_server(model: str, host: str = "127.0.0.1", port: int = 8000, device: st
     from transformers.cli.serve import Serve
 
     class _Unstarted(Serve):
-        # Serve binds the port in start_server(); it is called once the probe has passed.
+        # non_blocking Serve listens from start_server(), in a thread; here the main thread
+        # listens with server.run(), and only once the probe has passed.
         def start_server(self) -> None:
             pass
 
