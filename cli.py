@@ -141,14 +141,20 @@ def demo(out: str, beam_args: tuple[str, ...]) -> None:
 def serve_teacher(model: str, host: str, port: int, device: str) -> None:
     """Serve a local MLLM folder over the OpenAI chat API (``transformers serve``).
 
-    For CPU use and tests: the image-only Qwen-VL processor is registered first, so images reach
-    the model. Point a recipe's `teacher.base_url` at http://HOST:PORT/v1 and `teacher.model` at
-    MODEL. On GPUs use vLLM in its own environment instead: `vllm serve MODEL`.
+    For CPU use and tests. Qwen2-VL, Qwen2.5-VL and Qwen3-VL folders (a hub download's stock
+    processor config included) get an image-only processor that needs no torchvision; at startup
+    one request with an image must cost more prompt tokens than its text alone, else the command
+    exits 1 rather than serve the model text-only. Point a recipe's `teacher.base_url` at
+    http://HOST:PORT/v1 and `teacher.model` at MODEL. On GPUs use vLLM in its own environment
+    instead: `vllm serve MODEL`.
     """
-    from groundforge.annotators.teacher.serve import run_server
+    from groundforge.annotators.teacher.serve import ServeError, run_server
 
-    click.echo(f"serving {model} at http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
-    run_server(model, host, port, device)
+    click.echo(f"loading {model} for http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
+    try:
+        run_server(model, host, port, device)
+    except ServeError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _run_folder(run_dir: str, beam_args: tuple[str, ...]) -> str:

@@ -1,80 +1,134 @@
-"""An image-only processor for Qwen2.5-VL models that works without torchvision.
+"""Image-only processors for the Qwen-VL families that work without torchvision.
 
-The stock ``Qwen2_5_VLProcessor`` always builds a video processor, and the video processors of
-transformers 5 need torchvision, which cannot be installed next to a CPU torch. This processor
-takes only an image processor, a tokenizer and a chat template; it expands ``<|image_pad|>``
-exactly like the stock one, so ``generate`` gets matching ``pixel_values``/``image_grid_thw``.
+The stock ``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor`` and ``Qwen3VLProcessor`` always build a
+video processor, and the video processors of transformers 5 need torchvision, which cannot be
+installed next to a CPU torch. The processors here take only an image processor, a tokenizer and
+a chat template; they expand ``<|image_pad|>`` exactly like the stock ones (they are subclasses),
+so ``generate`` gets matching ``pixel_values``/``image_grid_thw``.
 
-A folder saved with it records the class name, which ``AutoProcessor.from_pretrained`` resolves
-only after :func:`register_image_only_processor`; without registration it silently falls back to
-the bare tokenizer. A checkpoint saved by the stock processor (any hub Qwen2.5-VL model) names
-``Qwen2_5_VLProcessor`` instead: load it with ``image_only_processor_class().from_pretrained``.
+:func:`load_processor` is how every part of groundforge loads the processor of a model folder:
+for a Qwen-VL model type it builds the image-only processor from the folder's image processor,
+tokenizer and chat template, whatever processor class the folder names (the stock one, as a hub
+download does, this module's, or any other), with or without torchvision; other model types get
+``AutoProcessor``. Videos are not supported on this path.
 
-The class is built on first use (importing transformers' processing code takes seconds), so
-importing this module stays cheap. ``Qwen2_5_VLImageOnlyProcessor`` is still a module attribute,
-which keeps instances picklable by reference.
+A folder saved with an image-only processor records its class name, which
+``AutoProcessor.from_pretrained`` resolves only after :func:`register_image_only_processor`;
+without registration it silently falls back to the bare tokenizer.
+
+The classes are built on first use (importing transformers' processing code takes seconds), so
+importing this module stays cheap. Each is still a module attribute
+(``Qwen2_5_VLImageOnlyProcessor`` and so on), which keeps instances picklable by reference.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-CLASS_NAME = "Qwen2_5_VLImageOnlyProcessor"
-
+_QWEN3 = ("qwen3_vl.processing_qwen3_vl", "Qwen3VLProcessor", "Qwen3VLImageOnlyProcessor")
+# model type -> (module of the stock processor, stock class, image-only class name)
+_FAMILIES = {
+    "qwen2_vl": ("qwen2_vl.processing_qwen2_vl", "Qwen2VLProcessor", "Qwen2VLImageOnlyProcessor"),
+    "qwen2_5_vl": (
+        "qwen2_5_vl.processing_qwen2_5_vl",
+        "Qwen2_5_VLProcessor",
+        "Qwen2_5_VLImageOnlyProcessor",
+    ),
+    "qwen3_vl": _QWEN3,
+    "qwen3_vl_moe": _QWEN3,
+}
+# Model types whose hub checkpoints name a stock (torchvision-bound) Qwen-VL processor.
+IMAGE_ONLY_MODEL_TYPES = frozenset(_FAMILIES)
+# The transformers config class of each model type, for AutoProcessor registration.
+_CONFIGS = {
+    "qwen2_vl": "Qwen2VLConfig",
+    "qwen2_5_vl": "Qwen2_5_VLConfig",
+    "qwen3_vl": "Qwen3VLConfig",
+    "qwen3_vl_moe": "Qwen3VLMoeConfig",
+}
 _cache: dict[str, type] = {}
 
 
-def _build_class() -> type:
-    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
-    from transformers.processing_utils import ProcessorMixin
+def _build_class(module: str, stock: str, name: str) -> type:
+    import importlib
 
-    class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):
-        """``Qwen2_5_VLProcessor`` without a video processor: images and text only."""
+    base = getattr(importlib.import_module(f"transformers.models.{module}"), stock)
 
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None):
-            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-            self.image_token_id = getattr(
-                tokenizer, "image_token_id", None
-            ) or tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = getattr(
-                tokenizer, "video_token_id", None
-            ) or tokenizer.convert_tokens_to_ids(self.video_token)
-            # Skip the parent's __init__: it insists on a video processor slot.
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None):
+        # The stock __init__ sets the image/video (and, for Qwen3-VL, vision start/end) token
+        # attributes, then hands a ``None`` video processor to ProcessorMixin, which fills only
+        # the slots this class's signature names: image processor and tokenizer.
+        base.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
-        def __call__(self, images=None, text=None, videos=None, **kwargs):
-            if videos is not None:
-                raise ValueError(
-                    f"{CLASS_NAME} handles images only; use a processor with a video processor "
-                    "(it needs torchvision) for videos"
-                )
-            return super().__call__(images=images, text=text, **kwargs)
+    def __call__(self, images=None, text=None, videos=None, **kwargs):
+        if videos is not None:
+            raise ValueError(
+                f"{name} handles images only; use a processor with a video processor "
+                "(it needs torchvision) for videos"
+            )
+        return base.__call__(self, images=images, text=text, **kwargs)
 
-    Qwen2_5_VLImageOnlyProcessor.__module__ = __name__
-    Qwen2_5_VLImageOnlyProcessor.__qualname__ = CLASS_NAME
-    return Qwen2_5_VLImageOnlyProcessor
+    return type(
+        name,
+        (base,),
+        {
+            "__init__": __init__,
+            "__call__": __call__,
+            "__module__": __name__,
+            "__qualname__": name,
+            "__doc__": f"``{stock}`` without a video processor: images and text only.",
+        },
+    )
 
 
-def image_only_processor_class() -> type:
-    """The processor class (built once, on first call)."""
-    if CLASS_NAME not in _cache:
-        _cache[CLASS_NAME] = _build_class()
-    return _cache[CLASS_NAME]
+def image_only_processor_class(model_type: str = "qwen2_5_vl") -> type:
+    """The image-only processor class of a Qwen-VL model type (built once, on first call)."""
+    if model_type not in _FAMILIES:
+        raise ValueError(
+            f"no image-only processor for model type {model_type!r}; "
+            f"known: {sorted(IMAGE_ONLY_MODEL_TYPES)}"
+        )
+    module, stock, name = _FAMILIES[model_type]
+    if name not in _cache:
+        _cache[name] = _build_class(module, stock, name)
+    return _cache[name]
 
 
 def __getattr__(name: str) -> Any:
-    if name == CLASS_NAME:
-        return image_only_processor_class()
+    for model_type, (_, _, class_name) in _FAMILIES.items():
+        if name == class_name:
+            return image_only_processor_class(model_type)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def register_image_only_processor() -> type:
-    """Make ``AutoProcessor.from_pretrained`` return the image-only processor for Qwen2.5-VL
-    folders saved with it. Safe to call any number of times; returns the class."""
-    from transformers import AutoProcessor, Qwen2_5_VLConfig
+def model_type_of(path: str) -> str | None:
+    """The ``model_type`` of a model folder or hub id (read from its config)."""
+    from transformers import AutoConfig
 
-    cls = image_only_processor_class()
-    # exist_ok=True is required: without it the registry silently ignores a transformers config.
-    AutoProcessor.register(Qwen2_5_VLConfig, cls, exist_ok=True)
-    return cls
+    return getattr(AutoConfig.from_pretrained(path), "model_type", None)
+
+
+def load_processor(path: str, model_type: str | None = None) -> Any:
+    """The processor of a model folder: image-only for the Qwen-VL families (whatever processor
+    class the folder names), ``AutoProcessor`` for other model types."""
+    model_type = model_type or model_type_of(path)
+    if model_type in IMAGE_ONLY_MODEL_TYPES:
+        return image_only_processor_class(model_type).from_pretrained(path)
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path)
+
+
+def register_image_only_processor() -> type:
+    """Make ``AutoProcessor.from_pretrained`` return the image-only processors for Qwen-VL folders
+    saved with them. Safe to call any number of times; returns the Qwen2.5-VL class."""
+    import transformers
+    from transformers import AutoProcessor
+
+    for model_type, config_name in _CONFIGS.items():
+        config = getattr(transformers, config_name, None)
+        if config is not None:
+            # exist_ok=True is required: without it the registry silently ignores a transformers
+            # config.
+            AutoProcessor.register(config, image_only_processor_class(model_type), exist_ok=True)
+    return image_only_processor_class("qwen2_5_vl")

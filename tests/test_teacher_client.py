@@ -12,7 +12,12 @@ from faultproxy import FaultProxy, fail_prompts
 from PIL import Image
 
 from groundforge.annotators.teacher.cache import ReplyCache
-from groundforge.annotators.teacher.client import BatchStats, OpenAIBackend
+from groundforge.annotators.teacher.client import (
+    BatchStats,
+    OpenAIBackend,
+    min_prompt_tokens,
+    public_url,
+)
 from groundforge.annotators.teacher.serve import free_port
 from groundforge.annotators.teacher.types import (
     EndpointSettings,
@@ -214,6 +219,50 @@ def test_connection_refused_is_a_connection_failure(teacher_server):
     )
     [reply] = OpenAIBackend(settings).answer(requests_for(["nobody home"]))
     assert reply.error == "connection" and reply.attempts == 2
+
+
+def test_endpoint_down_names_the_base_url_never_the_key(teacher_server, monkeypatch, caplog):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    base_url = f"http://127.0.0.1:{free_port()}/v1"
+    settings = EndpointSettings(
+        base_url, teacher_server[1], api_key_env=KEY_ENV, max_retries=0, backoff=0.01
+    )
+    with caplog.at_level(logging.WARNING):
+        [reply] = OpenAIBackend(settings).answer(requests_for(["anyone there"]))
+
+    assert reply.error == "connection"
+    assert reply.detail.startswith(f"cannot reach {base_url}: APIConnectionError")
+    [warning] = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert base_url in warning and "connection=1" in warning
+    assert SECRET not in warning + reply.detail
+
+
+def test_base_url_credentials_stay_out_of_details():
+    assert (
+        public_url("https://user:pw@example.org:8443/v1?key=abc") == "https://example.org:8443/v1"
+    )
+    assert public_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+
+
+def test_a_rejection_keeps_the_servers_own_message(teacher_server):
+    base_url, model = teacher_server
+    settings = EndpointSettings(base_url, "no-such-model", max_retries=2, backoff=0.01)
+    [reply] = OpenAIBackend(settings).answer(requests_for(["who serves this"]))
+
+    assert reply.error == "bad_request" and reply.attempts == 1
+    # transformers serve's 400 body: {"detail": "Server is pinned to '<model>'; requested ..."}
+    assert reply.detail.startswith("HTTP 400: Server is pinned to")
+    assert "requested 'no-such-model'" in reply.detail
+
+
+def test_min_prompt_tokens_counts_words_and_image_area():
+    small, large = png(size=(56, 56)), png(size=(320, 240))
+    assert min_prompt_tokens(TeacherRequest("t", "one two  three")) == 3
+    assert (
+        min_prompt_tokens(TeacherRequest("s", "a b", images=(small,), system="be brief")) == 4 + 3
+    )
+    # 320x240 is 75 tiles of 32x32: capped at 32 tokens per image.
+    assert min_prompt_tokens(TeacherRequest("l", "a b", images=(large, large))) == 2 + 64
 
 
 def test_one_batch_keeps_every_good_answer_when_some_fail(proxy, teacher_server):

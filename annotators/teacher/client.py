@@ -42,15 +42,25 @@ content empty, whitespace or null      ``empty``
 anything else raised                   ``backend_error``
 =====================================  ====================
 
-The API key is read from the environment variable named by ``api_key_env`` when the backend's SDK
-client is made and lives only in that client (held out of the backend's ``repr``); it is masked
-in every ``detail`` text (a server may echo it in an error message).
+A failure's ``detail`` names the endpoint (its ``base_url``, without any user info or query) for
+connection faults and timeouts, and keeps the server's own message for HTTP errors (the
+``message`` of an OpenAI-style error body, FastAPI's ``detail``, or the raw body), cut to
+:data:`_EXCERPT` characters. The API key is read from the environment variable named by
+``api_key_env`` when the backend's SDK client is made and lives only in that client (held out of
+the backend's ``repr``); it is masked in every ``detail`` text (a server may echo it in an error
+message).
+
+**Images the server did not see.** A server without an image processor for its model (a bare
+``transformers serve`` of a folder whose processor transformers cannot load) answers image
+requests text-only, silently. The backend warns once when a reply's ``prompt_tokens`` are fewer
+than the request must cost if its images were read (:func:`min_prompt_tokens`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import logging
 import os
@@ -58,6 +68,7 @@ import random
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
 import openai
@@ -76,7 +87,11 @@ log = logging.getLogger(__name__)
 
 # Local servers ignore the key, but the SDK refuses to start without one.
 _NO_KEY = "unused"
-_EXCERPT = 200
+_EXCERPT = 300
+# The floor an image adds to a prompt, for min_prompt_tokens: one token per 32x32 pixels, at most
+# IMAGE_TOKEN_CAP per image.
+IMAGE_PIXELS_PER_TOKEN = 32 * 32
+IMAGE_TOKEN_CAP = 32
 # Raw details are clipped generously first and cut to _EXCERPT only after the key is masked, so
 # a key straddling the cut can never leak in part.
 _RAW = 4000
@@ -159,7 +174,9 @@ class OpenAIBackend:
         self.model = settings.model
         self.cache = cache
         self.stats = BatchStats()
+        self.where = public_url(settings.base_url)
         self._lock = threading.Lock()
+        self._warned_unseen = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         # Made inside the loop on first use: asyncio objects belong to the loop that made them.
@@ -224,10 +241,11 @@ class OpenAIBackend:
         self.stats = BatchStats.from_replies(replies)
         if self.stats.failed:
             log.warning(
-                "%d of %d requests to %s failed: %s",
+                "%d of %d requests to %s at %s failed: %s",
                 sum(self.stats.failed.values()),
                 len(requests),
                 self.model,
+                self.where,
                 ", ".join(f"{kind}={n}" for kind, n in sorted(self.stats.failed.items())),
             )
         return replies
@@ -262,6 +280,7 @@ class OpenAIBackend:
     def __getstate__(self) -> dict:
         # A loop, a thread and open connections cannot travel: a copy starts its own on use.
         state = {**self.__dict__, "_loop": None, "_thread": None, "_session": None}
+        state["_warned_unseen"] = False
         del state["_lock"]
         return state
 
@@ -317,6 +336,8 @@ class OpenAIBackend:
             prompt_tokens=outcome.prompt_tokens,
             completion_tokens=outcome.completion_tokens,
         )
+        if request.images and reply.prompt_tokens is not None:
+            self._check_images_seen(request, reply.prompt_tokens)
         if reply.ok and self.cache is not None:
             try:
                 self.cache.put(key, reply)
@@ -324,6 +345,30 @@ class OpenAIBackend:
                 # A full or read-only disk costs the resume, not the answer.
                 log.warning("could not cache the reply to %s: %s", request.item_id, exc)
         return reply
+
+    def _check_images_seen(self, request: TeacherRequest, prompt_tokens: int) -> None:
+        """Warn (once per backend) when the server reports fewer prompt tokens than the request's
+        text and images must cost: it answered without reading the images."""
+        floor = min_prompt_tokens(request)
+        if prompt_tokens >= floor or self._warned_unseen:
+            return
+        with self._lock:
+            if self._warned_unseen:
+                return
+            self._warned_unseen = True
+        log.warning(
+            "%s at %s did not see the images of %s: it counted %d prompt tokens for a request "
+            "that costs at least %d with its %d image(s) (sizes %s). The server answers "
+            "text-only; serve the model with `groundforge serve-teacher MODEL_DIR` or "
+            "`vllm serve MODEL` (this warning is shown once)",
+            self.model,
+            self.where,
+            request.item_id,
+            prompt_tokens,
+            floor,
+            len(request.images),
+            ", ".join(f"{w}x{h}" for w, h in _image_sizes(request.images)) or "unknown",
+        )
 
     def _body(self, request: TeacherRequest) -> dict:
         """The chat-completion arguments: optional system turn, then images and text, and the
@@ -360,11 +405,15 @@ class OpenAIBackend:
         except openai.APITimeoutError:
             return _Outcome(
                 error="timeout",
-                detail=f"no answer within {self.settings.timeout:g} s",
+                detail=f"no answer from {self.where} within {self.settings.timeout:g} s",
                 retryable=True,
             )
         except openai.APIConnectionError as exc:
-            return _Outcome(error="connection", detail=_describe(exc), retryable=True)
+            return _Outcome(
+                error="connection",
+                detail=f"cannot reach {self.where}: {_describe(exc)}",
+                retryable=True,
+            )
         except openai.APIStatusError as exc:
             return _status_outcome(exc)
         return _completion_outcome(raw.content)
@@ -375,6 +424,55 @@ class OpenAIBackend:
             return min(retry_after, s.max_backoff)
         # Full jitter spreads the retries of a whole batch that failed at the same moment.
         return random.uniform(0.0, min(s.max_backoff, s.backoff * 2 ** (attempt - 1)))
+
+
+def public_url(url: str) -> str:
+    """``url`` without user info and query, the parts that may carry a credential."""
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _image_sizes(images: Sequence[bytes]) -> list[tuple[int, int]]:
+    from PIL import Image, UnidentifiedImageError
+
+    sizes = []
+    for image in images:
+        try:
+            with Image.open(io.BytesIO(image)) as opened:  # reads the header only
+                sizes.append(opened.size)
+        except (UnidentifiedImageError, OSError, ValueError):
+            continue
+    return sizes
+
+
+def min_prompt_tokens(request: TeacherRequest) -> int:
+    """The fewest prompt tokens a server that reads the request's images can report.
+
+    The rule, a lower bound for the chat models this client targets:
+
+    - **text**: one token per whitespace-separated word of the system turn and the prompt (the
+      byte-level BPE and SentencePiece tokenizers of these models never merge across
+      whitespace); the chat template's own tokens are not counted, which leaves slack;
+    - **images**: one token per 32x32 pixels of each image, at most 32 per image. Qwen2-VL and
+      Qwen2.5-VL spend one token per 28x28 pixels (sides rounded to multiples of 28, at least 4
+      tokens), Qwen3-VL one per 32x32 (at least 64 at its default budget); LLaVA, Gemma 3,
+      InternVL, Idefics3 and hosted APIs spend 64 or more on any image. The cap stays below the
+      pixel budget a server may be given.
+
+    An image of 181x181 pixels or more adds 32 tokens; a small one only a few, so a text-only
+    answer to a request with small images and a short prompt may go unnoticed. Models whose
+    images bypass the token sequence (cross-attention, e.g. Llama 3.2 Vision) report fewer tokens
+    than this and trigger the warning without cause.
+    """
+    words = sum(len(text.split()) for text in (request.system or "", request.prompt))
+    image_tokens = sum(
+        min(w * h // IMAGE_PIXELS_PER_TOKEN, IMAGE_TOKEN_CAP)
+        for w, h in _image_sizes(request.images)
+    )
+    return words + image_tokens
 
 
 def _api_key(settings: EndpointSettings) -> str:
@@ -403,9 +501,33 @@ def _data_url(image: bytes, index: int) -> str:
     return f"data:{mime};base64,{base64.b64encode(image).decode('ascii')}"
 
 
+def _server_message(exc: openai.APIStatusError) -> str:
+    """The server's own error text: the designated message of a JSON error body (OpenAI's
+    ``error.message``, FastAPI's ``detail``, a top-level ``message``), else the raw body."""
+    try:
+        text = exc.response.text.strip()
+    except Exception:  # a body that cannot be read any more: the SDK's message is all there is
+        return exc.message
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text or exc.message
+    if isinstance(data, dict):
+        error = data.get("error")
+        candidates = (
+            error.get("message") if isinstance(error, dict) else error,
+            data.get("detail"),
+            data.get("message"),
+        )
+        for value in candidates:
+            if isinstance(value, str) and value.strip():
+                return value
+    return text
+
+
 def _status_outcome(exc: openai.APIStatusError) -> _Outcome:
     status = exc.status_code
-    detail = exc.message[:_RAW]
+    detail = f"HTTP {status}: {_server_message(exc)[:_RAW]}"
     if status == 429:
         kind, retryable = "rate_limited", True
     elif status >= 500:

@@ -25,9 +25,13 @@ Decoding choices, and why:
   ``top_p`` only, as an OpenAI-compatible server applies them. Other generation-config entries
   of the checkpoint (e.g. ``repetition_penalty``) still apply.
 
-Qwen2-VL/Qwen2.5-VL checkpoints get the image-only processor of
-:mod:`groundforge.annotators.vlm_processor` (the stock one needs torchvision); other model types
-get ``AutoProcessor``. ``max_pixels`` sets the Qwen image processor's pixel budget so that the
+* Replies are decoded by :func:`decode_replies`: special tokens skipped, nothing parsed out of
+  the text (no reasoning or tool-call split), as vLLM and ``groundforge serve-teacher`` answer by
+  default. The reply cache is keyed without the backend, so both must give the same text.
+
+The processor comes from :func:`groundforge.annotators.vlm_processor.load_processor`:
+Qwen-VL checkpoints get an image-only processor (the stock one needs torchvision), other model
+types ``AutoProcessor``. ``max_pixels`` sets the Qwen image processor's pixel budget so that the
 absolute-pixel box frame of Qwen2.5-VL matches what a recipe declares.
 """
 
@@ -51,7 +55,7 @@ from groundforge.annotators.teacher.types import (
 
 _LOG = logging.getLogger(__name__)
 
-# Model types whose hub checkpoints name the stock (torchvision-bound) Qwen-VL processor.
+# Model types the trainer loads with the Qwen2.5-VL image-only processor class.
 IMAGE_ONLY_MODEL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl"})
 # Model types whose image processor reads ``size`` as a pixel budget (shortest/longest_edge are
 # min/max pixels there; elsewhere ``longest_edge`` is a side length and must not be touched).
@@ -76,6 +80,11 @@ class _Item:
 def _short(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 3] + "..."
+
+
+def decode_replies(tokenizer: Any, token_rows: Any) -> list[str]:
+    """The reply text of each row of generated token ids, special tokens skipped."""
+    return tokenizer.batch_decode(token_rows, skip_special_tokens=True)
 
 
 def build_messages(request: TeacherRequest) -> list[dict[str, Any]]:
@@ -152,17 +161,14 @@ class TransformersBackend:
         if self._model is not None:
             return
         import torch
-        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
+
+        from groundforge.annotators.vlm_processor import load_processor, model_type_of
 
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
-        model_type = getattr(AutoConfig.from_pretrained(self.model), "model_type", None)
-        if model_type in IMAGE_ONLY_MODEL_TYPES:
-            from groundforge.annotators.vlm_processor import image_only_processor_class
-
-            processor = image_only_processor_class().from_pretrained(self.model)
-        else:
-            processor = AutoProcessor.from_pretrained(self.model)
+        model_type = model_type_of(self.model)
+        processor = load_processor(self.model, model_type)
         tokenizer = getattr(processor, "tokenizer", processor)
         # Left padding: every row's prompt then ends at the same column, so the new tokens of the
         # whole chunk are ``output[:, prompt_len:]``; right padding would put pads mid-sequence.
@@ -334,8 +340,7 @@ class TransformersBackend:
         new_tokens = output[:, prompt_len:]
         prompt_tokens = inputs["attention_mask"].sum(dim=-1).tolist()
         completion_tokens = _completion_lengths(new_tokens, _eos_ids(model, processor))
-        tokenizer = getattr(processor, "tokenizer", processor)
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        texts = decode_replies(getattr(processor, "tokenizer", processor), new_tokens)
 
         replies = []
         for item, text, n_prompt, n_completion in zip(
