@@ -243,8 +243,8 @@ def report(
 
     Funnel, a gallery of samples with their boxes, dropped examples by reason, distributions and
     filters. Runs write it themselves; use this to redo it with other settings. The shards are
-    checked against the manifest first. RUN_DIR may be
-    in a bucket; Beam's filesystem options go after `--`, e.g.
+    checked against the manifest first (a missing or damaged file is an error naming it). RUN_DIR
+    may be in a bucket; Beam's filesystem options go after `--`, e.g.
     `-- --s3_endpoint_url=http://127.0.0.1:9000`.
     """
     from groundforge.outputs.manifest import check_run

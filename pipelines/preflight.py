@@ -132,7 +132,8 @@ def check_endpoint(
         )
     except ValueError:
         return f"{role}.base_url: {url} did not answer JSON; is {base_url} an OpenAI-style API?"
-    served = [m.get("id") for m in listing.get("data", []) if isinstance(m, dict)]
+    entries = listing.get("data") if isinstance(listing, dict) else None
+    served = [m.get("id") for m in entries or [] if isinstance(m, dict)]
     if model in served:
         return None
     offer = f"it serves {', '.join(map(str, served))}" if served else "it lists no model"

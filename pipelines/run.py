@@ -18,6 +18,7 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import WorkerOptions
 
 from groundforge.outputs.card import render_card, render_shards_card
 from groundforge.outputs.files import (
@@ -265,6 +266,13 @@ def run_recipe(
         log.warning(
             "%s is not a Beam pipeline option any loaded runner knows; check the spelling", flag
         )
+    harness = options.view_as(WorkerOptions)
+    if harness.default_sdk_harness_log_level is None and shows_progress(options):
+        # Local worker processes log as this process logs Beam (the CLI: quiet unless -v), or
+        # each repeats the traceback of the one error the run reports. Remote workers keep their
+        # own logs: they are where a cluster's problems are read.
+        beam_level = logging.getLogger("apache_beam").getEffectiveLevel()
+        harness.default_sdk_harness_log_level = logging.getLevelName(beam_level)
     # beam.Pipeline() sets these too, but only once it is built: the folder is checked first.
     FileSystems.set_options(options)
     staging = prepare_out(out_dir, force)
