@@ -105,8 +105,10 @@ def read_manifest(path: str) -> dict[str, Any]:
     try:
         return json.loads(read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        folder = path.rsplit("/", 1)[0] if "/" in path else "."
         raise BrokenRun(
-            f"{path} is damaged ({err}); run the recipe into this folder again to rebuild it"
+            f"{path} is damaged ({err}); rebuild the run with `groundforge run RECIPE --out "
+            f"{folder} --force`"
         ) from None
 
 

@@ -28,12 +28,7 @@ from groundforge.outputs.files import (
     remove_folder,
     write_text,
 )
-from groundforge.outputs.manifest import (
-    BrokenRun,
-    build_manifest,
-    read_manifest,
-    write_manifest,
-)
+from groundforge.outputs.manifest import build_manifest, read_manifest, write_manifest
 from groundforge.outputs.previews import PREVIEWS_FILE, ensure_previews
 from groundforge.outputs.rejections import REJECTIONS_FILE, iter_rejections, merge_rejections
 from groundforge.outputs.report import REPORT_FILE, write_report
@@ -169,13 +164,7 @@ def prepare_out(out_dir: str, force: bool = False) -> str:
     if not force:
         manifest = FileSystems.join(out_dir, MANIFEST_FILE)
         if FileSystems.exists(manifest):
-            try:
-                read_manifest(manifest)
-            except BrokenRun as err:
-                raise NotARunFolder(
-                    f"{manifest} is damaged, so {out_dir} may not be a run folder; add --force to "
-                    "replace what a run writes there"
-                ) from err
+            read_manifest(manifest)  # a damaged one raises, naming the file and --force
         else:
             foreign = sorted(_entries(out_dir) - _LEFTOVERS)
             if foreign:
