@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,13 +23,17 @@ def _configure_logging(verbose: bool) -> None:
     # noise unless asked for.
     logging.getLogger().setLevel(logging.INFO if verbose else logging.ERROR)
     logging.getLogger("groundforge").setLevel(logging.INFO if verbose else logging.WARNING)
+    # A failing step logs its traceback at every retry; the error itself is reported once.
+    logging.getLogger("apache_beam").setLevel(logging.INFO if verbose else logging.CRITICAL)
     if not verbose:
         # Model loading bars from every worker would bury the progress display; the env var
         # reaches worker processes too.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def _run(recipe_path: Path | None, recipe, out: str, beam_args: tuple[str, ...]) -> None:
+def _run(
+    recipe_path: Path | None, recipe, out: str, beam_args: tuple[str, ...], force: bool = False
+) -> None:
     from rich.console import Console
     from rich.live import Live
     from rich.spinner import Spinner
@@ -52,7 +57,7 @@ def _run(recipe_path: Path | None, recipe, out: str, beam_args: tuple[str, ...])
                 elapsed = time.monotonic() - started
                 live.update(funnel_table(stages, title=f"{title} ({elapsed:.0f} s)"))
 
-            result = run_recipe(recipe, out, staging.args, progress=show)
+            result = run_recipe(recipe, out, staging.args, progress=show, force=force)
     print_funnel(result.manifest, console)
     console.print(
         f"[bold]{result.manifest['samples']}[/] samples in {out}/shards "
@@ -60,17 +65,47 @@ def _run(recipe_path: Path | None, recipe, out: str, beam_args: tuple[str, ...])
         f"{result.manifest['rejections']['rows']} rejections in {out}/rejections.parquet"
     )
     console.print(f"report: {out.rstrip('/')}/report.html")
+    if not result.manifest["samples"]:
+        console.print(
+            "[bold yellow]no sample was kept[/]: every item was dropped at the stages above; "
+            "report.html shows examples of each reason"
+        )
+
+
+# Beam re-raises an error of a worker with the worker's traceback in its message.
+_TRACEBACK = "Traceback (most recent call last):"
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception)): (.+)$")
+
+
+def error_text(err: BaseException) -> str:
+    """``err``'s message without the tracebacks runners put into it: the innermost exception's
+    own line, and the Beam step it happened in when the message names one."""
+    text = str(err) or type(err).__name__
+    if _TRACEBACK not in text:
+        return text
+    lines = text.splitlines()
+    found = [m for line in lines if (m := _EXCEPTION_LINE.match(line.strip()))]
+    step = re.findall(r"\[while running '([^']+)'\]", text)
+    message = f"{found[-1].group(1)}: {found[-1].group(2)}" if found else lines[-1].strip()
+    message = re.sub(r" \[while running '[^']+'\]", "", message)
+    return message + (f" (in step {step[-1]!r})" if step else "")
 
 
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (ValueError, FileNotFoundError, NotADirectoryError) as err:
-            # Recipe and input errors name the file and the fix; a traceback adds nothing.
+        except KeyboardInterrupt as stop:
+            # Ctrl-C: say what was kept (a run's message does), exit as the shell expects.
+            click.echo(f"interrupted: {stop}" if str(stop) else "interrupted", err=True)
+            sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as err:
+            # Errors name the file or field and the fix; a traceback only helps with -v.
             if ctx.meta.get("verbose"):
                 raise
-            raise click.ClickException(str(err)) from None
+            raise click.ClickException(error_text(err)) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -94,9 +129,20 @@ _BEAM_ARGS = {"ignore_unknown_options": True}
 @main.command(context_settings=_BEAM_ARGS)
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Write into --out even if it is a folder of other files (its README.md, report.html, "
+    "shards/ ... are replaced).",
+)
 @click.argument("beam_args", nargs=-1, type=click.UNPROCESSED)
-def run(recipe: Path, out: str, beam_args: tuple[str, ...]) -> None:
+def run(recipe: Path, out: str, force: bool, beam_args: tuple[str, ...]) -> None:
     """Run RECIPE (a YAML file) and write shards, manifest and rejections to --out.
+
+    The run is built in --out/_staging and replaces a previous run in --out only once it has
+    finished: a run that fails or is interrupted (Ctrl-C exits 130) leaves the previous run as it
+    was. Chat replies are cached in --out/cache, so a rerun only asks for what is missing. Model
+    folders and endpoints are checked before any work.
 
     Anything after `--` goes to Beam, e.g.
 
@@ -109,7 +155,7 @@ def run(recipe: Path, out: str, beam_args: tuple[str, ...]) -> None:
     """
     from groundforge.recipe import load_recipe
 
-    _run(recipe, load_recipe(recipe), out, beam_args)
+    _run(recipe, load_recipe(recipe), out, beam_args, force)
 
 
 @main.command(context_settings=_BEAM_ARGS)
@@ -189,20 +235,30 @@ def _run_folder(run_dir: str, beam_args: tuple[str, ...]) -> str:
     type=click.IntRange(min=16),
     help="Longest side of a thumbnail, in pixels.",
 )
+@click.option("--no-verify", is_flag=True, help="Skip checking the shards' sha256.")
 @click.argument("beam_args", nargs=-1, type=click.UNPROCESSED)
 def report(
-    run_dir: str, out: str | None, per_group: int, thumb: int, beam_args: tuple[str, ...]
+    run_dir: str,
+    out: str | None,
+    per_group: int,
+    thumb: int,
+    no_verify: bool,
+    beam_args: tuple[str, ...],
 ) -> None:
     """Write a run folder's report: one self-contained HTML file (no network needed).
 
     Funnel, a gallery of samples with their boxes, dropped examples by reason, distributions and
-    filters. Runs write it themselves; use this to redo it with other settings. RUN_DIR may be
-    in a bucket; Beam's filesystem options go after `--`, e.g.
+    filters. Runs write it themselves; use this to redo it with other settings. The shards are
+    checked against the manifest first (a missing or damaged file is an error naming it). RUN_DIR
+    may be in a bucket; Beam's filesystem options go after `--`, e.g.
     `-- --s3_endpoint_url=http://127.0.0.1:9000`.
     """
+    from groundforge.outputs.manifest import check_run
     from groundforge.outputs.report import write_report
 
     run_dir = _run_folder(run_dir, beam_args)
+    # A report of a damaged run would look like a report of a small one.
+    check_run(run_dir, verify=not no_verify)
     click.echo(write_report(run_dir, out, per_group=per_group, thumb=thumb))
 
 
@@ -214,15 +270,21 @@ def report(
 def inspect(run_dir: str, samples: int, no_verify: bool, beam_args: tuple[str, ...]) -> None:
     """Show a run folder: its stage funnel, shards (checksums verified) and a few samples.
 
+    A folder that is not a complete run (no or a damaged manifest, a missing or damaged shard)
+    is an error naming the file.
+
     RUN_DIR may be in a bucket; Beam's filesystem options go after `--` as for `report`.
     """
     from rich.console import Console
 
     from groundforge.outputs.console import inspect_run
+    from groundforge.outputs.manifest import check_run
 
     run_dir = _run_folder(run_dir, beam_args)
-    ok = inspect_run(run_dir, Console(), samples=samples, verify=not no_verify)
-    sys.exit(0 if ok else 1)
+    check_run(run_dir, contents=False)  # the checksums are shown in the table below
+    if not inspect_run(run_dir, Console(), samples=samples, verify=not no_verify):
+        check_run(run_dir)  # raises, naming the first damaged file
+        raise click.ClickException(f"the shards of {run_dir} changed while they were read")
 
 
 # -- training, evaluation, export -----------------------------------------------------------

@@ -119,6 +119,8 @@ def inspect_run(run_dir: str, console: Console, samples: int = 5, verify: bool =
                 status += " [green]ok[/]"
         shards.add_row(s["split"], s["path"], str(s["rows"]), str(s["bytes"]), status)
     console.print(shards)
+    if not ok:
+        return False  # a damaged shard may not even read
 
     if samples > 0:
         table = Table(title=f"first {samples} samples", title_justify="left")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import os
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import IO, Any, Literal
@@ -152,6 +153,24 @@ def has_files(folder: str) -> bool:
     """True when at least one file lies anywhere under ``folder`` (an object store has no empty
     folders, so this is what "the folder exists" means on every filesystem)."""
     return bool(FileSystems.match([FileSystems.join(folder, "**")], limits=[1])[0].metadata_list)
+
+
+def relative_to(path: str, folder: str) -> str:
+    """``path`` as a path inside ``folder`` (``a/b.txt``), the same on every filesystem."""
+    root = folder.rstrip("/") + "/"
+    if not path.startswith(root):
+        raise ValueError(f"{path} is not inside {folder}")
+    return path[len(root) :]
+
+
+def move_files(sources: list[str], destinations: list[str]) -> None:
+    """Rename files (on an object store: copy, then delete), creating local folders as needed."""
+    if not sources:
+        return
+    if is_local(destinations[0]):
+        for dst in destinations:
+            os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+    FileSystems.rename(sources, destinations)
 
 
 def write_text(path: str, text: str, mime_type: str = "text/plain") -> None:

@@ -499,11 +499,11 @@ def iter_report(
     """The report page of a run folder, as pieces of HTML text in order."""
     from apache_beam.io.filesystems import FileSystems
 
-    from groundforge.outputs.files import read_text
+    from groundforge.outputs.manifest import read_manifest
     from groundforge.outputs.shards import detect_format, read_samples, shards_folder
 
     manifest_path = FileSystems.join(run_dir, "manifest.json")
-    manifest = json.loads(read_text(manifest_path)) if FileSystems.exists(manifest_path) else {}
+    manifest = read_manifest(manifest_path) if FileSystems.exists(manifest_path) else {}
     picker, dist = GalleryPicker(per_group), Distributions()
     shards = shards_folder(run_dir)
     try:

@@ -341,12 +341,14 @@ class KVGGraph:
     """Builds the graph on a pipeline and remembers its stages in order (the funnel's rows).
 
     ``model_threads`` caps torch threads of in-process models (1 with several worker processes);
-    with ``progress_dir`` every stage writes its live counts there.
+    with ``progress_dir`` every stage writes its live counts there. Replies are cached in
+    ``cache_dir`` (default ``out_dir/cache``).
     """
 
     recipe: Recipe
     out_dir: str
     model_threads: int | None = None
+    cache_dir: str | None = None
     progress_dir: str | None = None
     stages: list[str] = field(default_factory=list)
     chat_roles: list[str] = field(default_factory=list)
@@ -382,7 +384,10 @@ class KVGGraph:
     def _chat(self, jobs, role: str, cfg):
         """Send chat jobs through the role's model; keep ``(record, answers)``."""
         settings = ChatBackendSettings.from_config(
-            role, cfg, FileSystems.join(self.out_dir, CACHE_DIR), self.model_threads
+            role,
+            cfg,
+            self.cache_dir or FileSystems.join(self.out_dir, CACHE_DIR),
+            self.model_threads,
         )
         handler = ChatModelHandler(settings)
         main, other = (

@@ -7,7 +7,9 @@ import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -16,16 +18,24 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import WorkerOptions
 
 from groundforge.outputs.card import render_card, render_shards_card
-from groundforge.outputs.files import list_files, remove_folder, write_text
-from groundforge.outputs.manifest import build_manifest, write_manifest
+from groundforge.outputs.files import (
+    list_files,
+    move_files,
+    relative_to,
+    remove_folder,
+    write_text,
+)
+from groundforge.outputs.manifest import build_manifest, read_manifest, write_manifest
 from groundforge.outputs.previews import PREVIEWS_FILE, ensure_previews
 from groundforge.outputs.rejections import REJECTIONS_FILE, iter_rejections, merge_rejections
 from groundforge.outputs.report import REPORT_FILE, write_report
 from groundforge.outputs.shards import finalize_shards
 from groundforge.pipelines.aliases import read_aliases
 from groundforge.pipelines.kvg import (
+    CACHE_DIR,
     REJECTION_PARTS,
     SHARDS_DIR,
     WORK_DIR,
@@ -46,6 +56,7 @@ from groundforge.pipelines.options import (
     pipeline_options,
     unknown_options,
 )
+from groundforge.pipelines.preflight import preflight
 from groundforge.pipelines.progress import ProgressWatcher, shows_progress
 from groundforge.recipe import Recipe
 
@@ -69,18 +80,102 @@ class RunResult:
     funnel: list[StageCount]
 
 
-def _clear_previous(out_dir: str) -> None:
-    """Remove what a previous run wrote here (and only that), so old shards never mix in."""
-    stale = list_files(FileSystems.join(out_dir, SHARDS_DIR, "**"))
-    stale += [
+class NotARunFolder(ValueError):
+    """``--out`` holds files that no run wrote: writing there could destroy them."""
+
+
+class EmptySource(ValueError):
+    """The source gave no item at all: there is nothing to build a run from."""
+
+
+# What a finished run consists of; a rerun replaces exactly these (the reply cache stays).
+RUN_ENTRIES = (MANIFEST_FILE, SHARDS_DIR, REJECTIONS_FILE, PREVIEWS_FILE, CARD_FILE, REPORT_FILE)
+# A run is built here and moved into place only once it has finished, so a rerun that fails or is
+# interrupted leaves the previous run as it was.
+STAGING_DIR = "_staging"
+# In the staging folder: the staged run is complete and is being moved (a run killed while moving
+# is finished by the next one) ...
+_PUBLISHING = "_publishing"
+# ... and the previous run's files are gone (only staged files remain to move).
+_OLD_REMOVED = "_old_removed"
+# What a run that never finished may leave in --out: not a sign of someone else's folder.
+_LEFTOVERS = {CACHE_DIR, STAGING_DIR, WORK_DIR}
+
+
+def _entries(out_dir: str) -> set[str]:
+    """The names of the files and folders directly in ``out_dir``."""
+    return {
+        relative_to(p, out_dir).split("/", 1)[0]
+        for p in list_files(FileSystems.join(out_dir, "**"))
+    }
+
+
+def _remove_entries(out_dir: str, names) -> None:
+    for name in names:
+        path = FileSystems.join(out_dir, name)
+        if name == SHARDS_DIR:
+            remove_folder(path)
+        elif FileSystems.exists(path):
+            FileSystems.delete([path])
+
+
+def _mark(staging: str, name: str) -> None:
+    # Not empty: an object store upload of no bytes has no part and is refused.
+    write_text(FileSystems.join(staging, name), f"{name}\n")
+
+
+def _move_staged(staging: str, out_dir: str) -> None:
+    """Finish publishing a complete staged run: remove the previous run (once), move the staged
+    files in, the manifest last (it is what marks a finished run), then drop the staging folder."""
+    if not FileSystems.exists(FileSystems.join(staging, _OLD_REMOVED)):
+        _remove_entries(out_dir, RUN_ENTRIES)
+        _mark(staging, _OLD_REMOVED)
+    markers = {_PUBLISHING, _OLD_REMOVED, MANIFEST_FILE}
+    staged = [
         p
-        for name in (REJECTIONS_FILE, PREVIEWS_FILE, MANIFEST_FILE, CARD_FILE, REPORT_FILE)
-        for p in list_files(FileSystems.join(out_dir, name))
+        for p in list_files(FileSystems.join(staging, "**"))
+        if relative_to(p, staging) not in markers
+        and not relative_to(p, staging).startswith(WORK_DIR + "/")
     ]
-    if stale:
-        FileSystems.delete(stale)
-    # An interrupted run leaves its work folder: its rejection parts must not mix in either.
+    move_files(staged, [FileSystems.join(out_dir, relative_to(p, staging)) for p in staged])
+    manifest = [FileSystems.join(staging, MANIFEST_FILE)]
+    move_files(manifest, [FileSystems.join(out_dir, MANIFEST_FILE)])
+    remove_folder(staging)
+
+
+def publish(staging: str, out_dir: str) -> None:
+    """Replace the run in ``out_dir`` (if any) by the finished run in ``staging``."""
+    _mark(staging, _PUBLISHING)
+    _move_staged(staging, out_dir)
+
+
+def prepare_out(out_dir: str, force: bool = False) -> str:
+    """Check that ``out_dir`` may receive a run and return the (empty) staging folder in it.
+
+    A run killed while it was being moved into place is finished first; what an unfinished run
+    left is removed. A folder with files of its own and no run manifest is refused (they could be
+    lost) unless ``force``.
+    """
+    staging = FileSystems.join(out_dir, STAGING_DIR)
+    if FileSystems.exists(FileSystems.join(staging, _PUBLISHING)):
+        _move_staged(staging, out_dir)
+    remove_folder(staging)
+    # Older versions built the run in place and left this folder when interrupted.
     remove_folder(FileSystems.join(out_dir, WORK_DIR))
+    if not force:
+        manifest = FileSystems.join(out_dir, MANIFEST_FILE)
+        if FileSystems.exists(manifest):
+            read_manifest(manifest)  # a damaged one raises, naming the file and --force
+        else:
+            foreign = sorted(_entries(out_dir) - _LEFTOVERS)
+            if foreign:
+                raise NotARunFolder(
+                    f"{out_dir} is not a groundforge run folder (it has no {MANIFEST_FILE}) but "
+                    f"holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}; a run "
+                    f"would replace its {', '.join(RUN_ENTRIES[1:])}. Give a new or empty --out, "
+                    "or add --force to write into it anyway"
+                )
+    return staging
 
 
 def check_funnel(funnel: list[StageCount], rejections: Counter) -> None:
@@ -138,8 +233,15 @@ def run_recipe(
     out_dir: str,
     beam_args: list[str] | tuple[str, ...] = (),
     progress: Callable[[list[dict[str, Any]]], None] | None = None,
+    force: bool = False,
 ):
     """Run ``recipe`` into ``out_dir`` and return the manifest and funnel.
+
+    The run is built in ``out_dir/_staging`` and replaces a previous run in ``out_dir`` only
+    once it has finished: a run that fails or is interrupted leaves the previous one intact. The
+    reply cache, ``out_dir/cache``, is shared by every run into ``out_dir``. A folder that is not
+    a run is refused unless ``force`` (see :func:`prepare_out`); models and endpoints are checked
+    before any work (see :mod:`groundforge.pipelines.preflight`).
 
     ``progress``, when given, receives every half second the live counts of every stage
     (``{"stage", "in", "kept", "dropped"}`` dicts, in stage order) on local runners.
@@ -154,35 +256,109 @@ def run_recipe(
         log.warning(
             "%s is not a Beam pipeline option any loaded runner knows; check the spelling", flag
         )
-    # beam.Pipeline() sets these too, but only once it is built: the folder is cleared first.
+    harness = options.view_as(WorkerOptions)
+    if harness.default_sdk_harness_log_level is None and shows_progress(options):
+        # Local worker processes log as this process logs Beam (the CLI: quiet unless -v), or
+        # each repeats the traceback of the one error the run reports. Remote workers keep their
+        # own logs: they are where a cluster's problems are read.
+        beam_level = logging.getLogger("apache_beam").getEffectiveLevel()
+        harness.default_sdk_harness_log_level = logging.getLevelName(beam_level)
+    # beam.Pipeline() sets these too, but only once it is built: the folder is checked first.
     FileSystems.set_options(options)
-    _clear_previous(out_dir)
+    staging = prepare_out(out_dir, force)
+    preflight(recipe)
     started = time.perf_counter()
     watched = progress is not None and shows_progress(options)
     progress_dir = tempfile.mkdtemp(prefix="groundforge-progress-") if watched else None
     try:
-        # Several worker processes on a few cores oversubscribe torch's thread pool badly.
-        graph = KVGGraph(
-            recipe,
-            out_dir,
-            model_threads=1 if is_multi_process(options) else None,
-            progress_dir=progress_dir,
-        )
-        pipeline = beam.Pipeline(options=options)
-        graph.build(pipeline)
-        watcher = (
-            ProgressWatcher(progress_dir, graph.stages, progress)
-            if progress_dir
-            else contextlib.nullcontext()
-        )
-        with watcher:
-            result = pipeline.run()
-            result.wait_until_finish()
-        return _finish(recipe, out_dir, options, beam_args, graph, result, started)
+        with _interrupts_noted(recipe, out_dir, staging):
+            return _run_staged(
+                recipe, out_dir, staging, options, beam_args, progress_dir, progress, started
+            )
     finally:
         if progress_dir:
             shutil.rmtree(progress_dir, ignore_errors=True)
-        remove_folder(FileSystems.join(out_dir, WORK_DIR))
+        # Unless it is being published: a failed or interrupted run leaves nothing behind.
+        if not FileSystems.exists(FileSystems.join(staging, _PUBLISHING)):
+            remove_folder(staging)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says what state ``--out`` is in."""
+
+
+@contextlib.contextmanager
+def _interrupts_noted(recipe: Recipe, out_dir: str, staging: str):
+    """Turn Ctrl-C into :class:`RunInterrupted`, also where Beam has turned the
+    ``KeyboardInterrupt`` raised inside a step into a ``RuntimeError``."""
+    pressed: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    watch = threading.current_thread() is threading.main_thread() and callable(previous)
+    if watch:
+
+        def note(signum, frame):
+            pressed.append(signum)
+            previous(signum, frame)
+
+        signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    except BaseException as err:
+        if not (isinstance(err, KeyboardInterrupt) or pressed):
+            raise
+        if FileSystems.exists(FileSystems.join(staging, _PUBLISHING)):
+            state = (
+                f"the finished run is half moved into {out_dir}; the next run into it completes it"
+            )
+        else:
+            state = f"{out_dir} is as it was before this run"
+        if any(getattr(recipe, role) for role in ("grounder", "teacher", "student")):
+            state += (
+                f"; the replies received so far are kept in {FileSystems.join(out_dir, CACHE_DIR)}"
+            )
+        raise RunInterrupted(state) from None
+    finally:
+        if watch:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _run_staged(
+    recipe, out_dir, staging, options, beam_args, progress_dir, progress, started
+) -> RunResult:
+    """Build the run in ``staging``, then publish it to ``out_dir``."""
+    # Several worker processes on a few cores oversubscribe torch's thread pool badly.
+    graph = KVGGraph(
+        recipe,
+        staging,
+        model_threads=1 if is_multi_process(options) else None,
+        progress_dir=progress_dir,
+        cache_dir=FileSystems.join(out_dir, CACHE_DIR),
+    )
+    pipeline = beam.Pipeline(options=options)
+    graph.build(pipeline)
+    watcher = (
+        ProgressWatcher(progress_dir, graph.stages, progress)
+        if progress_dir
+        else contextlib.nullcontext()
+    )
+    with watcher:
+        result = pipeline.run()
+        result.wait_until_finish()
+    finished = _finish(recipe, staging, options, beam_args, graph, result, started)
+    if finished.funnel and finished.funnel[0].total == 0:
+        raise EmptySource(
+            f"the source ({describe_source(recipe)}) gave no items, so nothing was written "
+            f"to {out_dir}; check the source's path and filters"
+        )
+    publish(staging, out_dir)
+    return RunResult(out_dir, finished.manifest, finished.funnel)
+
+
+def describe_source(recipe: Recipe) -> str:
+    """Where a recipe's items come from, as a person would name it."""
+    src = recipe.source
+    where = getattr(src, "path", None) or getattr(src, "annotations", "")
+    return f"{src.kind} {where}"
 
 
 def _finish(recipe, out_dir, options, beam_args, graph, result, started) -> RunResult:

@@ -134,6 +134,8 @@ class FaultProxy:
         self.hang = hang
         self.slow = slow
         self.requests: list[Seen] = []
+        # GET /models (a run's pre-flight check): forwarded, never faulted, not in `requests`.
+        self.listings = 0
         self.counts: Counter[str] = Counter()  # per fault, "forwarded" for none
         self.max_in_flight = 0
         self._in_flight = 0
@@ -181,6 +183,7 @@ class FaultProxy:
         with self._lock:
             self.rule = rule
             self.requests.clear()
+            self.listings = 0
             self.counts.clear()
             self.max_in_flight = 0
 
@@ -266,6 +269,12 @@ def _handler_class(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
             headers = {k.lower(): v for k, v in self.headers.items()}
+            if self.command == "GET" and self.path.endswith("/models"):
+                with proxy._lock:
+                    proxy.listings += 1
+                listing = Seen(0, "GET", self.path, headers, body, None, None, time.monotonic())
+                self._respond(listing)
+                return
             seen = proxy._arrive(self.command, self.path, headers, body)
             try:
                 self._respond(seen)
