@@ -70,6 +70,8 @@ def _run(
             "[bold yellow]no sample was kept[/]: every item was dropped at the stages above; "
             "report.html shows examples of each reason"
         )
+        # The run is written, so its rejections can be read; but it made no data.
+        raise SystemExit(1)
 
 
 # Beam re-raises an error of a worker with the worker's traceback in its message.

@@ -94,11 +94,14 @@ def test_an_empty_source_is_an_error_and_keeps_the_previous_run(run_copy, tmp_pa
     assert (run_copy / "manifest.json").read_text() == before
 
 
-def test_a_run_that_keeps_nothing_says_so(tmp_path):
+def test_a_run_that_keeps_nothing_says_so_and_fails(tmp_path):
     recipe = write_recipe(tmp_path, copy_flags(tmp_path / "images"), images={"min_side": 100000})
     result = run_cli(str(recipe), "--out", str(tmp_path / "out"))
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output
     assert "no sample was kept" in result.output
+    # It is written all the same: its rejections say why.
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["samples"] == 0 and manifest["rejections"]["rows"] > 0
 
 
 def test_an_error_inside_the_pipeline_has_no_traceback_unless_verbose(tmp_path, tiny_detector_dir):

@@ -100,9 +100,11 @@ def test_teacher_stage_through_a_faulty_endpoint(flags, tmp_path, teacher_server
         path.write_text(yaml.safe_dump(recipe))
         out = tmp_path / "out"
         result = CliRunner().invoke(main, ["run", str(path), "--out", str(out)])
-        assert result.exit_code == 0, result.output
+        # The tiny model's replies are no rationales: the run is written, and exits 1.
+        assert result.exit_code == 1 and "no sample was kept" in result.output, result.output
 
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples"] == 0
     stages = {s["stage"]: s for s in manifest["stages"]}
     assert list(stages)[-3:] == ["teacher", "rationale", "output"]
     n = stages["sample"]["kept"]
