@@ -196,6 +196,7 @@ def serve_teacher(model: str, host: str, port: int, device: str) -> None:
     http://HOST:PORT/v1 and `teacher.model` at MODEL. On GPUs use vLLM in its own environment
     instead: `vllm serve MODEL`.
     """
+    _require(("fastapi", "uvicorn", "openai"), "serve-teacher", "serve")
     from groundforge.annotators.teacher.serve import ServeError, run_server
 
     click.echo(f"loading {model} for http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
@@ -342,22 +343,31 @@ def _train_options(func):
     return func
 
 
+_TRAINING = ("trl", "peft", "accelerate")
+
+
+def _require(modules: tuple[str, ...], what: str, extra: str) -> None:
+    """Stop with the one command that installs what ``what`` needs, when a module is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.ClickException(
+            f"{what} needs {', '.join(missing)}: pip install 'groundforge[{extra}]' "
+            f"(in this clone: .venv/bin/pip install -e '.[{extra}]')"
+        )
+
+
 @main.group()
 def train() -> None:
     """Train on the shards with TRL: `sft` (CoT-SFT), then `grpo` from the SFT output."""
-    import importlib.util
-
-    missing = [m for m in ("trl", "peft", "accelerate") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise click.ClickException(
-            f"training needs {', '.join(missing)}: pip install 'groundforge[train]'"
-        )
 
 
 @train.command("sft")
 @_train_options
 def train_sft(data, model, config_path, output, resume, settings) -> None:
     """Stage 1: supervised fine-tuning on the `sft` split (rationale, then answer box)."""
+    _require(_TRAINING, "training", "train")
     from groundforge.trainer.config import load_train_config
     from groundforge.trainer.data import open_shards, rationale_count, select_split
     from groundforge.trainer.sft import run_sft
@@ -438,6 +448,7 @@ def train_grpo(data, model, config_path, output, resume, settings, knowledge) ->
 
     --model is normally the `train sft` output folder.
     """
+    _require(_TRAINING, "training", "train")
     from groundforge.trainer.grpo import run_grpo
 
     overrides = _grpo_answer_format(data, config_path, _overrides(settings))
