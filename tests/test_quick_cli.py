@@ -20,6 +20,7 @@ from groundforge.sources.image_folder import ImageFolderSource
 
 RECIPE = demo_recipe_path()
 MULTI = ["--", "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+PORTABLE = ["--", "--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"]
 
 
 def flag_files() -> list[str]:
@@ -58,10 +59,10 @@ def no_pipeline(monkeypatch):
     monkeypatch.setattr(beam.Pipeline, "run", refuse)
 
 
-def test_limit_reads_the_same_five_images_every_run_and_on_both_runners(tmp_path, monkeypatch):
+def test_limit_reads_the_same_five_images_every_run_and_on_every_runner(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     expected = smallest(flag_files(), 5)
-    for name, extra in (("a", []), ("b", []), ("multi", MULTI)):
+    for name, extra in (("a", []), ("b", []), ("multi", MULTI), ("portable", PORTABLE)):
         out = tmp_path / name
         result = invoke("run", str(RECIPE), "--out", str(out), "--limit", "5", *extra)
         assert result.exit_code == 0, result.output
