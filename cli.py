@@ -31,8 +31,69 @@ def _configure_logging(verbose: bool) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def _selection(limit: int | None, sample: float | None):
+    """The --limit/--sample choice, or None for every item."""
+    if limit is None and sample is None:
+        return None
+    from groundforge.pipelines.selection import Selection
+
+    try:
+        return Selection(limit=limit, sample=sample)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+
+
+def _selection_options(func):
+    func = click.option(
+        "--dry-run",
+        is_flag=True,
+        help="Check the recipe, list its source, run the pre-flight checks and print the "
+        "pipeline's stages, then exit (0, or 1 with the problems) without running Beam or "
+        "writing anything.",
+    )(func)
+    func = click.option(
+        "--sample",
+        type=float,
+        metavar="FRACTION",
+        help="Read only about this fraction of the source items (0 < FRACTION <= 1), the same "
+        "ones every time.",
+    )(func)
+    return click.option(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="Read only N source items, the same N every time, on every runner (chosen by a "
+        "stable hash of each item's id).",
+    )(func)
+
+
+def _dry_run(recipe_path: Path | None, recipe, out: str, beam_args, selection) -> None:
+    from groundforge.pipelines.run import dry_run
+
+    where = f" ({recipe_path})" if recipe_path else ""
+    click.echo(f"recipe {recipe.name}{where}: valid")
+    report = dry_run(recipe, beam_args, selection)
+    counts = report.per_partition
+    spread = f", {min(counts)} to {max(counts)} per partition" if counts else ""
+    click.echo(
+        f"source {report.source}: {report.items} items in {len(counts)} "
+        f"partition{'' if len(counts) == 1 else 's'}{spread}"
+    )
+    if selection is not None:
+        click.echo(f"selected: {report.selected} items ({selection.describe()})")
+    click.echo("stages: " + " -> ".join(report.stages))
+    if report.problems:
+        raise click.ClickException(report.problems)
+    click.echo(f"pre-flight: models and endpoints answer; nothing was written to {out}")
+
+
 def _run(
-    recipe_path: Path | None, recipe, out: str, beam_args: tuple[str, ...], force: bool = False
+    recipe_path: Path | None,
+    recipe,
+    out: str,
+    beam_args: tuple[str, ...],
+    force: bool = False,
+    selection=None,
 ) -> None:
     from rich.console import Console
     from rich.live import Live
@@ -46,6 +107,8 @@ def _run(
     where = f" from {recipe_path}" if recipe_path else ""
     title = f"running {recipe.name}{where} -> {out}"
     check_submitter(beam_args, out)
+    if selection is not None:
+        console.print(f"[bold]limited run[/]: {selection.describe()}")
     # Remote workers get groundforge's wheel and pinned requirements; local runs stage nothing.
     with stage_for_workers(beam_args) as staging:
         if staging.note:
@@ -57,8 +120,12 @@ def _run(
                 elapsed = time.monotonic() - started
                 live.update(funnel_table(stages, title=f"{title} ({elapsed:.0f} s)"))
 
-            result = run_recipe(recipe, out, staging.args, progress=show, force=force)
+            result = run_recipe(
+                recipe, out, staging.args, progress=show, force=force, selection=selection
+            )
     print_funnel(result.manifest, console)
+    if selection is not None:
+        console.print(f"limited run ({selection.describe()}): not the whole source")
     console.print(
         f"[bold]{result.manifest['samples']}[/] samples in {out}/shards "
         f"({', '.join(f'{k}: {v}' for k, v in result.manifest['splits'].items())}); "
@@ -137,14 +204,36 @@ _BEAM_ARGS = {"ignore_unknown_options": True}
     help="Write into --out even if it is a folder of other files (its README.md, report.html, "
     "shards/ ... are replaced).",
 )
+@_selection_options
 @click.argument("beam_args", nargs=-1, type=click.UNPROCESSED)
-def run(recipe: Path, out: str, force: bool, beam_args: tuple[str, ...]) -> None:
+def run(
+    recipe: Path,
+    out: str,
+    force: bool,
+    limit: int | None,
+    sample: float | None,
+    dry_run: bool,
+    beam_args: tuple[str, ...],
+) -> None:
     """Run RECIPE (a YAML file) and write shards, manifest and rejections to --out.
 
     The run is built in --out/_staging and replaces a previous run in --out only once it has
     finished: a run that fails or is interrupted (Ctrl-C exits 130) leaves the previous run as it
     was. Chat replies are cached in --out/cache, so a rerun only asks for what is missing. Model
     folders and endpoints are checked before any work.
+
+    Try a recipe on a few items first, or check it without running anything:
+
+        groundforge run examples/flags.yaml --out runs/try --limit 20
+
+        groundforge run examples/flags.yaml --out runs/try --sample 0.1
+
+        groundforge run examples/flags.yaml --out runs/try --dry-run
+
+    --limit and --sample choose items by a stable hash of their ids: the same items every time,
+    on every runner; the others are not read, and the manifest's `selection` records the choice.
+    --dry-run lists the source (and how many items --limit/--sample keep), checks models and
+    endpoints, prints the stages, and exits without starting Beam or writing to --out.
 
     Anything after `--` goes to Beam, e.g.
 
@@ -157,7 +246,11 @@ def run(recipe: Path, out: str, force: bool, beam_args: tuple[str, ...]) -> None
     """
     from groundforge.recipe import load_recipe
 
-    _run(recipe, load_recipe(recipe), out, beam_args, force)
+    selection = _selection(limit, sample)
+    if dry_run:
+        _dry_run(recipe, load_recipe(recipe), out, beam_args, selection)
+        return
+    _run(recipe, load_recipe(recipe), out, beam_args, force, selection)
 
 
 @main.command(context_settings=_BEAM_ARGS)
@@ -168,17 +261,29 @@ def run(recipe: Path, out: str, force: bool, beam_args: tuple[str, ...]) -> None
     type=click.Path(file_okay=False),
     help="Output folder.",
 )
+@_selection_options
 @click.argument("beam_args", nargs=-1, type=click.UNPROCESSED)
-def demo(out: str, beam_args: tuple[str, ...]) -> None:
+def demo(
+    out: str,
+    limit: int | None,
+    sample: float | None,
+    dry_run: bool,
+    beam_args: tuple[str, ...],
+) -> None:
     """Run the bundled flags recipe offline (about 350 public-domain flag images).
 
-    No model is needed: boxes come from the foreground of each image.
+    No model is needed: boxes come from the foreground of each image. `groundforge demo
+    --limit 20` runs it on 20 of them (see `groundforge run --help`).
     """
     from groundforge.examples import demo_recipe_path
     from groundforge.recipe import load_recipe
 
     path = demo_recipe_path()
-    _run(path, load_recipe(path), out, beam_args)
+    selection = _selection(limit, sample)
+    if dry_run:
+        _dry_run(path, load_recipe(path), out, beam_args, selection)
+        return
+    _run(path, load_recipe(path), out, beam_args, selection=selection)
 
 
 @main.command("serve-teacher")

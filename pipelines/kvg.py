@@ -69,6 +69,7 @@ from groundforge.pipelines.plans import (
     route_members,
     wanted_members,
 )
+from groundforge.pipelines.selection import Selection, SelectItems
 from groundforge.pipelines.stage import apply_check
 from groundforge.pixels import PixelStore
 from groundforge.recipe import (
@@ -342,7 +343,8 @@ class KVGGraph:
 
     ``model_threads`` caps torch threads of in-process models (1 with several worker processes);
     with ``progress_dir`` every stage writes its live counts there. Replies are cached in
-    ``cache_dir`` (default ``out_dir/cache``).
+    ``cache_dir`` (default ``out_dir/cache``). With ``selection`` only the items it chooses
+    are read (see :mod:`groundforge.pipelines.selection`).
     """
 
     recipe: Recipe
@@ -350,6 +352,7 @@ class KVGGraph:
     model_threads: int | None = None
     cache_dir: str | None = None
     progress_dir: str | None = None
+    selection: Selection | None = None
     stages: list[str] = field(default_factory=list)
     chat_roles: list[str] = field(default_factory=list)
     _rejected: list = field(default_factory=list)
@@ -687,12 +690,13 @@ class KVGGraph:
     def build(self, p: beam.Pipeline) -> list[str]:
         recipe = self.recipe
         source = make_source(recipe)
-        items = (
-            p
-            | "partitions" >> beam.Create(source.partitions())
-            | "spread" >> beam.Reshuffle()
-            | "list items" >> beam.FlatMap(source.items)
+        partitions = (
+            p | "partitions" >> beam.Create(source.partitions()) | "spread" >> beam.Reshuffle()
         )
+        if self.selection is None:
+            items = partitions | "list items" >> beam.FlatMap(source.items)
+        else:
+            items = partitions | "select items" >> SelectItems(source, self.selection)
         records = self._stage(items, "read", read_item)
         limits = ImageLimits(min_side=recipe.images.min_side, max_pixels=recipe.images.max_pixels)
         records = self._stage(records, "image", partial(check_image, limits=limits))

@@ -40,6 +40,7 @@ from groundforge.pipelines.kvg import (
     SHARDS_DIR,
     WORK_DIR,
     KVGGraph,
+    make_source,
     splits_for,
 )
 from groundforge.pipelines.metrics import (
@@ -56,8 +57,9 @@ from groundforge.pipelines.options import (
     pipeline_options,
     unknown_options,
 )
-from groundforge.pipelines.preflight import preflight
+from groundforge.pipelines.preflight import PreflightError, preflight
 from groundforge.pipelines.progress import ProgressWatcher, shows_progress
+from groundforge.pipelines.selection import Selection, count_selected
 from groundforge.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -234,6 +236,7 @@ def run_recipe(
     beam_args: list[str] | tuple[str, ...] = (),
     progress: Callable[[list[dict[str, Any]]], None] | None = None,
     force: bool = False,
+    selection: Selection | None = None,
 ):
     """Run ``recipe`` into ``out_dir`` and return the manifest and funnel.
 
@@ -241,7 +244,8 @@ def run_recipe(
     once it has finished: a run that fails or is interrupted leaves the previous one intact. The
     reply cache, ``out_dir/cache``, is shared by every run into ``out_dir``. A folder that is not
     a run is refused unless ``force`` (see :func:`prepare_out`); models and endpoints are checked
-    before any work (see :mod:`groundforge.pipelines.preflight`).
+    before any work (see :mod:`groundforge.pipelines.preflight`). With ``selection`` only the
+    source items it chooses are read, and the manifest's ``selection`` says so.
 
     ``progress``, when given, receives every half second the live counts of every stage
     (``{"stage", "in", "kept", "dropped"}`` dicts, in stage order) on local runners.
@@ -273,7 +277,15 @@ def run_recipe(
     try:
         with _interrupts_noted(recipe, out_dir, staging):
             return _run_staged(
-                recipe, out_dir, staging, options, beam_args, progress_dir, progress, started
+                recipe,
+                out_dir,
+                staging,
+                options,
+                beam_args,
+                progress_dir,
+                progress,
+                started,
+                selection,
             )
     finally:
         if progress_dir:
@@ -323,7 +335,7 @@ def _interrupts_noted(recipe: Recipe, out_dir: str, staging: str):
 
 
 def _run_staged(
-    recipe, out_dir, staging, options, beam_args, progress_dir, progress, started
+    recipe, out_dir, staging, options, beam_args, progress_dir, progress, started, selection
 ) -> RunResult:
     """Build the run in ``staging``, then publish it to ``out_dir``."""
     # Several worker processes on a few cores oversubscribe torch's thread pool badly.
@@ -333,6 +345,7 @@ def _run_staged(
         model_threads=1 if is_multi_process(options) else None,
         progress_dir=progress_dir,
         cache_dir=FileSystems.join(out_dir, CACHE_DIR),
+        selection=selection,
     )
     pipeline = beam.Pipeline(options=options)
     graph.build(pipeline)
@@ -344,14 +357,72 @@ def _run_staged(
     with watcher:
         result = pipeline.run()
         result.wait_until_finish()
-    finished = _finish(recipe, staging, options, beam_args, graph, result, started)
+    finished = _finish(recipe, staging, options, beam_args, graph, result, started, selection)
     if finished.funnel and finished.funnel[0].total == 0:
+        chosen = f" chosen by {selection.describe()}" if selection else ""
         raise EmptySource(
-            f"the source ({describe_source(recipe)}) gave no items, so nothing was written "
-            f"to {out_dir}; check the source's path and filters"
+            f"the source ({describe_source(recipe)}) gave no items{chosen}, so nothing was "
+            f"written to {out_dir}; check the source's path and filters"
         )
     publish(staging, out_dir)
     return RunResult(out_dir, finished.manifest, finished.funnel)
+
+
+@dataclass
+class DryRun:
+    """What a run would do: its source's items per partition, how many a selection keeps, the
+    graph's stages in order, and the pre-flight's problems (``None`` when there are none)."""
+
+    source: str
+    per_partition: list[int]
+    selected: int | None
+    stages: list[str]
+    problems: str | None
+
+    @property
+    def items(self) -> int:
+        return sum(self.per_partition)
+
+
+def dry_run(
+    recipe: Recipe, beam_args: list[str] | tuple[str, ...] = (), selection: Selection | None = None
+) -> DryRun:
+    """Check ``recipe`` as a run would, without starting a pipeline or writing into its
+    output folder: list the source on this machine (every item, none read), run the pre-flight,
+    and build the graph to name its stages."""
+    check_api_keys(recipe)
+    options = pipeline_options(beam_args)
+    FileSystems.set_options(options)
+    source = make_source(recipe)
+    per_partition: list[int] = []
+
+    def listed():
+        for part in source.partitions():
+            n = 0
+            for item in source.items(part):
+                n += 1
+                yield item
+            per_partition.append(n)
+
+    if selection is None:
+        selected = None
+        for _ in listed():
+            pass
+    else:
+        selected = count_selected(listed(), selection)
+    try:
+        preflight(recipe)
+        problems = None
+    except PreflightError as err:
+        problems = str(err)
+    # Building writes nothing, but any path it names points into a folder removed at once.
+    scratch = tempfile.mkdtemp(prefix="groundforge-dry-run-")
+    try:
+        graph = KVGGraph(recipe, scratch, selection=selection)
+        graph.build(beam.Pipeline(options=options))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return DryRun(describe_source(recipe), per_partition, selected, graph.stages, problems)
 
 
 def describe_source(recipe: Recipe) -> str:
@@ -361,7 +432,7 @@ def describe_source(recipe: Recipe) -> str:
     return f"{src.kind} {where}"
 
 
-def _finish(recipe, out_dir, options, beam_args, graph, result, started) -> RunResult:
+def _finish(recipe, out_dir, options, beam_args, graph, result, started, selection) -> RunResult:
     """After the pipeline: complete the shards and tables, check the funnel, write the
     manifest, card and report."""
     stages = graph.stages
@@ -399,6 +470,8 @@ def _finish(recipe, out_dir, options, beam_args, graph, result, started) -> RunR
         aliases=read_aliases(result),
         instances=read_instances(result) if "instances" in stages else None,
     )
+    if selection is not None:
+        manifest["selection"] = selection.to_dict()
     write_manifest(FileSystems.join(out_dir, MANIFEST_FILE), manifest)
     write_text(FileSystems.join(out_dir, CARD_FILE), render_card(manifest))
     # datasets.load_dataset reads the card of the folder it is given: the shards folder too.
