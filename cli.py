@@ -602,19 +602,22 @@ def _one_model(model: str | None, endpoint: str | None) -> None:
 @click.option(
     "--scorer",
     type=click.Choice(["kvgbench", "codec"]),
-    help="How a reply's box is read. kvgbench (the default): the published KVG-Bench scorer's "
-    "pattern cascade, 0..1000 frame. codec: the project's codec parser for --codec's frame "
-    "(last box, put right and clipped; the default when --codec is given).",
+    help="How a reply's box is read. kvgbench: the published KVG-Bench scorer's pattern "
+    "cascade, 0..1000 frame (the default for that frame). codec: the project's codec parser for "
+    "the codec's frame (last box, put right and clipped; the default for other frames).",
 )
 @click.option(
     "--codec",
     type=click.Choice(["norm1000", "qwen25vl", "qwen3vl", "norm01", "pixel"]),
-    help="The frame of the model's answer boxes for --scorer codec (default norm1000).",
+    help="The frame of the model's answer boxes. Default: --model's family, as `train` derives "
+    "it (qwen2_vl norm1000, qwen2_5_vl qwen25vl, qwen3_vl qwen3vl); norm1000 for --endpoint "
+    "or another family.",
 )
 @click.option(
     "--max-pixels",
     type=int,
-    help="Pixel budget of the qwen25vl frame (and of an in-process model's processor).",
+    help="Pixel budget of the qwen25vl frame and of an in-process model's processor "
+    "(default: the processor's own).",
 )
 @click.option(
     "--reasoning/--no-reasoning",
@@ -646,8 +649,9 @@ def eval_(
 ) -> None:
     """Score a model on KVG-Bench (Acc@0.5 and mean IoU per category, seen / unseen / all).
 
-    Boxes are read with the published KVG-Bench scorer unless --scorer codec (or --codec) is
-    given. With --shards, on a split of our own shards; `detect` samples get precision, recall,
+    The box frame (--codec) defaults to the in-process model's family and is printed first;
+    the published KVG-Bench scorer reads the 0..1000 frame, the codec scorer the others. With
+    --shards, on a split of our own shards; `detect` samples get precision, recall,
     F1 and AP at IoU 0.5. --out writes metrics.json and predictions.jsonl (the scorer used is in
     its config).
     """
@@ -673,7 +677,7 @@ def eval_(
             api_key_env=api_key_env,
             scorer=scorer,
             codec=codec,
-            codec_params={"max_pixels": max_pixels} if max_pixels else None,
+            max_pixels=max_pixels,
             reasoning=reasoning,
             max_tokens=max_tokens,
             limit=limit,
@@ -682,6 +686,7 @@ def eval_(
             shard_format=fmt,
             device=device,
             progress=update,
+            on_codec=lambda choice: click.echo(choice.describe()),
         )
     click.echo(format_table(report), nl=False)
     if out:
@@ -763,16 +768,20 @@ def _export_options(func):
         click.argument("data", type=click.Path(exists=True, file_okay=False)),
         click.option("--to", "dest", required=True, help="Destination folder."),
         click.option(
+            "--model",
+            help="The model to be trained (folder or hub id): codec and pixel budget as "
+            "`train` derives them for it.",
+        ),
+        click.option(
             "--codec",
-            default="qwen25vl",
-            show_default=True,
             type=click.Choice(["norm1000", "qwen25vl", "qwen3vl", "norm01", "pixel"]),
-            help="How answer boxes are written (the trained model's family).",
+            help="How answer boxes are written. Default: --model's family, else qwen25vl.",
         ),
         click.option(
             "--max-pixels",
             type=int,
-            help="qwen25vl pixel budget; images are resized to it (e.g. 401408).",
+            help="qwen25vl pixel budget; images are resized to it (default: train's 401408 "
+            "with --model, else the codec's 1003520).",
         ),
         click.option(
             "--split", "splits", multiple=True, help="Only these splits (repeatable; default all)."
@@ -783,10 +792,21 @@ def _export_options(func):
     return func
 
 
-def _codec_params(codec: str, max_pixels: int | None) -> dict:
+def _export_codec(model: str | None, codec: str | None, max_pixels: int | None):
+    """The export's codec and its parameters, printed with where they came from."""
+    from groundforge.outputs.export import choose_export_codec
+    from groundforge.trainer.evaluate import codec_line
+
+    try:
+        codec, params, source = choose_export_codec(model, codec, max_pixels)
+    except ValueError as err:
+        raise click.UsageError(f"{err} with --codec") from None
     if max_pixels and codec != "qwen25vl":
-        raise click.UsageError("--max-pixels applies to --codec qwen25vl only")
-    return {"max_pixels": max_pixels} if max_pixels else {}
+        raise click.UsageError(
+            f"--max-pixels applies to --codec qwen25vl only, not {codec} ({source})"
+        )
+    click.echo(codec_line(codec, params, source))
+    return codec, params
 
 
 @export.command("llamafactory")
@@ -797,7 +817,7 @@ def _codec_params(codec: str, max_pixels: int | None) -> dict:
     show_default=True,
     help="Dataset name prefix: each split is the dataset NAME_<split>.",
 )
-def export_llamafactory(data, dest, codec, max_pixels, splits, name) -> None:
+def export_llamafactory(data, dest, model, codec, max_pixels, splits, name) -> None:
     """One sharegpt dataset per split: NAME_<split>.json, images/ and dataset_info.json.
 
     Each split gets its own file and dataset_info.json entry, NAME_<split>: put the training
@@ -807,11 +827,12 @@ def export_llamafactory(data, dest, codec, max_pixels, splits, name) -> None:
     from groundforge.outputs.export import export_llamafactory as write
     from groundforge.outputs.export import llamafactory_datasets
 
+    codec, params = _export_codec(model, codec, max_pixels)
     paths = write(
         data,
         dest,
         codec=codec,
-        codec_params=_codec_params(codec, max_pixels),
+        codec_params=params,
         splits=list(splits) or None,
         dataset_name=name,
     )
@@ -827,20 +848,15 @@ def export_llamafactory(data, dest, codec, max_pixels, splits, name) -> None:
 
 @export.command("verl")
 @_export_options
-def export_verl(data, dest, codec, max_pixels, splits) -> None:
+def export_verl(data, dest, model, codec, max_pixels, splits) -> None:
     """One verl parquet per split; score rollouts with groundforge.outputs.verl_reward.
 
     Set verl's custom_reward_function.path to that module's file and name to compute_score.
     """
     from groundforge.outputs.export import export_verl as write
 
-    folder = write(
-        data,
-        dest,
-        codec=codec,
-        codec_params=_codec_params(codec, max_pixels),
-        splits=list(splits) or None,
-    )
+    codec, params = _export_codec(model, codec, max_pixels)
+    folder = write(data, dest, codec=codec, codec_params=params, splits=list(splits) or None)
     files = sorted(p.name for p in Path(folder).glob("*.parquet"))
     click.echo(f"wrote {', '.join(files)} to {folder}")
 

@@ -78,6 +78,55 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _VERL_BATCH = 64
 
 
+# The codec of an export that names no model: the Qwen2.5-VL frame.
+DEFAULT_CODEC = "qwen25vl"
+
+
+def choose_export_codec(
+    model: str | os.PathLike | None = None,
+    codec: str | None = None,
+    max_pixels: int | None = None,
+) -> tuple[str, dict[str, Any], str]:
+    """``(codec, codec_params, source)`` of an export, the frame ``train`` would use.
+
+    A given ``codec`` wins; else ``model``'s family by training's rule
+    (:func:`groundforge.trainer.data.codec_name_for` of its model type; ``ValueError`` for an
+    unknown family or an unreadable config); else :data:`DEFAULT_CODEC`. With a ``model``,
+    ``qwen25vl`` gets training's pixel budget (``max_pixels``, else the default config's,
+    401,408) and its processor's minimum clamped to it, as training sets the processor; without
+    one, ``max_pixels`` or the codec's defaults. Other codecs take no parameters and ignore
+    ``max_pixels``.
+    """
+    from groundforge.trainer.config import load_train_config
+    from groundforge.trainer.data import TrainDataError, codec_name_for
+    from groundforge.trainer.evaluate import model_type_for_codec, processor_budget
+
+    if codec is not None:
+        source = "given"
+    elif model is None:
+        codec, source = DEFAULT_CODEC, "the default without a model"
+    else:
+        model_type = model_type_for_codec(model)
+        try:
+            codec = codec_name_for(model_type)
+        except TrainDataError:
+            raise ValueError(
+                f"{model}: no default box codec for model type {model_type!r}; choose a codec"
+            ) from None
+        source = f"from model type {model_type}, as train derives it"
+    if codec != "qwen25vl":
+        return codec, {}, source
+    params: dict[str, Any] = {}
+    if model is not None:
+        params["max_pixels"] = max_pixels or load_train_config().max_pixels
+        low = processor_budget(str(model)).get("min_pixels")
+        if low is not None:
+            params["min_pixels"] = min(low, params["max_pixels"])
+    elif max_pixels:
+        params["max_pixels"] = max_pixels
+    return codec, params, source
+
+
 @dataclass(frozen=True)
 class ExportImage:
     """A sample's image as written: PNG bytes, size, and its boxes in that image's pixels."""

@@ -490,8 +490,10 @@ def test_run_eval_in_process(tiny_vlm_dir, bench_file, tmp_path):
         progress=lambda done, total: calls.append((done, total)),
     )
     assert calls == [(4, 6), (6, 6)]
-    assert report.config["model"] == str(tiny_vlm_dir) and report.config["codec"] == "norm1000"
-    assert report.config["scorer"] == "kvgbench"
+    # A Qwen2.5-VL answers in its processor's resized pixels (the frame `train` derives for it).
+    assert report.config["model"] == str(tiny_vlm_dir) and report.config["codec"] == "qwen25vl"
+    assert report.config["scorer"] == "codec"
+    assert report.config["codec_source"] == "from model type qwen2_5_vl"
     assert report.metrics["n_failed"] == 0  # the tiny model always says something
     check_run(report, tmp_path)
 

@@ -19,9 +19,11 @@ plus :data:`REASONING_SUFFIX` when ``reasoning``), score every reply, and summar
   by scaling x and y (each by its own factor), so a box gets the same IoU in any frame.
 
 Giving a ``codec`` without a ``scorer`` picks ``codec``; the ``kvgbench`` scorer reads the
-0..1000 frame only. An item is correct at IoU >= 0.5; Acc@0.5 (in %) and mean IoU are averaged
-over *instances*, per category and over the seen, unseen and all items. A failed request (a
-reply with an ``error``) and a reply holding no readable box score IoU 0; both are counted.
+0..1000 frame only. Without a ``codec``, :func:`choose_codec` takes an in-process model's
+family's frame (the rule training uses), else ``norm1000``. An item is correct at IoU >= 0.5;
+Acc@0.5 (in %) and mean IoU are averaged over *instances*, per category and over the seen,
+unseen and all items. A failed request (a reply with an ``error``) and a reply holding no
+readable box score IoU 0; both are counted.
 
 **Detection rows** (items with ``task == "detect"``: many answer boxes, the reply a box list) are
 scored with the DIP-R1 metrics instead: every box the codec reads from the reply (``norm1000``
@@ -395,6 +397,113 @@ def resolve_scorer(scorer: str | None = None, codec: str | None = None) -> tuple
             "use scorer 'codec' for other frames"
         )
     return scorer, codec or "norm1000"
+
+
+# The frame assumed when no in-process model names one (an endpoint, an unknown model type): the
+# published scorer's.
+DEFAULT_CODEC = "norm1000"
+
+
+@dataclass(frozen=True)
+class CodecChoice:
+    """The scorer, codec and codec parameters of a run, and where the codec came from."""
+
+    scorer: str
+    codec: str
+    params: dict[str, Any]
+    source: str
+
+    def describe(self) -> str:
+        """One line for the user, e.g. ``codec qwen25vl (max_pixels 12544, min_pixels 3136;
+        from model type qwen2_5_vl), scorer codec``."""
+        return f"{codec_line(self.codec, self.params, self.source)}, scorer {self.scorer}"
+
+
+def codec_line(codec: str, params: dict[str, Any], source: str) -> str:
+    """``codec NAME (PARAMS; SOURCE)``: which frame was chosen and why.
+
+    >>> codec_line("qwen25vl", {"max_pixels": 401408}, "given")
+    'codec qwen25vl (max_pixels 401408; given)'
+    """
+    details = [", ".join(f"{k} {v}" for k, v in sorted(params.items(), reverse=True)), source]
+    return f"codec {codec} ({'; '.join(d for d in details if d)})"
+
+
+def processor_budget(model: str) -> dict[str, int]:
+    """``min_pixels``/``max_pixels`` of a Qwen-VL model's image processor (``{}`` for a
+    processor without a pixel budget)."""
+    from groundforge.annotators.vlm_processor import load_processor
+
+    size = getattr(getattr(load_processor(model), "image_processor", None), "size", None)
+    budget = {}
+    for key, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+        try:
+            value = size[edge]
+        except (KeyError, TypeError):
+            value = None
+        if value:
+            budget[key] = int(value)
+    return budget
+
+
+def model_type_for_codec(model: str | os.PathLike) -> str | None:
+    """The model type a default box frame is chosen by (``ValueError`` when the model's
+    config cannot be read)."""
+    from groundforge.annotators.vlm_processor import model_type_of
+
+    try:
+        return model_type_of(str(model))
+    except OSError as exc:
+        raise ValueError(
+            f"{model}: no model config to choose the box frame from ({exc}); choose a codec"
+        ) from None
+
+
+def choose_codec(
+    model: str | os.PathLike | None = None,
+    scorer: str | None = None,
+    codec: str | None = None,
+    codec_params: dict[str, Any] | None = None,
+) -> CodecChoice:
+    """Decide the frame a run reads the model's boxes in.
+
+    A given ``codec`` wins. Otherwise an in-process ``model`` answers in its family's frame, by
+    the rule training uses (:func:`groundforge.trainer.data.codec_name_for` of the model type
+    in its config); an endpoint, a model type with no known frame and the ``kvgbench`` scorer get
+    :data:`DEFAULT_CODEC`. A derived frame other than ``norm1000`` makes the ``codec`` scorer the
+    default (the ``kvgbench`` scorer reads 0..1000 only). ``qwen25vl`` takes its pixel budget
+    from ``codec_params``, else from the in-process model's processor (the frame the model
+    sees; the minimum is clamped to the budget as the processor does), else the codec's
+    defaults. ``max_pixels`` is a ``qwen25vl`` parameter only and is dropped for other codecs.
+    """
+    from groundforge.trainer.data import CODEC_BY_MODEL_TYPE
+
+    params = dict(codec_params or {})
+    if codec is not None:
+        source = "given"
+    elif model is None:
+        source = "the default for an endpoint; give --codec for the served model's frame"
+    elif scorer == "kvgbench":
+        source = "the kvgbench scorer's frame"
+    else:
+        model_type = model_type_for_codec(model)
+        codec = CODEC_BY_MODEL_TYPE.get(model_type)
+        if codec is None:
+            source = f"the default: model type {model_type!r} has no known box frame"
+        else:
+            source = f"from model type {model_type}"
+            scorer = scorer or ("kvgbench" if codec == "norm1000" else "codec")
+    scorer, codec = resolve_scorer(scorer, codec)
+    if codec != "qwen25vl":
+        params.pop("max_pixels", None)
+    elif model is not None and not {"max_pixels", "min_pixels"} <= params.keys():
+        own = processor_budget(str(model))
+        params.setdefault("max_pixels", own.get("max_pixels"))
+        low = own.get("min_pixels")
+        if low is not None and params["max_pixels"] is not None:
+            params.setdefault("min_pixels", min(low, params["max_pixels"]))
+        params = {k: v for k, v in params.items() if v is not None}
+    return CodecChoice(scorer, codec, params, source)
 
 
 def score_reply(
@@ -772,6 +881,7 @@ def run_eval(
     api_key_env: str | None = None,
     codec: str | None = None,
     codec_params: dict[str, Any] | None = None,
+    max_pixels: int | None = None,
     reasoning: bool = False,
     max_tokens: int = 256,
     limit: int | None = None,
@@ -785,14 +895,17 @@ def run_eval(
     unseen: Sequence[str] = UNSEEN_CATEGORIES,
     progress: Progress | None = None,
     scorer: str | None = None,
+    on_codec: Callable[[CodecChoice], None] | None = None,
 ) -> EvalReport:
     """Evaluate ``model`` (in-process) or ``endpoint`` (+ ``served_model``) on the KVG-Bench
     parquet ``bench`` or on the ``split`` of our ``shards``; write the report to ``out_dir``
     when given. Greedy decoding unless ``temperature`` > 0. ``limit`` keeps the first items.
-    With ``codec="qwen25vl"`` and an in-process model, ``codec_params["max_pixels"]`` also sets
-    the processor's pixel budget so the frame the model sees is the one parsed. ``scorer``
-    (default ``kvgbench``, the published cascade; ``codec`` when only a codec is given) is
-    resolved by :func:`resolve_scorer`."""
+    ``scorer``, ``codec`` and its parameters are chosen by :func:`choose_codec` (without a
+    ``codec``, an in-process model's family decides; ``config["codec_source"]`` says which) and
+    handed to ``on_codec`` before the model loads.
+    ``max_pixels`` (or ``codec_params["max_pixels"]``) is the pixel budget of the ``qwen25vl``
+    frame and of an in-process Qwen-VL model's processor, so the frame the model sees is the
+    one parsed."""
     from groundforge.schemas.codecs import get_codec
 
     if (bench is None) == (shards is None):
@@ -804,8 +917,13 @@ def run_eval(
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     params = dict(codec_params or {})
-    scorer, codec = resolve_scorer(scorer, codec)
-    get_codec(codec, **params)  # fail before loading anything
+    if max_pixels:
+        params["max_pixels"] = max_pixels
+    if codec is not None:  # fail before loading anything
+        resolve_scorer(scorer, codec)
+        get_codec(
+            codec, **{k: v for k, v in params.items() if codec == "qwen25vl" or k != "max_pixels"}
+        )
 
     if bench is not None:
         items = load_kvg_bench(bench)
@@ -816,7 +934,9 @@ def run_eval(
     if not items:
         raise ValueError(f"no items to evaluate in {bench if bench is not None else shards}")
 
-    max_pixels = params.get("max_pixels") if codec == "qwen25vl" and model is not None else None
+    budget = params.get("max_pixels")
+    if budget and model is None and codec != "qwen25vl":
+        raise ValueError("max_pixels applies to the qwen25vl frame or an in-process model only")
     backend = make_backend(
         model=None if model is None else str(model),
         endpoint=endpoint,
@@ -826,21 +946,24 @@ def run_eval(
         max_tokens=max_tokens,
         batch_size=batch_size,
         device=device,
-        max_pixels=max_pixels,
+        max_pixels=None if model is None else budget,
     )
     try:
+        choice = choose_codec(model, scorer, codec, params)
+        if on_codec is not None:
+            on_codec(choice)
         report = evaluate(
             items,
             backend,
-            codec=codec,
-            codec_params=params,
+            codec=choice.codec,
+            codec_params=choice.params,
             reasoning=reasoning,
             suffix=suffix,
             seen=seen,
             unseen=unseen,
             batch_size=batch_size,
             progress=progress,
-            scorer=scorer,
+            scorer=choice.scorer,
         )
     finally:
         close = getattr(backend, "close", None)
@@ -857,6 +980,7 @@ def run_eval(
             "max_tokens": max_tokens,
             "temperature": temperature,
             "limit": limit,
+            "codec_source": choice.source,
         }
     )
     if out_dir is not None:
