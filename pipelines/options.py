@@ -17,13 +17,43 @@ def pipeline_options(beam_args: list[str] | tuple[str, ...]) -> PipelineOptions:
 
 
 def unknown_options(options: PipelineOptions) -> list[str]:
-    """Flags no imported Beam options class defines: usually a typo, worth a warning.
-
-    Not an error: a runner may define options in a module that is not imported yet.
-    """
+    """Flags no Beam options class defines (Beam's own, Dataflow's, Flink's, Spark's, ...)."""
     given = options.get_all_options(retain_unknown_options=True, drop_default=True)
     known = set(PipelineOptions([]).get_all_options(drop_default=False))
     return sorted("--" + k for k in given if k not in known)
+
+
+# groundforge's own options, given after `--` or after the recipe, where Beam would get them.
+_OWN = {
+    "-v": "give it before the command: groundforge -v run ...",
+    "--verbose": "give it before the command: groundforge -v run ...",
+    "--force": "give it before `--`",
+}
+
+
+def check_beam_args(beam_args: list[str] | tuple[str, ...]) -> None:
+    """Raise ValueError naming every argument Beam would ignore: a misspelt option (with the
+    nearest one Beam knows), a bare word, or one of groundforge's own options in Beam's place.
+    Beam itself only logs "Discarding unparseable args" and runs on with its defaults."""
+    import difflib
+
+    problems, rest = [], []
+    for i, arg in enumerate(beam_args):
+        name = arg.partition("=")[0]
+        after_flag = i > 0 and beam_args[i - 1].startswith("--") and "=" not in beam_args[i - 1]
+        if name in _OWN:
+            problems.append(f"{arg} is groundforge's option, not Beam's: {_OWN[name]}")
+        elif not arg.startswith("-") and not after_flag:
+            problems.append(f"{arg!r} is not an option (Beam options look like --name=value)")
+        else:
+            rest.append(arg)
+    known = sorted(PipelineOptions([]).get_all_options(drop_default=False))
+    for flag in unknown_options(pipeline_options(rest)):
+        near = difflib.get_close_matches(flag[2:], known, n=1)
+        hint = f"; did you mean --{near[0]}?" if near else ""
+        problems.append(f"{flag} is not an option Beam knows{hint}")
+    if problems:
+        raise ValueError("Beam options: " + "; ".join(problems))
 
 
 def is_multi_process(options: PipelineOptions) -> bool:

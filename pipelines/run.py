@@ -52,10 +52,10 @@ from groundforge.pipelines.metrics import (
     read_stage_seconds,
 )
 from groundforge.pipelines.options import (
+    check_beam_args,
     describe_runner,
     is_multi_process,
     pipeline_options,
-    unknown_options,
 )
 from groundforge.pipelines.preflight import PreflightError, preflight
 from groundforge.pipelines.progress import ProgressWatcher, shows_progress
@@ -255,11 +255,8 @@ def run_recipe(
     and every file this process reads or writes before and after it.
     """
     check_api_keys(recipe)
+    check_beam_args(beam_args)
     options = pipeline_options(beam_args)
-    for flag in unknown_options(options):
-        log.warning(
-            "%s is not a Beam pipeline option any loaded runner knows; check the spelling", flag
-        )
     harness = options.view_as(WorkerOptions)
     if harness.default_sdk_harness_log_level is None and shows_progress(options):
         # Local worker processes log as this process logs Beam (the CLI: quiet unless -v), or
@@ -391,6 +388,7 @@ def dry_run(
     output folder: list the source on this machine (every item, none read), run the pre-flight,
     and build the graph to name its stages."""
     check_api_keys(recipe)
+    check_beam_args(beam_args)
     options = pipeline_options(beam_args)
     FileSystems.set_options(options)
     source = make_source(recipe)
