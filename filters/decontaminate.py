@@ -27,14 +27,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import PurePosixPath
 
 import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 
 from groundforge.filters.dedup import THUMBNAIL_BYTES, fingerprints, layout_vector
 from groundforge.filters.image import ImageLimits, check_image
 from groundforge.filters.sameimage import DEFAULT_SAME, Look, SameSettings, look_of, same_picture
 from groundforge.filters.verdict import Verdict
+from groundforge.outputs.files import has_files, is_local, list_files, read_bytes, relative_to
 from groundforge.pixels import image_bytes
 from groundforge.schemas.records import ImageRecord, sha256_hex
 from groundforge.sources.image_folder import IMAGE_EXTENSIONS
@@ -141,42 +144,43 @@ class BenchmarkIndex:
         """
         import pyarrow.parquet as pq
 
-        root = Path(path)
-        files = sorted(root.glob("*.parquet")) if root.is_dir() else [root]
+        root = str(path)
+        files = [root] if _is_file(root) else list_files(FileSystems.join(root, "*.parquet"))
         if not files:
             raise ValueError(f"no .parquet files in {root}")
         ids: list[str] = []
         images: list[bytes] = []
         for file in files:
-            parquet = pq.ParquetFile(file)
-            names = parquet.schema_arrow.names
-            if image_column not in names:
-                raise ValueError(f"{file} has no column {image_column!r} (columns: {names})")
-            has_ids = id_column is not None and id_column in names
-            table = parquet.read(columns=[image_column, id_column] if has_ids else [image_column])
+            with FileSystems.open(file, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+                parquet = pq.ParquetFile(fh)
+                names = parquet.schema_arrow.names
+                if image_column not in names:
+                    raise ValueError(f"{file} has no column {image_column!r} (columns: {names})")
+                has_ids = id_column is not None and id_column in names
+                columns = [image_column, id_column] if has_ids else [image_column]
+                table = parquet.read(columns=columns)
             row_ids = table.column(id_column).to_pylist() if has_ids else [None] * len(table)
+            folder = FileSystems.split(file)[0]
             for cell, row_id in zip(table.column(image_column).to_pylist(), row_ids, strict=True):
                 label = str(len(ids)) if row_id is None else str(row_id)
                 ids.append(label)
-                images.append(_cell_bytes(cell, file.parent, label))
+                images.append(_cell_bytes(cell, folder, label))
         return cls.from_images(ids, images, embed)
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike, embed: Embed | None = None) -> BenchmarkIndex:
         """Index every image file under ``path`` (hidden names skipped); ids are relative paths."""
-        root = Path(path)
-        if not root.is_dir():
-            raise ValueError(f"benchmark folder {root} does not exist")
-        files = sorted(
-            p.relative_to(root).as_posix()
-            for p in root.rglob("*")
-            if p.is_file()
-            and p.suffix.lower() in IMAGE_EXTENSIONS
-            and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        )
+        root = str(path).rstrip("/")
+        files = [
+            rel
+            for rel in (relative_to(p, root) for p in list_files(FileSystems.join(root, "**")))
+            if PurePosixPath(rel).suffix.lower() in IMAGE_EXTENSIONS
+            and not any(part.startswith(".") for part in PurePosixPath(rel).parts)
+        ]
         if not files:
             raise ValueError(f"no image files under {root}")
-        return cls.from_images(files, [(root / f).read_bytes() for f in files], embed)
+        images = [read_bytes(FileSystems.join(root, f)) for f in files]
+        return cls.from_images(files, images, embed)
 
     def candidates(
         self,
@@ -309,18 +313,30 @@ def _normalise(item_id: str, data: bytes) -> bytes:
     return verdict.value.image
 
 
-def _cell_bytes(cell, folder: Path, label: str) -> bytes:
+def _cell_bytes(cell, folder: str, label: str) -> bytes:
     if isinstance(cell, bytes):
         return cell
     if isinstance(cell, dict):
         if cell.get("bytes"):
             return cell["bytes"]
         if cell.get("path"):
-            file = folder / cell["path"]
-            if file.is_file():
-                return file.read_bytes()
+            file = FileSystems.join(folder, cell["path"])
+            if _is_file(file):
+                return read_bytes(file)
             raise ValueError(f"benchmark row {label}: image file {file} not found")
     raise ValueError(f"benchmark row {label} has no image bytes")
+
+
+def _name(path: str) -> str:
+    """A benchmark's name in ids: the last part of its path."""
+    return FileSystems.split(str(path).rstrip("/"))[1]
+
+
+def _is_file(path: str) -> bool:
+    """Whether ``path`` names one file (on an object store: one object), not a folder."""
+    if is_local(path):
+        return os.path.isfile(path)
+    return FileSystems.exists(path)
 
 
 def _unit_rows(embeddings: np.ndarray, what: str) -> np.ndarray:
@@ -337,12 +353,12 @@ def _unit_rows(embeddings: np.ndarray, what: str) -> np.ndarray:
 def load_benchmark(path: str | os.PathLike, embed: Embed | None = None) -> BenchmarkIndex:
     """A benchmark given by path: a parquet file or a folder of parquet files (KVG-Bench format),
     or a folder of images."""
-    root = Path(path)
-    if root.is_dir() and not any(root.glob("*.parquet")):
-        return BenchmarkIndex.from_folder(root, embed)
-    if not root.exists():
+    root = str(path)
+    if _is_file(root) or list_files(FileSystems.join(root, "*.parquet")):
+        return BenchmarkIndex.from_parquet(root, embed=embed)
+    if not has_files(root):
         raise ValueError(f"benchmark {root} does not exist; give a parquet file or a folder")
-    return BenchmarkIndex.from_parquet(root, embed=embed)
+    return BenchmarkIndex.from_folder(root, embed)
 
 
 def merge_indexes(named: Sequence[tuple[str, BenchmarkIndex]]) -> BenchmarkIndex:
@@ -390,7 +406,7 @@ class ContaminationCheck:
                 from groundforge.annotators.embed import make_image_embedder
 
                 embed = make_image_embedder(self.embedder).embed_images
-            named = [(Path(p).name, load_benchmark(p, embed)) for p in self.benchmarks]
+            named = [(_name(p), load_benchmark(p, embed)) for p in self.benchmarks]
             _LOADED[key] = merge_indexes(named)
         return _LOADED[key]
 

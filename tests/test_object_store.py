@@ -21,11 +21,15 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from click.testing import CliRunner
 from faultproxy import FaultProxy
+from test_decontaminate import write_kvg_parquet
+from test_dedup import record
 
 from groundforge.annotators.teacher.cache import ReplyCache
 from groundforge.annotators.teacher.types import TeacherReply
 from groundforge.cli import main
 from groundforge.examples import demo_recipe_path
+from groundforge.filters.decontaminate import check_contamination, load_benchmark
+from groundforge.filters.image import check_image
 from groundforge.pipelines.run import redact_args
 from groundforge.sources.image_folder import ImageFolderSource, NamingRule
 from groundforge.sources.read import read_item
@@ -220,6 +224,27 @@ def test_image_folder_in_a_bucket(s3):
 
     with pytest.raises(FileNotFoundError, match="holds no files"):
         ImageFolderSource(f"s3://{BUCKET}/nowhere", "flag", NamingRule()).partitions()
+
+
+def test_benchmarks_in_a_bucket_are_read_through_filesystems(s3, tmp_path):
+    chad, romania = ((FLAGS / n).read_bytes() for n in NAMES[:2])
+    local = tmp_path / "bench.parquet"
+    write_kvg_parquet(local, [(11, chad, "chad.png"), (12, None, "files/romania.png")])
+    s3.put_object(Bucket=BUCKET, Key="bench/test.parquet", Body=local.read_bytes())
+    s3.put_object(Bucket=BUCKET, Key="bench/files/romania.png", Body=romania)
+    s3.put_object(Bucket=BUCKET, Key="pics/africa/chad.png", Body=chad)
+    s3.put_object(Bucket=BUCKET, Key="pics/.hidden/mali.png", Body=chad)
+    s3.put_object(Bucket=BUCKET, Key="pics/notes.txt", Body=b"not an image")
+
+    parquet = load_benchmark(f"s3://{BUCKET}/bench/test.parquet")
+    folder_of_parquet = load_benchmark(f"s3://{BUCKET}/bench")
+    assert parquet.ids == folder_of_parquet.ids == ("11", "12")
+    pictures = load_benchmark(f"s3://{BUCKET}/pics/")
+    assert pictures.ids == ("africa/chad.png",)
+    copy = check_image(record("train/chad.png", chad)).value
+    assert check_contamination(copy, parquet).metrics["benchmark_id"] == "11"
+    with pytest.raises(ValueError, match="does not exist"):
+        load_benchmark(f"s3://{BUCKET}/nowhere")
 
 
 # ---------------------------------------------------------------- whole runs into a bucket
