@@ -258,7 +258,10 @@ def test_cli_categories_option_and_its_errors(held_out_run, tmp_path):
     assert ok.exit_code == 0, ok.output
     assert f"seen / unseen: the categories file {good}" in ok.output
     assert "in neither seen nor unseen (counted in all only): bird" in ok.output
-    assert "the unseen row is empty: no category is marked unseen" in ok.output
+    assert (
+        f"the unseen row is empty: no category is marked unseen; list categories under seen / "
+        f"unseen in {good}"
+    ) in ok.output
     assert failed.exit_code != 0
     assert str(bad) in failed.output and "unseen" in failed.output
     assert asked == sum(val_domains_of(held_out_run).values())  # the bad file asked nothing

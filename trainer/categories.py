@@ -69,6 +69,7 @@ class SeenUnseen:
     unseen: tuple[str, ...]
     source: str
     mapping: dict[str, str] = field(default_factory=dict)
+    path: str | None = None
 
     def category_of(self, category: str, entity: str = "") -> str:
         """The category an item is scored under: its entity's, else its own one's mapping,
@@ -115,7 +116,11 @@ def load_categories(path: str | os.PathLike) -> SeenUnseen:
             f"{path}: seen and unseen both list {', '.join(both)}: a category is one or the other"
         )
     return SeenUnseen(
-        tuple(parsed.seen), tuple(parsed.unseen), f"the categories file {path}", dict(parsed.map)
+        tuple(parsed.seen),
+        tuple(parsed.unseen),
+        f"the categories file {path}",
+        dict(parsed.map),
+        str(path),
     )
 
 
@@ -172,8 +177,9 @@ def explain(split: SeenUnseen, categories: Sequence[str]) -> list[str]:
     """Lines for the report: why the seen or unseen row is empty, and which evaluated
     categories are in neither list (they count in ``all`` only)."""
     present = set(categories)
+    fix = f"list categories under seen / unseen in {split.path}" if split.path else _FIX
     if not split.seen and not split.unseen:
-        return [f"the seen and unseen rows are empty; {_FIX}"]
+        return [f"the seen and unseen rows are empty; {fix}"]
     notes = []
     for name in ("seen", "unseen"):
         listed = getattr(split, name)
@@ -181,7 +187,7 @@ def explain(split: SeenUnseen, categories: Sequence[str]) -> list[str]:
             why = f"no evaluated category is among {', '.join(listed)}"
             if not listed:
                 why = f"no category is marked {name}"
-            notes.append(f"the {name} row is empty: {why}; {_FIX}")
+            notes.append(f"the {name} row is empty: {why}; {fix}")
     neither = sorted(present - set(split.seen) - set(split.unseen))
     if neither:
         notes.append(f"in neither seen nor unseen (counted in all only): {', '.join(neither)}")
