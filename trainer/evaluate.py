@@ -22,8 +22,9 @@ Giving a ``codec`` without a ``scorer`` picks ``codec``; the ``kvgbench`` scorer
 0..1000 frame only. Without a ``codec``, :func:`choose_codec` takes an in-process model's
 family's frame (the rule training uses), else ``norm1000``. An item is correct at IoU >= 0.5;
 Acc@0.5 (in %) and mean IoU are averaged over *instances*, per category and over the seen,
-unseen and all items. A failed request (a reply with an ``error``) and a reply holding no
-readable box score IoU 0; both are counted.
+unseen and all items (which categories are seen: :mod:`groundforge.trainer.categories`). A
+failed request (a reply with an ``error``) and a reply holding no readable box score IoU 0;
+both are counted.
 
 **Detection rows** (items with ``task == "detect"``: many answer boxes, the reply a box list) are
 scored with the DIP-R1 metrics instead: every box the codec reads from the reply (``norm1000``
