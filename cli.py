@@ -629,6 +629,13 @@ def _one_model(model: str | None, endpoint: str | None) -> None:
 @click.option("--batch-size", default=8, show_default=True, help="Requests per batch.")
 @click.option("--limit", type=int, help="Evaluate the first N items only.")
 @click.option("--out", type=click.Path(file_okay=False), help="Write metrics and predictions.")
+@click.option(
+    "--categories",
+    type=click.Path(exists=True, dir_okay=False),
+    help="YAML or JSON file with seen: [...] and unseen: [...] categories, and optionally "
+    "map: {domain or entity: category}. Default: KVG-Bench's split for --bench, the run's "
+    "held-out domains (its recipe's split.val_domains) for --shards.",
+)
 def eval_(
     bench,
     shards,
@@ -646,6 +653,7 @@ def eval_(
     batch_size,
     limit,
     out,
+    categories,
 ) -> None:
     """Score a model on KVG-Bench (Acc@0.5 and mean IoU per category, seen / unseen / all).
 
@@ -687,6 +695,7 @@ def eval_(
             device=device,
             progress=update,
             on_codec=lambda choice: click.echo(choice.describe()),
+            categories=categories,
         )
     click.echo(format_table(report), nl=False)
     if out:
@@ -712,6 +721,21 @@ def knowledge() -> None:
 @click.option("--text-model", help="Text embedder for the distractors (folder or hub id).")
 @click.option("--cache", "cache_dir", help="Folder that keeps replies, so a rerun asks nothing.")
 @click.option("--seed", default=0, show_default=True, help="Which crops and option orders.")
+@click.option(
+    "--min-questions",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="An entity answered fewer times gets no level (written under `unknown`; the reward "
+    "gives it the middle level).",
+)
+@click.option(
+    "--thresholds",
+    default="0.7,0.45,0.3,0.1",
+    show_default=True,
+    help="Lowest accuracy of levels 0 to 3 (strictly decreasing, each in (0, 1]); below the "
+    "last is level 4.",
+)
 def knowledge_probe(
     data,
     model,
@@ -725,14 +749,14 @@ def knowledge_probe(
     text_model,
     cache_dir,
     seed,
+    min_questions,
+    thresholds,
 ) -> None:
     """Ask 4-choice questions about each entity's crops; write the KARL knowledge map.
 
     Distractors are the most similar entities of the same domain; accuracy per entity gives one
     of five levels, which `train grpo --knowledge` hands to the karl_iou reward.
     """
-    from collections import Counter
-
     from groundforge.outputs.console import progress_bar
     from groundforge.trainer.knowledge import run_probe
 
@@ -752,10 +776,10 @@ def knowledge_probe(
             text_model=text_model,
             cache_dir=cache_dir,
             progress=update,
+            min_questions=min_questions,
+            thresholds=thresholds,
         )
-    levels = Counter(result.levels().values())
-    spread = ", ".join(f"level {lv}: {levels[lv]}" for lv in sorted(levels))
-    click.echo(f"{len(result.entities)} entities ({spread}) written to {out}")
+    click.echo(f"{result.summary()}; written to {out}")
 
 
 @main.group()

@@ -411,6 +411,7 @@ def test_probe_with_a_scripted_backend(scripted_shards, tmp_path):
         text_embedder=OneHotEmbedder(COLORS),
         progress=lambda done, total: calls.append((done, total)),
         batch_size=4,
+        min_questions=3,
     )
     got = {name: (e.accuracy, e.n, e.level) for name, e in knowledge.entities.items()}
     # Z: right on questions 1 and 3 of 3 -> 2/3 = 0.667 -> level 1.
@@ -419,8 +420,12 @@ def test_probe_with_a_scripted_backend(scripted_shards, tmp_path):
         "Y": (0.0, 3, 4),
         "Z": (2 / 3, 3, 1),
         "W": (0.0, 3, 4),
-        "sparrow": (1.0, 2, 0),
     }  # robin: every request failed, so no accuracy
+    # sparrow: 2 crops, both answered right, but under min_questions: no level
+    assert {n: (e.accuracy, e.n, e.reason) for n, e in knowledge.unknown.items()} == {
+        "sparrow": (1.0, 2, "too_few_questions")
+    }
+    assert knowledge.min_questions == 3
     assert knowledge.model == "scripted"
     assert knowledge.probe["requests"] == 16
     assert knowledge.probe["failed"] == 2
@@ -440,13 +445,16 @@ def test_probe_with_a_scripted_backend(scripted_shards, tmp_path):
     data = json.loads(path.read_text())
     assert data["model"] == "scripted"
     assert data["thresholds"] == [0.7, 0.45, 0.3, 0.1]
+    assert data["min_questions"] == 3
+    assert data["unknown"] == {"sparrow": {"accuracy": 1.0, "n": 2, "reason": "too_few_questions"}}
     assert data["entities"]["X"] == {"accuracy": 1.0, "n": 3, "level": 0}
     assert list(data["entities"]) == sorted(data["entities"])
     loaded = KnowledgeMap.load(path)
     assert loaded == knowledge
     assert loaded.level("Z") == 1 and loaded.level("robin") is None
+    assert loaded.level("sparrow") is None
     assert loaded.level("never seen", default=2) == 2
-    assert loaded.levels() == {"W": 4, "X": 0, "Y": 4, "Z": 1, "sparrow": 0}
+    assert loaded.levels() == {"W": 4, "X": 0, "Y": 4, "Z": 1}
     # What the trainer's KARL reward reads: entities.<name>.level, an int.
     assert {n: e["level"] for n, e in data["entities"].items()} == loaded.levels()
 
@@ -455,7 +463,12 @@ def test_probe_is_deterministic(scripted_shards):
     def run(seed):
         backend = ScriptedBackend()
         probe(
-            scripted_shards, backend, per_entity=3, seed=seed, text_embedder=OneHotEmbedder(COLORS)
+            scripted_shards,
+            backend,
+            per_entity=3,
+            seed=seed,
+            text_embedder=OneHotEmbedder(COLORS),
+            min_questions=1,
         )
         return [(r.item_id, r.prompt, r.images) for r in backend.seen]
 
@@ -487,6 +500,7 @@ def test_probe_with_the_tiny_vlm(scripted_shards, tiny_vlm_dir, tmp_path):
         per_entity=2,
         max_tokens=4,
         batch_size=4,
+        min_questions=2,
     )
     assert sorted(knowledge.entities) == sorted(COLORS)
     for entity in knowledge.entities.values():

@@ -22,8 +22,9 @@ Giving a ``codec`` without a ``scorer`` picks ``codec``; the ``kvgbench`` scorer
 0..1000 frame only. Without a ``codec``, :func:`choose_codec` takes an in-process model's
 family's frame (the rule training uses), else ``norm1000``. An item is correct at IoU >= 0.5;
 Acc@0.5 (in %) and mean IoU are averaged over *instances*, per category and over the seen,
-unseen and all items. A failed request (a reply with an ``error``) and a reply holding no
-readable box score IoU 0; both are counted.
+unseen and all items (which categories are seen: :mod:`groundforge.trainer.categories`). A
+failed request (a reply with an ``error``) and a reply holding no readable box score IoU 0;
+both are counted.
 
 **Detection rows** (items with ``task == "detect"``: many answer boxes, the reply a box list) are
 scored with the DIP-R1 metrics instead: every box the codec reads from the reply (``norm1000``
@@ -55,6 +56,13 @@ from typing import Any
 
 from groundforge.schemas.box import Box, match_boxes
 from groundforge.schemas.records import sha256_hex
+from groundforge.trainer.categories import (
+    SeenUnseen,
+    explain,
+    kvg_bench_split,
+    load_categories,
+    run_split,
+)
 from groundforge.trainer.kvgbench_score import (
     CORRECT_IOU,
     PATTERN_NAMES,
@@ -93,6 +101,7 @@ class BenchItem:
     width: int
     height: int
     task: str = "kvg"
+    entity: str = ""
 
     @property
     def answer(self) -> Quad | None:
@@ -134,6 +143,17 @@ def parse_answer_boxes(answer: str) -> tuple[Quad, ...]:
 
 
 BENCH_COLUMNS = ("question_id", "category", "question", "answer", "image")
+_ENTITY = re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>")
+
+
+def question_entity(question: str) -> str:
+    """The entity a KVG-Bench question names (``""`` when it names none).
+
+    >>> question_entity("Find <|object_ref_start|>Boeing 757<|object_ref_end|>")
+    'Boeing 757'
+    """
+    found = _ENTITY.search(question or "")
+    return found.group(1).strip() if found else ""
 
 
 def _parquet_files(path: str | os.PathLike) -> list[Path]:
@@ -191,6 +211,7 @@ def load_kvg_bench(path: str | os.PathLike) -> list[BenchItem]:
                         image=image,
                         width=width,
                         height=height,
+                        entity=question_entity(row["question"]),
                     )
                 )
     return items
@@ -220,6 +241,7 @@ def load_shard_items(
                 width=sample.width,
                 height=sample.height,
                 task=sample.task,
+                entity=sample.target or "",
             )
         )
     return items
@@ -816,6 +838,10 @@ def format_table(report: EvalReport, width: int = 100) -> str:
     console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
     for table in report_tables(report):
         console.print(table)
+    groups = report.metrics.get("seen_unseen") or {}
+    if groups and report.metrics.get("grounding"):
+        for line in (f"seen / unseen: {groups['source']}", *groups.get("notes", [])):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
     failures = report.metrics.get("failures") or {}
     if failures:
         console.print("failed requests: " + ", ".join(f"{k} {n}" for k, n in failures.items()))
@@ -823,6 +849,21 @@ def format_table(report: EvalReport, width: int = 100) -> str:
 
 
 # -- the CLI's entry point -------------------------------------------------------------------
+
+
+def resolve_categories(
+    items: Sequence[BenchItem],
+    categories: SeenUnseen | None = None,
+    shards: str | os.PathLike | None = None,
+    split: str = "val",
+) -> SeenUnseen:
+    """The seen / unseen split of a run: ``categories`` when given, else the run's own for
+    ``shards`` (:func:`~groundforge.trainer.categories.run_split`), else KVG-Bench's."""
+    if categories is not None:
+        return categories
+    if shards is not None:
+        return run_split(shards, split, [item.category for item in items])
+    return kvg_bench_split()
 
 
 def make_backend(
@@ -891,8 +932,7 @@ def run_eval(
     temperature: float = 0.0,
     device: str = "cpu",
     suffix: str | None = None,
-    seen: Sequence[str] = SEEN_CATEGORIES,
-    unseen: Sequence[str] = UNSEEN_CATEGORIES,
+    categories: str | os.PathLike | SeenUnseen | None = None,
     progress: Progress | None = None,
     scorer: str | None = None,
     on_codec: Callable[[CodecChoice], None] | None = None,
@@ -905,7 +945,11 @@ def run_eval(
     handed to ``on_codec`` before the model loads.
     ``max_pixels`` (or ``codec_params["max_pixels"]``) is the pixel budget of the ``qwen25vl``
     frame and of an in-process Qwen-VL model's processor, so the frame the model sees is the
-    one parsed."""
+    one parsed.
+    ``categories`` (a categories file or a :class:`SeenUnseen`) says which categories are seen
+    and which unseen, and maps a run's domains or entities to categories; without it, ``bench``
+    takes KVG-Bench's published split and ``shards`` the run's own (:func:`resolve_categories`);
+    ``metrics["seen_unseen"]`` says where the split came from and why a row is empty."""
     from groundforge.schemas.codecs import get_codec
 
     if (bench is None) == (shards is None):
@@ -925,6 +969,9 @@ def run_eval(
             codec, **{k: v for k, v in params.items() if codec == "qwen25vl" or k != "max_pixels"}
         )
 
+    if categories is not None and not isinstance(categories, SeenUnseen):
+        categories = load_categories(categories)  # a bad file fails before anything loads
+
     if bench is not None:
         items = load_kvg_bench(bench)
     else:
@@ -933,6 +980,11 @@ def run_eval(
         items = items[:limit]
     if not items:
         raise ValueError(f"no items to evaluate in {bench if bench is not None else shards}")
+    groups = resolve_categories(items, categories, shards, split)
+    items = [
+        dataclasses.replace(item, category=groups.category_of(item.category, item.entity))
+        for item in items
+    ]
 
     budget = params.get("max_pixels")
     if budget and model is None and codec != "qwen25vl":
@@ -959,8 +1011,8 @@ def run_eval(
             codec_params=choice.params,
             reasoning=reasoning,
             suffix=suffix,
-            seen=seen,
-            unseen=unseen,
+            seen=groups.seen,
+            unseen=groups.unseen,
             batch_size=batch_size,
             progress=progress,
             scorer=choice.scorer,
@@ -983,6 +1035,12 @@ def run_eval(
             "codec_source": choice.source,
         }
     )
+    graded = [item.category for item in items if not item.is_detection]
+    report.metrics["seen_unseen"] = {
+        "source": groups.source,
+        "map": dict(groups.mapping),
+        "notes": explain(groups, graded) if graded else [],
+    }
     if out_dir is not None:
         write_report(report, out_dir)
     return report

@@ -29,15 +29,20 @@ KARL scales the GRPO grounding reward by how well the base model knows the queri
    ``n`` and counted in the map's ``probe.failed``.
 4. **Accuracy per entity gives its level** (:func:`level_for`): 0 for ``>= 0.7`` (best known),
    1 for ``[0.45, 0.7)``, 2 for ``[0.3, 0.45)``, 3 for ``[0.1, 0.3)``, 4 for ``< 0.1`` (least
-   known). An entity whose every request failed has no accuracy: it is left out of
-   ``entities`` and listed in ``probe.unanswered``, so a reader treats it as it treats any
+   known); ``thresholds`` sets the four lower bounds (:func:`check_thresholds`). An entity
+   answered fewer than ``min_questions`` times (:data:`DEFAULT_MIN_QUESTIONS`) gets no level:
+   it is written under ``unknown`` with its accuracy, ``n`` and the reason
+   ``too_few_questions``. An entity whose every request failed has no accuracy: it is listed in
+   ``probe.unanswered``. Neither is in ``entities``, so a reader treats both as it treats any
    entity the probe never saw (the trainer's KARL reward: the middle level).
 
 The result is a :class:`KnowledgeMap`, saved as JSON::
 
     {"model": "Qwen/Qwen2.5-VL-7B-Instruct",
      "thresholds": [0.7, 0.45, 0.3, 0.1],
+     "min_questions": 10,
      "entities": {"Boeing 757": {"accuracy": 0.82, "n": 50, "level": 0}, ...},
+     "unknown": {"Boeing 717": {"accuracy": 0.5, "n": 4, "reason": "too_few_questions"}},
      "probe": {"per_entity": 50, "seed": 0, "text_embedder": "...", "template": "...",
                "requests": 4120, "failed": 0, "unanswered": []}}
 """
@@ -51,7 +56,7 @@ import logging
 import math
 import random
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +69,15 @@ _LOG = logging.getLogger(__name__)
 
 # Lower bounds of levels 0..3; below the last is level 4 (the KARL paper).
 THRESHOLDS: tuple[float, ...] = (0.7, 0.45, 0.3, 0.1)
+# The fewest answered questions that give an entity a level. An accuracy over n questions has a
+# standard error of sqrt(p (1 - p) / n), at most 0.5 / sqrt(n): 0.5 for one question (a single
+# answer decides between the two extreme levels, which carry the largest rewards) and 0.16 for
+# ten, about the width of the narrowest level (0.3 to 0.45), so a level is then off by at most
+# one within one standard error. Ten is also the fewest that can reach every level (accuracies
+# move in steps of 1/n; three questions cannot land in [0.1, 0.3)) and a fifth of the probe's
+# default 50 questions per entity, so only entities with few crops in the data go unlevelled.
+DEFAULT_MIN_QUESTIONS = 10
+TOO_FEW_QUESTIONS = "too_few_questions"
 NUM_CHOICES = 4
 LETTERS = "ABCD"
 QUESTION_TEMPLATE = "Which {domain} is shown in the image?\n{options}\nAnswer with the letter."
@@ -89,6 +103,48 @@ def level_for(accuracy: float, thresholds: Sequence[float] = THRESHOLDS) -> int:
     return len(thresholds)
 
 
+def check_thresholds(values: Iterable[object]) -> tuple[float, ...]:
+    """Four level bounds, strictly decreasing, each in (0, 1]; ``ValueError`` otherwise.
+
+    >>> check_thresholds([0.8, "0.5", 0.3, 0.05])
+    (0.8, 0.5, 0.3, 0.05)
+    """
+    values = list(values)
+    try:
+        bounds = tuple(float(v) for v in values)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"thresholds must be numbers, got {values!r}") from None
+    if len(bounds) != len(THRESHOLDS):
+        raise ValueError(
+            f"thresholds need {len(THRESHOLDS)} values (the lower bounds of levels 0 to 3), "
+            f"got {len(bounds)}"
+        )
+    for t in bounds:
+        if not 0.0 < t <= 1.0:
+            raise ValueError(f"thresholds must be in (0, 1], got {t}")
+    if any(a <= b for a, b in zip(bounds, bounds[1:], strict=False)):
+        raise ValueError(f"thresholds must be strictly decreasing, got {list(bounds)}")
+    return bounds
+
+
+def parse_thresholds(text: str) -> tuple[float, ...]:
+    """``"0.7,0.45,0.3,0.1"`` as checked bounds (:func:`check_thresholds`)."""
+    return check_thresholds(part.strip() for part in text.split(","))
+
+
+def check_min_questions(min_questions: int, per_entity: int | None = None) -> int:
+    """``min_questions`` when it is at least 1 and, with ``per_entity``, at most that many
+    (more would leave every entity without a level)."""
+    if isinstance(min_questions, bool) or not isinstance(min_questions, int) or min_questions < 1:
+        raise ValueError(f"min_questions must be a whole number >= 1, got {min_questions!r}")
+    if per_entity is not None and min_questions > per_entity:
+        raise ValueError(
+            f"min_questions ({min_questions}) is more than per_entity ({per_entity}): no entity "
+            "could get a level; lower min_questions or raise per_entity"
+        )
+    return min_questions
+
+
 # -- the map ----------------------------------------------------------------------------------
 
 
@@ -104,14 +160,29 @@ class EntityKnowledge:
         return {"accuracy": self.accuracy, "n": self.n, "level": self.level}
 
 
+@dataclass(frozen=True)
+class UnknownEntity:
+    """An entity the probe asked about but gave no level, and why (``reason``)."""
+
+    accuracy: float
+    n: int
+    reason: str = TOO_FEW_QUESTIONS
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"accuracy": self.accuracy, "n": self.n, "reason": self.reason}
+
+
 @dataclass
 class KnowledgeMap:
-    """Knowledge levels per entity name, as the KARL reward reads them (see the module doc)."""
+    """Knowledge levels per entity name, as the KARL reward reads them (see the module doc).
+    ``unknown`` holds the entities answered fewer than ``min_questions`` times."""
 
     model: str
     entities: dict[str, EntityKnowledge]
     thresholds: tuple[float, ...] = THRESHOLDS
     probe: dict[str, Any] = field(default_factory=dict)
+    min_questions: int = DEFAULT_MIN_QUESTIONS
+    unknown: dict[str, UnknownEntity] = field(default_factory=dict)
 
     def level(self, entity: str, default: int | None = None) -> int | None:
         """The entity's level; ``default`` for an entity the map does not hold."""
@@ -121,26 +192,56 @@ class KnowledgeMap:
     def levels(self) -> dict[str, int]:
         return {name: known.level for name, known in self.entities.items()}
 
+    def summary(self) -> str:
+        """One line: entities per level, and those left without one.
+
+        >>> KnowledgeMap("m", {"a": EntityKnowledge(0.9, 12, 0)}, min_questions=10,
+        ...              unknown={"b": UnknownEntity(1.0, 2)}).summary()
+        '1 entity with a level (level 0: 1); 1 with too few questions (under 10 answered: no level)'
+        """
+        counts = Counter(self.levels().values())
+        spread = ", ".join(f"level {lv}: {counts[lv]}" for lv in sorted(counts))
+        n = len(self.entities)
+        line = f"{n} {'entity' if n == 1 else 'entities'} with a level ({spread or 'none'})"
+        line += (
+            f"; {len(self.unknown)} with too few questions "
+            f"(under {self.min_questions} answered: no level)"
+        )
+        unanswered = self.probe.get("unanswered") or []
+        if unanswered:
+            line += f"; {len(unanswered)} unanswered (every request failed)"
+        return line
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "thresholds": list(self.thresholds),
+            "min_questions": self.min_questions,
             "entities": {name: self.entities[name].as_dict() for name in sorted(self.entities)},
+            "unknown": {name: self.unknown[name].as_dict() for name in sorted(self.unknown)},
             "probe": dict(self.probe),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KnowledgeMap:
+        """The map of :meth:`to_dict`; a map written before ``min_questions`` existed gave
+        every answered entity a level (``min_questions`` 1)."""
         try:
             entities = {
                 str(name): EntityKnowledge(float(e["accuracy"]), int(e["n"]), int(e["level"]))
                 for name, e in data["entities"].items()
             }
+            unknown = {
+                str(name): UnknownEntity(float(e["accuracy"]), int(e["n"]), str(e["reason"]))
+                for name, e in data.get("unknown", {}).items()
+            }
             return cls(
                 model=str(data.get("model", "")),
                 entities=entities,
-                thresholds=tuple(float(t) for t in data.get("thresholds", THRESHOLDS)),
+                thresholds=check_thresholds(data.get("thresholds", THRESHOLDS)),
                 probe=dict(data.get("probe", {})),
+                min_questions=check_min_questions(data.get("min_questions", 1)),
+                unknown=unknown,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"not a knowledge map: {exc!r}") from exc
@@ -455,8 +556,12 @@ def score_items(
     model: str = "",
     thresholds: Sequence[float] = THRESHOLDS,
     probe_info: Mapping[str, Any] | None = None,
+    min_questions: int = DEFAULT_MIN_QUESTIONS,
 ) -> KnowledgeMap:
-    """The knowledge map from the questions and their replies (same order)."""
+    """The knowledge map from the questions and their replies (same order); an entity with
+    fewer than ``min_questions`` answers goes under ``unknown``."""
+    thresholds = check_thresholds(thresholds)
+    min_questions = check_min_questions(min_questions)
     if len(items) != len(replies):
         raise ValueError(f"{len(items)} questions but {len(replies)} replies")
     answered: dict[str, int] = defaultdict(int)
@@ -471,6 +576,7 @@ def score_items(
         if parse_choice(reply.text, item.options) == item.answer:
             correct[item.entity] += 1
     entities = {}
+    unknown = {}
     unanswered = []
     for name in sorted(answered):
         n = answered[name]
@@ -478,6 +584,9 @@ def score_items(
             unanswered.append(name)
             continue
         accuracy = correct[name] / n
+        if n < min_questions:
+            unknown[name] = UnknownEntity(accuracy, n)
+            continue
         entities[name] = EntityKnowledge(accuracy, n, level_for(accuracy, thresholds))
     info = {
         **(probe_info or {}),
@@ -487,7 +596,7 @@ def score_items(
     }
     if failed:
         _LOG.warning("%d of %d probe requests failed (left out of n)", failed, len(items))
-    return KnowledgeMap(model, entities, tuple(thresholds), info)
+    return KnowledgeMap(model, entities, thresholds, info, min_questions, unknown)
 
 
 def probe(
@@ -500,16 +609,20 @@ def probe(
     batch_size: int = 64,
     fmt: str | None = None,
     thresholds: Sequence[float] = THRESHOLDS,
+    min_questions: int = DEFAULT_MIN_QUESTIONS,
 ) -> KnowledgeMap:
     """Run the knowledge probe of the module doc over the shards with ``backend``.
 
     ``text_embedder`` (default: the packaged MiniLM :class:`TextEmbedder`) picks distractors;
     ``progress(done, total)`` is called after every batch of ``batch_size`` requests; ``fmt``
-    is the shard format (found on disk when ``None``). The map's ``model`` is
-    ``backend.model`` when the backend has one.
+    is the shard format (found on disk when ``None``). ``thresholds`` and ``min_questions``
+    decide the levels (see the module doc). The map's ``model`` is ``backend.model`` when the
+    backend has one.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    thresholds = check_thresholds(thresholds)
+    check_min_questions(min_questions, per_entity)
     if getattr(backend, "stochastic", False):
         _LOG.warning("the probe backend samples (temperature > 0); the probe expects greedy")
     items = build_items(shards_dir, per_entity, seed, text_embedder, fmt)
@@ -536,7 +649,8 @@ def probe(
         "text_embedder": embedder_name,
         "template": TEMPLATE_HASH,
     }
-    return score_items(items, replies, str(getattr(backend, "model", "")), thresholds, info)
+    model = str(getattr(backend, "model", ""))
+    return score_items(items, replies, model, thresholds, info, min_questions)
 
 
 def run_probe(
@@ -557,6 +671,8 @@ def run_probe(
     max_concurrency: int = 16,
     timeout: float = 120.0,
     progress: Progress | None = None,
+    thresholds: Sequence[float] | str = THRESHOLDS,
+    min_questions: int = DEFAULT_MIN_QUESTIONS,
 ) -> KnowledgeMap:
     """The probe as the CLI runs it: build a greedy backend, probe, write ``out``.
 
@@ -565,10 +681,16 @@ def run_probe(
     key read from the environment variable ``api_key_env``; otherwise ``model`` (a hub id or
     folder) runs in process (:class:`TransformersBackend` on ``device``, ``max_pixels`` for
     Qwen-VL processors). ``text_model`` replaces the default text embedder; ``cache_dir`` keeps
-    replies so a rerun does not ask twice. Returns the map it wrote.
+    replies so a rerun does not ask twice. ``thresholds`` (four bounds, or ``"0.7,0.45,0.3,0.1"``)
+    and ``min_questions`` are checked before any model loads. Returns the map it wrote.
     """
     from groundforge.annotators.teacher.types import Sampling
     from groundforge.outputs.shards import shards_folder
+
+    if isinstance(thresholds, str):
+        thresholds = parse_thresholds(thresholds)
+    thresholds = check_thresholds(thresholds)
+    check_min_questions(min_questions, per_entity)
 
     sampling = Sampling(temperature=0.0, top_p=1.0, max_tokens=max_tokens, seed=seed)
     cache = None
@@ -621,6 +743,8 @@ def run_probe(
             text_embedder=text_embedder,
             progress=progress,
             batch_size=max(batch_size, max_concurrency) if endpoint else batch_size,
+            thresholds=thresholds,
+            min_questions=min_questions,
         )
     finally:
         close = getattr(backend, "close", None)
