@@ -309,6 +309,8 @@ def test_compressed_robots_txt_is_read() -> None:
 def test_failures_that_would_repeat_are_recorded_as_refused(tmp_path):
     assert status_for("failed", "too_large") == status_for("failed", "invalid_url") == "refused"
     assert status_for("failed", "timeout") == status_for("failed", "http_503") == "failed"
+    assert status_for("failed", "http_404") == status_for("failed", "http_410") == "refused"
+    assert status_for("failed", "redirect_loop") == "refused"
     assert status_for("robots", "robots") == "robots"
     with CrawlState(tmp_path / "s.sqlite") as state:
         state.claim("u", "A")

@@ -368,6 +368,8 @@ def test_private_literal_address_is_refused_before_connecting() -> None:
         ("//example.org/a.png", "scheme"),
         ("http:///a.png", "no_host"),
         ("http://[::1/a.png", "invalid_url"),
+        ("http://exa mple.org/a.png", "invalid_url"),
+        ("http://ex%41mple.org/a.png", "invalid_url"),
     ],
 )
 def test_bad_urls_are_refused(url: str, reason: str) -> None:

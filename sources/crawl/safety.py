@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from urllib.parse import urlsplit
 
@@ -31,6 +32,10 @@ class UnsafeURL(Exception):
         self.detail = detail
 
 
+# Letters (any script, for international names), digits, hyphens, underscores and dots.
+_HOST_NAME = re.compile(r"[\w.-]+")
+
+
 def check_scheme(url: str) -> None:
     """Raise :class:`UnsafeURL` unless ``url`` is an absolute http or https URL with a host and,
     if it names one, a port from 0 to 65535."""
@@ -45,6 +50,9 @@ def check_scheme(url: str) -> None:
         raise UnsafeURL("scheme", url, f"scheme {parts.scheme!r} is not http or https")
     if not host:
         raise UnsafeURL("no_host", url)
+    if ":" not in host and not _HOST_NAME.fullmatch(host):
+        # A space or a percent escape in a name is no DNS name: the lookup could only fail.
+        raise UnsafeURL("invalid_url", url, f"host {host!r} is not a DNS name")
 
 
 def is_public(address: IPAddress) -> bool:

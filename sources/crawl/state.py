@@ -19,8 +19,21 @@ from pathlib import Path
 STATUSES = ("pending", "done", "failed", "robots", "refused")
 FINAL = frozenset({"done", "robots", "refused"})
 # Fetch failures about the URL or its bytes rather than the network: recorded as ``refused``.
+# A 404 or 410 and a redirect chain that loops or runs too long are answers the server gives
+# again on the next crawl; ``--retry-failed`` asks anyway.
 FINAL_REASONS = frozenset(
-    {"invalid_url", "too_large", "not_an_image", "decode_error", "too_many_pixels", "bad_encoding"}
+    {
+        "invalid_url",
+        "too_large",
+        "not_an_image",
+        "decode_error",
+        "too_many_pixels",
+        "bad_encoding",
+        "http_404",
+        "http_410",
+        "redirect_loop",
+        "too_many_redirects",
+    }
 )
 
 _SCHEMA = """
