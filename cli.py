@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import sys
@@ -13,22 +12,15 @@ from pathlib import Path
 import click
 
 from groundforge import __version__
+from groundforge.cliparams import (
+    VERBOSE_HELP,
+    Command,
+    aliased_option,
+    configure_logging,
+    run_dir_argument,
+)
 
 DEMO_OUT = "runs/demo"
-
-
-def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-    # Beam logs import-time notes about optional cloud clients on the root logger; they are
-    # noise unless asked for.
-    logging.getLogger().setLevel(logging.INFO if verbose else logging.ERROR)
-    logging.getLogger("groundforge").setLevel(logging.INFO if verbose else logging.WARNING)
-    # A failing step logs its traceback at every retry; the error itself is reported once.
-    logging.getLogger("apache_beam").setLevel(logging.INFO if verbose else logging.CRITICAL)
-    if not verbose:
-        # Model loading bars from every worker would bury the progress display; the env var
-        # reaches worker processes too.
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _selection(limit: int | None, sample: float | None):
@@ -161,6 +153,9 @@ def error_text(err: BaseException) -> str:
 
 
 class _Group(click.Group):
+    command_class = Command
+    group_class = type
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -179,7 +174,7 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="groundforge")
-@click.option("-v", "--verbose", is_flag=True, help="Show Beam's logs and full tracebacks.")
+@click.option("-v", "--verbose", is_flag=True, help=VERBOSE_HELP)
 @click.pass_context
 def main(ctx: click.Context, verbose: bool) -> None:
     """Build training data for knowledge-intensive visual grounding.
@@ -189,7 +184,7 @@ def main(ctx: click.Context, verbose: bool) -> None:
     dataset card.
     """
     ctx.meta["verbose"] = verbose
-    _configure_logging(verbose)
+    configure_logging(verbose)
 
 
 _BEAM_ARGS = {"ignore_unknown_options": True}
@@ -419,12 +414,7 @@ def _overrides(settings: tuple[str, ...]) -> dict:
 
 def _train_options(func):
     options = [
-        click.option(
-            "--data",
-            required=True,
-            type=click.Path(exists=True, file_okay=False),
-            help="A run folder (or its shards/ folder).",
-        ),
+        run_dir_argument("data", "--data"),
         click.option("--model", required=True, help="Model folder or hub id to start from."),
         click.option(
             "--config",
@@ -432,7 +422,12 @@ def _train_options(func):
             type=click.Path(exists=True, dir_okay=False),
             help="train.yaml (defaults: the 7B-class recipe, see the README).",
         ),
-        click.option("--output", help="Output folder (default: the config's output_dir)."),
+        aliased_option(
+            "--out",
+            "output",
+            aliases=("--output",),
+            help="Output folder (default: the config's output_dir).",
+        ),
         click.option("--resume", is_flag=True, help="Continue from the last checkpoint in it."),
         click.option(
             "--set",
@@ -471,7 +466,10 @@ def train() -> None:
 @train.command("sft")
 @_train_options
 def train_sft(data, model, config_path, output, resume, settings) -> None:
-    """Stage 1: supervised fine-tuning on the `sft` split (rationale, then answer box)."""
+    """Stage 1: supervised fine-tuning on the `sft` split (rationale, then answer box).
+
+    RUN_DIR is a run folder or its shards/ folder.
+    """
     _require(_TRAINING, "training", "train")
     from groundforge.trainer.config import load_train_config
     from groundforge.trainer.data import open_shards, rationale_count, select_split
@@ -551,7 +549,8 @@ def _grpo_answer_format(data, config_path, overrides: dict) -> dict:
 def train_grpo(data, model, config_path, output, resume, settings, knowledge) -> None:
     """Stage 2: GRPO with rule-based rewards on the `grpo` split (else `sft`).
 
-    --model is normally the `train sft` output folder.
+    RUN_DIR is a run folder or its shards/ folder; --model is normally the `train sft` output
+    folder.
     """
     _require(_TRAINING, "training", "train")
     from groundforge.trainer.grpo import run_grpo
@@ -592,12 +591,8 @@ def _one_model(model: str | None, endpoint: str | None) -> None:
     type=click.Path(exists=True),
     help="KVG-Bench-format parquet file (or a folder of them).",
 )
-@click.option(
-    "--shards",
-    type=click.Path(exists=True, file_okay=False),
-    help="A run folder (or its shards/) to evaluate on one split instead.",
-)
-@click.option("--split", default="val", show_default=True, help="The split of --shards.")
+@run_dir_argument("shards", "--shards", required=False)
+@click.option("--split", default="val", show_default=True, help="The split of RUN_DIR.")
 @_model_options
 @click.option(
     "--scorer",
@@ -658,17 +653,17 @@ def eval_(
     """Score a model on KVG-Bench (Acc@0.5 and mean IoU per category, seen / unseen / all).
 
     The box frame (--codec) defaults to the in-process model's family and is printed first;
-    the published KVG-Bench scorer reads the 0..1000 frame, the codec scorer the others. With
-    --shards, on a split of our own shards; `detect` samples get precision, recall,
-    F1 and AP at IoU 0.5. --out writes metrics.json and predictions.jsonl (the scorer used is in
-    its config).
+    the published KVG-Bench scorer reads the 0..1000 frame, the codec scorer the others. Give
+    --bench, or RUN_DIR (a run folder or its shards/ folder) to score a split of our own shards;
+    `detect` samples get precision, recall, F1 and AP at IoU 0.5. --out writes metrics.json and
+    predictions.jsonl (the scorer used is in its config).
     """
     from groundforge.outputs.console import progress_bar
     from groundforge.outputs.shards import detect_format, shards_folder
     from groundforge.trainer.evaluate import format_table, run_eval
 
     if (bench is None) == (shards is None):
-        raise click.UsageError("give exactly one of --bench and --shards")
+        raise click.UsageError("give exactly one of --bench and RUN_DIR")
     _one_model(model, endpoint)
     fmt = "arrow"
     if shards is not None:
@@ -708,12 +703,7 @@ def knowledge() -> None:
 
 
 @knowledge.command("probe")
-@click.option(
-    "--data",
-    required=True,
-    type=click.Path(exists=True, file_okay=False),
-    help="A run folder (or its shards/ folder).",
-)
+@run_dir_argument("data", "--data")
 @_model_options
 @click.option("--out", default="knowledge.json", show_default=True, help="Where to write the map.")
 @click.option("--per-entity", default=50, show_default=True, help="Questions per entity (max).")
@@ -752,7 +742,8 @@ def knowledge_probe(
     min_questions,
     thresholds,
 ) -> None:
-    """Ask 4-choice questions about each entity's crops; write the KARL knowledge map.
+    """Ask 4-choice questions about each entity's crops in RUN_DIR (a run folder or its shards/
+    folder); write the KARL knowledge map to --out.
 
     Distractors are the most similar entities of the same domain; accuracy per entity gives one
     of five levels, which `train grpo --knowledge` hands to the karl_iou reward.
@@ -789,8 +780,10 @@ def export() -> None:
 
 def _export_options(func):
     options = [
-        click.argument("data", type=click.Path(exists=True, file_okay=False)),
-        click.option("--to", "dest", required=True, help="Destination folder."),
+        run_dir_argument("data"),
+        aliased_option(
+            "--out", "dest", aliases=("--to",), required=True, help="Destination folder."
+        ),
         click.option(
             "--model",
             help="The model to be trained (folder or hub id): codec and pixel budget as "
@@ -846,7 +839,7 @@ def export_llamafactory(data, dest, model, codec, max_pixels, splits, name) -> N
 
     Each split gets its own file and dataset_info.json entry, NAME_<split>: put the training
     splits in LLaMA-Factory's `dataset:` and NAME_val in `eval_dataset:`, so val is never
-    trained on. DATA is a run folder or its shards/ folder.
+    trained on. RUN_DIR is a run folder or its shards/ folder.
     """
     from groundforge.outputs.export import export_llamafactory as write
     from groundforge.outputs.export import llamafactory_datasets
@@ -875,7 +868,8 @@ def export_llamafactory(data, dest, model, codec, max_pixels, splits, name) -> N
 def export_verl(data, dest, model, codec, max_pixels, splits) -> None:
     """One verl parquet per split; score rollouts with groundforge.outputs.verl_reward.
 
-    Set verl's custom_reward_function.path to that module's file and name to compute_score.
+    RUN_DIR is a run folder or its shards/ folder. Set verl's custom_reward_function.path to
+    that module's file and name to compute_score.
     """
     from groundforge.outputs.export import export_verl as write
 

@@ -196,11 +196,11 @@ split for checking a training run, not a measurement of general ability.
 ## Train
 
 ```bash
-groundforge train sft  --data . --model Qwen/Qwen2.5-VL-7B-Instruct --output runs/sft
-groundforge train grpo --data . --model runs/sft --output runs/grpo
-groundforge eval --shards . --split val --model runs/grpo --codec qwen25vl --max-pixels 401408
+groundforge train sft  . --model Qwen/Qwen2.5-VL-7B-Instruct --out runs/sft
+groundforge train grpo . --model runs/sft --out runs/grpo
+groundforge eval . --split val --model runs/grpo --codec qwen25vl --max-pixels 401408
 ```
 
-Or export it: `groundforge export llamafactory . --to lf` (LLaMA-Factory) and
-`groundforge export verl . --to verl` (verl).
+Or export it: `groundforge export llamafactory . --out lf` (LLaMA-Factory) and
+`groundforge export verl . --out verl` (verl).
 """

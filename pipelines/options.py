@@ -25,8 +25,8 @@ def unknown_options(options: PipelineOptions) -> list[str]:
 
 # groundforge's own options, given after `--` or after the recipe, where Beam would get them.
 _OWN = {
-    "-v": "give it before the command: groundforge -v run ...",
-    "--verbose": "give it before the command: groundforge -v run ...",
+    "-v": "give it before `--` (groundforge run RECIPE --out DIR -v) or before the command",
+    "--verbose": "give it before `--` (groundforge run RECIPE --out DIR -v) or before the command",
     "--force": "give it before `--`",
 }
 

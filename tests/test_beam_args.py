@@ -29,7 +29,7 @@ def test_options_beam_knows_pass(args):
     [
         (["--runnr=PortableRunner"], "--runnr is not an option Beam knows; did you mean --runner?"),
         (["--direct_num_worker=2"], "did you mean --direct_num_workers?"),
-        (["-v"], "-v is groundforge's option, not Beam's: give it before the command"),
+        (["-v"], "-v is groundforge's option, not Beam's: give it before `--`"),
         (["--force"], "--force is groundforge's option"),
         (["runs/x"], "'runs/x' is not an option"),
     ],

@@ -128,7 +128,7 @@ def test_exports_from_the_command_line(demo_run, tmp_path):
     ("args", "message"),
     [
         (["eval", "--shards", "{demo}"], "exactly one of --model and --endpoint"),
-        (["eval", "--model", "m"], "exactly one of --bench and --shards"),
+        (["eval", "--model", "m"], "exactly one of --bench and RUN_DIR"),
         (["train", "sft", "--data", "{demo}", "--model", "m", "--set", "sft.max_steps"],
          "expected FIELD=VALUE"),
         (["train", "sft", "--data", "{demo}", "--model", "m", "--set", "sft.learning_rate=-1"],

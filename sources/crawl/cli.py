@@ -9,13 +9,15 @@ from typing import TYPE_CHECKING
 
 import click
 
+from groundforge.cliparams import Command
+
 if TYPE_CHECKING:
     from rich.console import Console
 
     from groundforge.sources.crawl.run import CrawlSummary
 
 
-@click.command("crawl")
+@click.command("crawl", cls=Command)
 @click.argument("entities", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Crawl folder."
@@ -31,23 +33,23 @@ if TYPE_CHECKING:
     help="Fetch again the URLs earlier runs gave up on for good (refused, robots.txt, invalid "
     "URL, too large, not an image, ...), e.g. after changing the fetch settings.",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Log every URL that is not stored.")
-def crawl(entities: Path, out: Path, limit: int | None, retry_failed: bool, verbose: bool) -> None:
+def crawl(entities: Path, out: Path, limit: int | None, retry_failed: bool) -> None:
     """Collect images for the entities of ENTITIES (a YAML file) into --out.
 
     Images come from Wikimedia Commons and/or a URL manifest, fetched politely (robots.txt,
     per-host pacing, an identifying User-Agent) and safely (public hosts only, size and pixel
     limits, real decoding). A rerun resumes: finished URLs are not fetched again, and failed ones
     are retried unless the failure would repeat (see --retry-failed). The folder is ready for a
-    recipe's `source: {kind: image_folder, path: OUT}`.
+    recipe's `source: {kind: image_folder, path: OUT}`. With -v (before or after `crawl`),
+    every URL that is not stored is logged with its reason.
     """
     from rich.console import Console
 
     from groundforge.outputs.console import progress_bar
     from groundforge.sources.crawl.run import CrawlBusyError, CrawlInterrupted, run_crawl
 
-    # `groundforge -v crawl` sets the group's flag; `crawl -v` works on its own too.
-    verbose = verbose or click.get_current_context().meta.get("verbose", False)
+    # `groundforge -v crawl` and `groundforge crawl -v` both set it.
+    verbose = click.get_current_context().meta.get("verbose", False)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("groundforge").setLevel(logging.INFO if verbose else logging.WARNING)
     console = Console()
