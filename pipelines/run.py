@@ -21,6 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import WorkerOptions
 
 from groundforge.outputs.card import render_card, render_shards_card
+from groundforge.outputs.cost import cost_section
 from groundforge.outputs.files import (
     list_files,
     move_files,
@@ -48,6 +49,7 @@ from groundforge.pipelines.metrics import (
     read_chat_counts,
     read_funnel,
     read_instances,
+    read_model_counts,
     read_provenance,
     read_stage_seconds,
 )
@@ -248,7 +250,9 @@ def run_recipe(
     source items it chooses are read, and the manifest's ``selection`` says so.
 
     ``progress``, when given, receives every half second the live counts of every stage
-    (``{"stage", "in", "kept", "dropped"}`` dicts, in stage order) on local runners.
+    (``{"stage", "in", "kept", "dropped"}`` dicts, in stage order) on local runners; a stage fed
+    by a model also has ``model``, its requests so far (see
+    :func:`groundforge.pipelines.progress.read_progress`).
 
     ``out_dir`` is any ``FileSystems`` path; the filesystem options in ``beam_args``
     (``--s3_endpoint_url``, ``--s3_access_key_id``, ...) reach the workers through the pipeline
@@ -347,7 +351,7 @@ def _run_staged(
     pipeline = beam.Pipeline(options=options)
     graph.build(pipeline)
     watcher = (
-        ProgressWatcher(progress_dir, graph.stages, progress)
+        ProgressWatcher(progress_dir, graph.stages, progress, feeders=graph.feeders)
         if progress_dir
         else contextlib.nullcontext()
     )
@@ -440,7 +444,10 @@ def _finish(recipe, out_dir, options, beam_args, graph, result, started, selecti
     }
 
     funnel = read_funnel(result, stages)
-    models = read_chat_counts(result, graph.chat_roles)
+    models = {
+        **read_chat_counts(result, graph.chat_roles),
+        **read_model_counts(result, graph.model_stages),
+    }
     fmt = recipe.output.format
     shards = finalize_shards(FileSystems.join(out_dir, SHARDS_DIR), splits_for(recipe), fmt)
     rejections_path = FileSystems.join(out_dir, REJECTIONS_FILE)
@@ -453,6 +460,9 @@ def _finish(recipe, out_dir, options, beam_args, graph, result, started, selecti
     if kept != written:
         raise FunnelMismatch(f"{kept} samples kept but {written} rows in the shards")
 
+    cost = cost_section(models, graph.prices, written)
+    for stage, priced in cost["stages"].items():
+        models[stage]["cost"] = priced["cost"]
     manifest = build_manifest(
         recipe=recipe.model_dump(mode="json"),
         recipe_hash=recipe.digest(),
@@ -463,6 +473,7 @@ def _finish(recipe, out_dir, options, beam_args, graph, result, started, selecti
         rejection_reasons=Counter(f"{stage}/{reason}" for (stage, reason) in by_stage.elements()),
         runner=describe_runner(options, redact_args(beam_args)),
         models=models,
+        cost=cost,
         timing=timing,
         provenance=read_provenance(result),
         aliases=read_aliases(result),
