@@ -62,6 +62,7 @@ from groundforge.pipelines.options import (
 from groundforge.pipelines.preflight import PreflightError, preflight
 from groundforge.pipelines.progress import ProgressWatcher, shows_progress
 from groundforge.pipelines.selection import Selection, count_selected
+from groundforge.pipelines.workerlogs import worker_stderr_to_file
 from groundforge.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -262,12 +263,15 @@ def run_recipe(
     check_beam_args(beam_args)
     options = pipeline_options(beam_args)
     harness = options.view_as(WorkerOptions)
+    beam_level = logging.getLogger("apache_beam").getEffectiveLevel()
     if harness.default_sdk_harness_log_level is None and shows_progress(options):
         # Local worker processes log as this process logs Beam (the CLI: quiet unless -v), or
         # each repeats the traceback of the one error the run reports. Remote workers keep their
         # own logs: they are where a cluster's problems are read.
-        beam_level = logging.getLogger("apache_beam").getEffectiveLevel()
         harness.default_sdk_harness_log_level = logging.getLevelName(beam_level)
+    # What worker subprocesses print before they read that level goes to a file unless Beam's
+    # logs are wanted (the CLI's -v).
+    quiet_workers = is_multi_process(options) and beam_level > logging.INFO
     # beam.Pipeline() sets these too, but only once it is built: the folder is checked first.
     FileSystems.set_options(options)
     staging = prepare_out(out_dir, force)
@@ -276,7 +280,8 @@ def run_recipe(
     watched = progress is not None and shows_progress(options)
     progress_dir = tempfile.mkdtemp(prefix="groundforge-progress-") if watched else None
     try:
-        with _interrupts_noted(recipe, out_dir, staging):
+        workers = worker_stderr_to_file() if quiet_workers else contextlib.nullcontext()
+        with _interrupts_noted(recipe, out_dir, staging), workers:
             return _run_staged(
                 recipe,
                 out_dir,
