@@ -91,7 +91,7 @@ def _run(
     from rich.live import Live
     from rich.spinner import Spinner
 
-    from groundforge.outputs.console import funnel_table, print_funnel
+    from groundforge.outputs.console import live_view, print_funnel
     from groundforge.pipelines.run import run_recipe
     from groundforge.pipelines.staging import check_submitter, stage_for_workers
 
@@ -110,7 +110,7 @@ def _run(
 
             def show(stages: list[dict]) -> None:
                 elapsed = time.monotonic() - started
-                live.update(funnel_table(stages, title=f"{title} ({elapsed:.0f} s)"))
+                live.update(live_view(stages, f"{title} ({elapsed:.0f} s)"))
 
             result = run_recipe(
                 recipe, out, staging.args, progress=show, force=force, selection=selection

@@ -94,6 +94,51 @@ SourceConfig = Annotated[
 ]
 
 
+class PriceConfig(_Strict):
+    """What a model's calls cost: ``prompt_per_1k`` and ``completion_per_1k`` (per 1000 tokens
+    of the requests actually sent; cached replies cost nothing), or ``gpu_hour`` (per hour of the
+    model's busy time)."""
+
+    prompt_per_1k: float | None = Field(None, ge=0)
+    completion_per_1k: float | None = Field(None, ge=0)
+    gpu_hour: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> PriceConfig:
+        tokens = (self.prompt_per_1k, self.completion_per_1k)
+        if self.gpu_hour is not None:
+            if any(t is not None for t in tokens):
+                raise ValueError(
+                    "price: give either gpu_hour or prompt_per_1k and completion_per_1k, not both"
+                )
+        elif None in tokens:
+            raise ValueError(
+                "price: give prompt_per_1k and completion_per_1k (per 1000 tokens), or gpu_hour "
+                "(per hour of model time)"
+            )
+        return self
+
+    @property
+    def per_token(self) -> bool:
+        return self.gpu_hour is None
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, seconds: float) -> float:
+        """The price of this many tokens (token prices) or busy seconds (``gpu_hour``)."""
+        if self.gpu_hour is not None:
+            return seconds / 3600 * self.gpu_hour
+        return (
+            prompt_tokens / 1000 * self.prompt_per_1k
+            + completion_tokens / 1000 * self.completion_per_1k
+        )
+
+
+def _hourly_only(price: PriceConfig | None, section: str) -> None:
+    if price is not None and price.per_token:
+        raise ValueError(
+            f"{section}.price: this model reads images and writes no tokens; give gpu_hour"
+        )
+
+
 class ImagesConfig(_Strict):
     min_side: int = Field(16, ge=1)
     max_pixels: int = Field(64_000_000, ge=1)
@@ -110,6 +155,12 @@ class DetectorConfig(_Strict):
     num_threads: int | None = Field(None, ge=1)
     shortest_edge: int | None = Field(None, ge=32)
     longest_edge: int | None = Field(None, ge=32)
+    price: PriceConfig | None = None
+
+    @model_validator(mode="after")
+    def _price_hourly(self) -> DetectorConfig:
+        _hourly_only(self.price, "boxes.detector")
+        return self
 
 
 class BoxesConfig(_Strict):
@@ -154,7 +205,8 @@ class ChatModelConfig(_Strict):
 
     ``codec`` is the box frame the model reads and writes; ``codec_params`` its settings (for
     ``qwen25vl`` the ``max_pixels`` the serving processor uses). ``api_key_env`` names the
-    environment variable holding the key; the key itself never goes in a recipe.
+    environment variable holding the key; the key itself never goes in a recipe. ``price``
+    makes the run's manifest say what its requests cost.
     """
 
     model: str
@@ -174,6 +226,7 @@ class ChatModelConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     device: str = "cpu"
     cache_dir: str | None = None
+    price: PriceConfig | None = None
 
 
 class RationaleConfig(_Strict):
@@ -269,6 +322,12 @@ class EmbedConfig(_Strict):
     image: str = "color_histogram"
     batch_size: int = Field(32, ge=1)
     device: str = "cpu"
+    price: PriceConfig | None = None
+
+    @model_validator(mode="after")
+    def _price_hourly(self) -> EmbedConfig:
+        _hourly_only(self.price, "embed")
+        return self
 
 
 class DedupConfig(_Strict):

@@ -157,7 +157,8 @@ class GroundingDinoHandler(ModelHandler[ImageRecord, PredictionResult, LoadedDet
     intra-op threads when the model loads: use 1 with several worker processes, which
     otherwise oversubscribe the cores. ``shortest_edge``/``longest_edge`` override the image
     processor's resize. ``inference_args`` of ``RunInference`` may override ``box_threshold``
-    and ``text_threshold``.
+    and ``text_threshold``. ``progress`` (a :class:`~groundforge.pipelines.progress.ModelProgress`)
+    is told of each batch's images as they go in and come back.
     """
 
     def __init__(
@@ -171,6 +172,7 @@ class GroundingDinoHandler(ModelHandler[ImageRecord, PredictionResult, LoadedDet
         num_threads: int | None = None,
         shortest_edge: int | None = None,
         longest_edge: int | None = None,
+        progress=None,
     ):
         super().__init__()
         for name, value in (("box_threshold", box_threshold), ("text_threshold", text_threshold)):
@@ -192,6 +194,7 @@ class GroundingDinoHandler(ModelHandler[ImageRecord, PredictionResult, LoadedDet
         self.num_threads = num_threads
         self.shortest_edge = shortest_edge
         self.longest_edge = longest_edge
+        self.progress = progress
 
     def load_model(self) -> LoadedDetector:
         """Load model and processor with ``from_pretrained``, in eval mode on ``device``."""
@@ -230,6 +233,9 @@ class GroundingDinoHandler(ModelHandler[ImageRecord, PredictionResult, LoadedDet
             except Exception as err:  # one bad image must not fail its batch
                 name = getattr(record, "image_id", None) or getattr(record, "sample_id", "")
                 _LOG.warning("detector: cannot decode image %s: %s", name, err)
+        if self.progress is not None:
+            self.progress.jobs(len(batch))
+            self.progress.sent(len(batch))
         found: dict[int, tuple[Detection, ...]] = {}
         if images:
             try:
@@ -241,6 +247,10 @@ class GroundingDinoHandler(ModelHandler[ImageRecord, PredictionResult, LoadedDet
                     _LOG.warning("detector: failed on image %s: %s", batch[only].image_id, err)
                 else:
                     found = self._detect_one_by_one(model, batch, images, args)
+        if self.progress is not None:
+            self.progress.answered(len(found))
+            self.progress.answered(len(batch) - len(found), failed=True)
+            self.progress.flush()
         return [
             PredictionResult(record, found.get(i), self.model_id) for i, record in enumerate(batch)
         ]

@@ -434,13 +434,16 @@ def _define_handler_class() -> None:
         ``vector`` is a tuple of ``embedder.dim`` floats with unit norm, ready for
         ``ImageRecord.embedding``, or ``None`` when that one record could not be embedded (its
         bytes do not decode, or the model fails on it alone); the rest of the batch goes on.
+        ``progress`` (a :class:`~groundforge.pipelines.progress.ModelProgress`) is told of each
+        batch's images as they go in and come back.
 
         >>> RunInference(ImageEmbeddingHandler("color_histogram"))  # doctest: +SKIP
         """
 
-        def __init__(self, embedder: ImageEmbedder | str):
+        def __init__(self, embedder: ImageEmbedder | str, progress=None):
             super().__init__()
             self.embedder = make_image_embedder(embedder) if isinstance(embedder, str) else embedder
+            self.progress = progress
 
         def load_model(self) -> ImageEmbedder:
             # The embedder itself is the loaded model: a plain object, so Beam's weak-reference
@@ -456,7 +459,15 @@ def _define_handler_class() -> None:
         ) -> list[PredictionResult]:
             """One result per record, in order; ``inference`` is a vector tuple or ``None``."""
             self.validate_inference_args(inference_args)
+            if self.progress is not None:
+                self.progress.jobs(len(batch))
+                self.progress.sent(len(batch))
             vectors = _embed_records(model, batch)
+            if self.progress is not None:
+                embedded = sum(v is not None for v in vectors)
+                self.progress.answered(embedded)
+                self.progress.answered(len(batch) - embedded, failed=True)
+                self.progress.flush()
             return [
                 PredictionResult(record, vector, model.name)
                 for record, vector in zip(batch, vectors, strict=True)

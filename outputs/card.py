@@ -109,6 +109,32 @@ def _aliases(manifest: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+def _models(manifest: dict[str, Any]) -> str:
+    """The model stages' requests, tokens and cost, or nothing when the run used no model."""
+    models = manifest.get("models") or {}
+    if not models:
+        return ""
+    lines = [
+        "Model requests:",
+        "",
+        "| stage | requests | cached | sent | prompt tokens | completion tokens | busy s | cost |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for stage, m in models.items():
+        cost = m.get("cost")
+        lines.append(
+            f"| {stage} | {m.get('requests', 0)} | {m.get('cached', 0)} | {m.get('sent', 0)} | "
+            f"{m.get('prompt_tokens', 0)} | {m.get('completion_tokens', 0)} | "
+            f"{m.get('seconds', 0.0):.1f} | {'-' if cost is None else f'{cost:.4f}'} |"
+        )
+    total = (manifest.get("cost") or {}).get("total")
+    if total is not None:
+        per = manifest["cost"].get("per_sample")
+        each = f", {per:.6f} per accepted sample" if per is not None else ""
+        lines += ["", f"Model cost of this run: {total:.4f}{each} (cached replies cost nothing)."]
+    return "\n".join(lines) + "\n\n"
+
+
 def _source_place(source: dict[str, Any]) -> str:
     # Annotation sources name two places, an annotation file and an image folder.
     if "annotations" in source:
@@ -169,9 +195,9 @@ from the source wins). Stage funnel:
 
 {_funnel_table(manifest["stages"])}
 
-Every dropped item is listed with its reason in `rejections.parquet`, with a few examples of
-each reason (thumbnails and boxes) in `rejection_previews.parquet`; `report.html` shows samples,
-drops and distributions in a browser. Shard checksums are in `manifest.json`.
+{_models(manifest)}Every dropped item is listed with its reason in `rejections.parquet`, with a few
+examples of each reason (thumbnails and boxes) in `rejection_previews.parquet`; `report.html`
+shows samples, drops and distributions in a browser. Shard checksums are in `manifest.json`.
 
 ## Licence and sources
 

@@ -56,16 +56,113 @@ def funnel_table(
     return table
 
 
+def _money(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def models_table(models: dict[str, dict[str, Any]]) -> Table:
+    """Requests per model stage: cache hits, sent, answered, failures, tokens, busy seconds,
+    rate and cost (``-`` where the recipe gives no price)."""
     table = Table(title="model requests", title_justify="left")
-    for col in ("role", "requests", "cached", "sent", "attempts", "failed"):
-        table.add_column(col, justify="left" if col in ("role", "failed") else "right")
-    for role, c in models.items():
+    columns = (
+        "stage",
+        "requests",
+        "cached",
+        "sent",
+        "answered",
+        "attempts",
+        "failed",
+        "prompt tok",
+        "completion tok",
+        "busy s",
+        "req/s",
+        "cost",
+    )
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("stage", "failed") else "right")
+    for stage, c in models.items():
         failed = ", ".join(f"{k} {n}" for k, n in c["failed"].items()) or "-"
+        rate = c.get("requests_per_second")
         table.add_row(
-            role, *(str(c[k]) for k in ("requests", "cached", "sent", "attempts")), failed
+            stage,
+            *(str(c.get(k, 0)) for k in ("requests", "cached", "sent", "answered", "attempts")),
+            failed,
+            str(c.get("prompt_tokens", 0)),
+            str(c.get("completion_tokens", 0)),
+            f"{c.get('seconds', 0.0):.1f}",
+            "-" if rate is None else f"{rate:.1f}",
+            _money(c.get("cost")),
         )
     return table
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"~{minutes}m{secs:02d}s" if minutes else f"~{secs}s"
+
+
+def live_models_table(stages: list[dict[str, Any]]) -> Table | None:
+    """The live requests of every model stage in ``stages`` (rows of
+    :func:`groundforge.pipelines.progress.read_progress`), or None when no model has started."""
+    rows = [(s["stage"], s["model"]) for s in stages if s.get("model")]
+    if not rows:
+        return None
+    table = Table(title="model requests (live)", title_justify="left")
+    for col in (
+        "stage",
+        "sent",
+        "answered",
+        "failed",
+        "in flight",
+        "cached",
+        "req/s",
+        "prompt tok",
+        "completion tok",
+        "expected",
+        "ETA",
+    ):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for stage, m in rows:
+        in_flight = m["sent"] - m["answered"] - m["failed"]
+        expected = m.get("expected")
+        table.add_row(
+            stage,
+            str(m["sent"]),
+            str(m["answered"]),
+            str(m["failed"]),
+            str(max(in_flight, 0)),
+            str(m["cached"]),
+            f"{m['rate']:.1f}",
+            str(m["prompt_tokens"]),
+            str(m["completion_tokens"]),
+            "?" if expected is None else f"~{expected}",
+            _eta(m.get("eta")),
+        )
+    return table
+
+
+def live_view(stages: list[dict[str, Any]], title: str):
+    """What the run command shows while a run goes on: the funnel, then the model requests."""
+    from rich.console import Group
+
+    models = live_models_table(stages)
+    funnel = funnel_table(stages, title=title)
+    return funnel if models is None else Group(funnel, models)
+
+
+def cost_line(cost: dict[str, Any]) -> str | None:
+    """One line on what the run's model calls cost, or None when the recipe prices none."""
+    if not cost or cost.get("total") is None:
+        return None
+    per = cost.get("per_sample")
+    per_text = (
+        f"{per:.6f} per accepted sample ({cost['samples']})"
+        if per is not None
+        else ("no sample accepted")
+    )
+    return f"model cost: {cost['total']:.4f} in all, {per_text}; cached replies cost nothing"
 
 
 def print_funnel(manifest: dict[str, Any], console: Console) -> None:
@@ -73,6 +170,9 @@ def print_funnel(manifest: dict[str, Any], console: Console) -> None:
     console.print(funnel_table(manifest["stages"], timing.get("stage_seconds")))
     if manifest.get("models"):
         console.print(models_table(manifest["models"]))
+    line = cost_line(manifest.get("cost"))
+    if line:
+        console.print(line)
     if "wall_seconds" in timing:
         console.print(
             f"{timing['wall_seconds']:.1f} s in all; busy s = time spent in a stage's work, summed "

@@ -10,6 +10,7 @@ from importlib import metadata
 from typing import Any
 
 from groundforge import __version__
+from groundforge.outputs.cost import cost_section
 from groundforge.outputs.files import file_sha256, read_text, write_text
 from groundforge.outputs.rejections import REJECTIONS_FILE
 from groundforge.outputs.shards import ShardFile
@@ -52,6 +53,7 @@ def build_manifest(
     rejection_reasons: Counter,
     runner: dict[str, Any],
     models: dict[str, Any] | None = None,
+    cost: dict[str, Any] | None = None,
     timing: dict[str, Any] | None = None,
     provenance: dict[str, dict[str, int]] | None = None,
     aliases: dict[str, list[str]] | None = None,
@@ -69,6 +71,7 @@ def build_manifest(
         "splits": dict(sorted(splits.items())),
         "stages": funnel,
         "models": models or {},
+        "cost": cost or cost_section({}, {}, sum(splits.values())),
         "timing": timing or {},
         "provenance": provenance or {"licenses": {}, "sources": {}},
         "aliases": aliases or {},

@@ -573,6 +573,7 @@ def iter_report(
             funnel=funnel_rows(manifest),
             has_timing=bool(timing.get("stage_seconds")),
             models=sorted((manifest.get("models") or {}).items()),
+            cost=manifest.get("cost"),
             groups=groups,
             per_group=per_group,
             domains=sorted({d for d, _ in picker.sizes}),

@@ -181,7 +181,7 @@ def splits_for(recipe: Recipe) -> list[str]:
     return splits
 
 
-def detector_handler(cfg: DetectorConfig, num_threads: int | None):
+def detector_handler(cfg: DetectorConfig, num_threads: int | None, progress=None):
     from groundforge.annotators.detector import GroundingDinoHandler
 
     return GroundingDinoHandler(
@@ -193,6 +193,7 @@ def detector_handler(cfg: DetectorConfig, num_threads: int | None):
         num_threads=cfg.num_threads or num_threads,
         shortest_edge=cfg.shortest_edge,
         longest_edge=cfg.longest_edge,
+        progress=progress,
     )
 
 
@@ -355,6 +356,12 @@ class KVGGraph:
     selection: Selection | None = None
     stages: list[str] = field(default_factory=list)
     chat_roles: list[str] = field(default_factory=list)
+    # A model stage -> the stage whose kept items it receives (for its live time estimate).
+    feeders: dict[str, str] = field(default_factory=dict)
+    # Model stages that are no chat role (detector, embedder), in graph order.
+    model_stages: list[str] = field(default_factory=list)
+    # Every model stage -> its recipe price (or None).
+    prices: dict[str, object] = field(default_factory=dict)
     _rejected: list = field(default_factory=list)
     _previews: list = field(default_factory=list)
 
@@ -370,9 +377,23 @@ class KVGGraph:
         self._previews.append(out.previews)
         return out.kept
 
+    def _model_stage(self, stage: str, price):
+        """Note the model feeding ``stage`` (its feeder and price); return its live request
+        meter, or None when nobody watches."""
+        self.prices[stage] = price
+        if self.stages:
+            self.feeders[stage] = self.stages[-1]
+        if not self.progress_dir:
+            return None
+        from groundforge.pipelines.progress import ModelProgress
+
+        return ModelProgress(self.progress_dir, stage)
+
     def _detect(self, records, stage: str = "detect"):
         """Grounding DINO candidates on each record (or detect sample), at ``stage``."""
-        handler = detector_handler(self.recipe.boxes.detector, self.model_threads)
+        cfg = self.recipe.boxes.detector
+        handler = detector_handler(cfg, self.model_threads, self._model_stage(stage, cfg.price))
+        self.model_stages.append(stage)
         main, other = (
             records
             | f"{stage} detector"
@@ -392,7 +413,7 @@ class KVGGraph:
             self.cache_dir or FileSystems.join(self.out_dir, CACHE_DIR),
             self.model_threads,
         )
-        handler = ChatModelHandler(settings)
+        handler = ChatModelHandler(settings, self._model_stage(role, cfg.price))
         main, other = (
             jobs
             | f"{role} model"
@@ -483,7 +504,8 @@ class KVGGraph:
                 num_threads=self.model_threads,
             )
         )
-        handler = ImageEmbeddingHandler(embedder)
+        handler = ImageEmbeddingHandler(embedder, self._model_stage("embed", cfg.price))
+        self.model_stages.append("embed")
         main, other = (
             records
             | "embedder"

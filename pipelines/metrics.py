@@ -88,18 +88,66 @@ def read_funnel(result, stages: list[str]) -> list[StageCount]:
     return funnel
 
 
+def _rate(requests: int, seconds: float) -> float | None:
+    return round(requests / seconds, 3) if seconds > 0 else None
+
+
 def read_chat_counts(result, roles: list[str]) -> dict[str, dict]:
-    """Per chat role: requests, answers from the cache, requests sent, HTTP attempts, failures."""
+    """Per chat role: requests, answers from the cache, requests sent, answered, HTTP attempts,
+    failures, tokens of the requests sent, busy seconds of the batches that sent any, and
+    requests sent per busy second."""
     values = counters(result, CHAT_PREFIX)
     counts = {}
     for role in roles:
         v = values.get(role, {})
+        sent = v.get("requests", 0) - v.get("cached", 0)
+        seconds = round(v.get("busy_us", 0) / 1e6, 3)
         counts[role] = {
             "requests": v.get("requests", 0),
             "cached": v.get("cached", 0),
-            "sent": v.get("requests", 0) - v.get("cached", 0),
+            "sent": sent,
+            "answered": v.get("answered", 0),
             "attempts": v.get("attempts", 0),
             "failed": _with_prefix(v, "failed_"),
+            "prompt_tokens": v.get("prompt_tokens", 0),
+            "completion_tokens": v.get("completion_tokens", 0),
+            "seconds": seconds,
+            "requests_per_second": _rate(sent, seconds),
+        }
+    return counts
+
+
+def _latency_us(result) -> dict[str, int]:
+    """RunInference's batch latencies summed per model namespace (prefix removed)."""
+    model_us: dict[str, int] = defaultdict(int)
+    for dist in result.metrics().query(MetricsFilter())["distributions"]:
+        ns, name = dist.key.metric.namespace, dist.key.metric.name
+        if ns.startswith(MODEL_PREFIX) and name == LATENCY:
+            value = dist.committed if dist.committed is not None else dist.attempted
+            model_us[ns[len(MODEL_PREFIX) :]] += int(value.sum if value else 0)
+    return model_us
+
+
+def read_model_counts(result, stages: list[str]) -> dict[str, dict]:
+    """Per image model stage (detector, embedder): the images it was given (one request each),
+    the seconds of its batches, and images per second; no tokens, no cache."""
+    values = counters(result, MODEL_PREFIX)
+    model_us = _latency_us(result)
+    counts = {}
+    for stage in stages:
+        n = values.get(stage, {}).get("num_inferences", 0)
+        seconds = round(model_us.get(stage, 0) / 1e6, 3)
+        counts[stage] = {
+            "requests": n,
+            "cached": 0,
+            "sent": n,
+            "answered": n,
+            "attempts": n,
+            "failed": {},
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "seconds": seconds,
+            "requests_per_second": _rate(n, seconds),
         }
     return counts
 
@@ -107,12 +155,7 @@ def read_chat_counts(result, roles: list[str]) -> dict[str, dict]:
 def read_stage_seconds(result, stages: list[str]) -> dict[str, float]:
     """Busy seconds of every stage in ``stages`` (see the module docstring)."""
     busy = counters(result, NAMESPACE_PREFIX)
-    model_us: dict[str, int] = defaultdict(int)
-    for dist in result.metrics().query(MetricsFilter())["distributions"]:
-        ns, name = dist.key.metric.namespace, dist.key.metric.name
-        if ns.startswith(MODEL_PREFIX) and name == LATENCY:
-            value = dist.committed if dist.committed is not None else dist.attempted
-            model_us[ns[len(MODEL_PREFIX) :]] += int(value.sum if value else 0)
+    model_us = _latency_us(result)
     return {
         stage: round((busy.get(stage, {}).get("busy_us", 0) + model_us.get(stage, 0)) / 1e6, 3)
         for stage in stages

@@ -21,6 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import WorkerOptions
 
 from groundforge.outputs.card import render_card, render_shards_card
+from groundforge.outputs.cost import cost_section
 from groundforge.outputs.files import (
     list_files,
     move_files,
@@ -48,6 +49,7 @@ from groundforge.pipelines.metrics import (
     read_chat_counts,
     read_funnel,
     read_instances,
+    read_model_counts,
     read_provenance,
     read_stage_seconds,
 )
@@ -60,6 +62,7 @@ from groundforge.pipelines.options import (
 from groundforge.pipelines.preflight import PreflightError, preflight
 from groundforge.pipelines.progress import ProgressWatcher, shows_progress
 from groundforge.pipelines.selection import Selection, count_selected
+from groundforge.pipelines.workerlogs import worker_stderr_to_file
 from groundforge.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -248,7 +251,9 @@ def run_recipe(
     source items it chooses are read, and the manifest's ``selection`` says so.
 
     ``progress``, when given, receives every half second the live counts of every stage
-    (``{"stage", "in", "kept", "dropped"}`` dicts, in stage order) on local runners.
+    (``{"stage", "in", "kept", "dropped"}`` dicts, in stage order) on local runners; a stage fed
+    by a model also has ``model``, its requests so far (see
+    :func:`groundforge.pipelines.progress.read_progress`).
 
     ``out_dir`` is any ``FileSystems`` path; the filesystem options in ``beam_args``
     (``--s3_endpoint_url``, ``--s3_access_key_id``, ...) reach the workers through the pipeline
@@ -258,12 +263,15 @@ def run_recipe(
     check_beam_args(beam_args)
     options = pipeline_options(beam_args)
     harness = options.view_as(WorkerOptions)
+    beam_level = logging.getLogger("apache_beam").getEffectiveLevel()
     if harness.default_sdk_harness_log_level is None and shows_progress(options):
         # Local worker processes log as this process logs Beam (the CLI: quiet unless -v), or
         # each repeats the traceback of the one error the run reports. Remote workers keep their
         # own logs: they are where a cluster's problems are read.
-        beam_level = logging.getLogger("apache_beam").getEffectiveLevel()
         harness.default_sdk_harness_log_level = logging.getLevelName(beam_level)
+    # What worker subprocesses print before they read that level goes to a file unless Beam's
+    # logs are wanted (the CLI's -v).
+    quiet_workers = is_multi_process(options) and beam_level > logging.INFO
     # beam.Pipeline() sets these too, but only once it is built: the folder is checked first.
     FileSystems.set_options(options)
     staging = prepare_out(out_dir, force)
@@ -272,7 +280,8 @@ def run_recipe(
     watched = progress is not None and shows_progress(options)
     progress_dir = tempfile.mkdtemp(prefix="groundforge-progress-") if watched else None
     try:
-        with _interrupts_noted(recipe, out_dir, staging):
+        workers = worker_stderr_to_file() if quiet_workers else contextlib.nullcontext()
+        with _interrupts_noted(recipe, out_dir, staging), workers:
             return _run_staged(
                 recipe,
                 out_dir,
@@ -347,7 +356,7 @@ def _run_staged(
     pipeline = beam.Pipeline(options=options)
     graph.build(pipeline)
     watcher = (
-        ProgressWatcher(progress_dir, graph.stages, progress)
+        ProgressWatcher(progress_dir, graph.stages, progress, feeders=graph.feeders)
         if progress_dir
         else contextlib.nullcontext()
     )
@@ -440,7 +449,10 @@ def _finish(recipe, out_dir, options, beam_args, graph, result, started, selecti
     }
 
     funnel = read_funnel(result, stages)
-    models = read_chat_counts(result, graph.chat_roles)
+    models = {
+        **read_chat_counts(result, graph.chat_roles),
+        **read_model_counts(result, graph.model_stages),
+    }
     fmt = recipe.output.format
     shards = finalize_shards(FileSystems.join(out_dir, SHARDS_DIR), splits_for(recipe), fmt)
     rejections_path = FileSystems.join(out_dir, REJECTIONS_FILE)
@@ -453,6 +465,9 @@ def _finish(recipe, out_dir, options, beam_args, graph, result, started, selecti
     if kept != written:
         raise FunnelMismatch(f"{kept} samples kept but {written} rows in the shards")
 
+    cost = cost_section(models, graph.prices, written)
+    for stage, priced in cost["stages"].items():
+        models[stage]["cost"] = priced["cost"]
     manifest = build_manifest(
         recipe=recipe.model_dump(mode="json"),
         recipe_hash=recipe.digest(),
@@ -463,6 +478,7 @@ def _finish(recipe, out_dir, options, beam_args, graph, result, started, selecti
         rejection_reasons=Counter(f"{stage}/{reason}" for (stage, reason) in by_stage.elements()),
         runner=describe_runner(options, redact_args(beam_args)),
         models=models,
+        cost=cost,
         timing=timing,
         provenance=read_provenance(result),
         aliases=read_aliases(result),

@@ -7,6 +7,9 @@ others; this server can::
         backend = OpenAIBackend(EndpointSettings(server.base_url, "student"))
         ...
         server.bodies                          # every request body received, in arrival order
+
+``usage(body) -> (prompt_tokens, completion_tokens)`` sets the token counts a reply reports
+(default one of each), so a test can know a run's exact token totals.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 Answer = Callable[[dict[str, Any]], str]
+Usage = Callable[[dict[str, Any]], tuple[int, int]]
 
 
 class SeededServer:
     """``POST /v1/chat/completions`` on 127.0.0.1, answered by ``answer(body)``."""
 
-    def __init__(self, answer: Answer):
+    def __init__(self, answer: Answer, usage: Usage | None = None):
         self.answer = answer
+        self.usage = usage or (lambda body: (1, 1))
         self.bodies: list[dict[str, Any]] = []
         self.raw: list[bytes] = []
         self._lock = threading.Lock()
@@ -69,7 +74,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != "/v1/chat/completions":
             self._send(404, {"error": {"message": f"no route {self.path}"}})
             return
-        body, text = self.server.owner._record(self.rfile.read(int(self.headers["Content-Length"])))
+        owner = self.server.owner
+        body, text = owner._record(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt, completion = owner.usage(body)
         self._send(
             200,
             {
@@ -84,7 +91,11 @@ class _Handler(BaseHTTPRequestHandler):
                         "finish_reason": "stop",
                     }
                 ],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt + completion,
+                },
             },
         )
 

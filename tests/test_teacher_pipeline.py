@@ -114,13 +114,17 @@ def test_teacher_stage_through_a_faulty_endpoint(flags, tmp_path, teacher_server
     assert teacher["kept"] == stages["rationale"]["in"] == n - 2
     # A random tiny model never writes <think>...</think><answer>...</answer>.
     assert stages["rationale"]["dropped"] == {"rationale_format": n - 2}
-    assert manifest["models"]["teacher"] == {
+    teacher_counts = manifest["models"]["teacher"]
+    assert {k: teacher_counts[k] for k in ("requests", "cached", "sent", "answered")} == {
         "requests": n,
         "cached": 0,
         "sent": n,
-        "attempts": n,
-        "failed": {"bad_request": 2},
+        "answered": n - 2,
     }
+    assert teacher_counts["attempts"] == n and teacher_counts["failed"] == {"bad_request": 2}
+    # The tokens the real server counted for the requests it answered.
+    assert teacher_counts["prompt_tokens"] > 0 and teacher_counts["completion_tokens"] > 0
+    assert teacher_counts["cost"] is None and manifest["cost"]["total"] is None
     assert proxy.total == n
     # The image reached the model: its tokens are in the prompt count the server reports.
     sent = [s for s in proxy.requests if s.fault is None]

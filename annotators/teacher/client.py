@@ -189,15 +189,19 @@ class OpenAIBackend:
             f"api_key_env={s.api_key_env!r}, cache={self.cache!r})"
         )
 
-    def answer(self, requests: Sequence[TeacherRequest]) -> list[TeacherReply]:
+    def answer(self, requests: Sequence[TeacherRequest], meter=None) -> list[TeacherReply]:
         """One reply per request, same order; sets :attr:`stats` for this batch.
+
+        ``meter``, when given, is told of each request as it is sent (``meter.sent()``) and of
+        each reply as it arrives (``meter.reply(reply)``; a cache hit at once), from the
+        backend's event loop thread: it must be thread-safe.
 
         Safe to call from several threads at once: their batches share the backend's connection
         pool and concurrency bound. When threads share a backend, :attr:`stats` holds whichever
         batch ended last (use :meth:`BatchStats.from_replies` on a batch's own replies).
         """
         loop = self._ensure_loop()
-        return asyncio.run_coroutine_threadsafe(self._answer(list(requests)), loop).result()
+        return asyncio.run_coroutine_threadsafe(self._answer(list(requests), meter), loop).result()
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -210,7 +214,7 @@ class OpenAIBackend:
                 self._loop, self._thread = loop, thread
             return self._loop
 
-    async def _answer(self, requests: list[TeacherRequest]) -> list[TeacherReply]:
+    async def _answer(self, requests: list[TeacherRequest], meter=None) -> list[TeacherReply]:
         replies: list[TeacherReply | None] = [None] * len(requests)
         todo = []
         for i, request in enumerate(requests):
@@ -218,13 +222,15 @@ class OpenAIBackend:
             hit = self.cache.get(key) if self.cache is not None else None
             if hit is not None:
                 replies[i] = replace(hit, item_id=request.item_id)
+                if meter is not None:
+                    meter.reply(replies[i])
             else:
                 todo.append((i, request, key))
 
         if todo:
             session = self._session_in_loop()
             results = await asyncio.gather(
-                *(self._answer_one(session, r, key) for _, r, key in todo),
+                *(self._metered(session, r, key, meter) for _, r, key in todo),
                 return_exceptions=True,
             )
             for (i, request, _), result in zip(todo, results, strict=True):
@@ -288,8 +294,20 @@ class OpenAIBackend:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
+    async def _metered(
+        self, session: _Session, request: TeacherRequest, key: str, meter
+    ) -> TeacherReply:
+        """:meth:`_answer_one`, telling ``meter`` of the reply as soon as it is known."""
+        if meter is None:
+            return await self._answer_one(session, request, key)
+        reply = await self._answer_one(session, request, key, meter.sent)
+        if not reply.attempts:
+            meter.sent()  # refused before sending (an unreadable image): still one request
+        meter.reply(reply)
+        return reply
+
     async def _answer_one(
-        self, session: _Session, request: TeacherRequest, key: str
+        self, session: _Session, request: TeacherRequest, key: str, on_sent=None
     ) -> TeacherReply:
         secret = session.secret
         attempts = 0
@@ -303,6 +321,8 @@ class OpenAIBackend:
             while True:
                 attempts += 1
                 async with session.slots:
+                    if attempts == 1 and on_sent is not None:
+                        on_sent()
                     outcome = await self._attempt(session.client, body)
                 if (
                     outcome.error is None

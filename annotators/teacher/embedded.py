@@ -215,8 +215,13 @@ class TransformersBackend:
 
     # -- answering ---------------------------------------------------------------------------
 
-    def answer(self, requests: Sequence[TeacherRequest]) -> list[TeacherReply]:
-        """One reply per request, in order; cache hits come back with ``cached=True``."""
+    def answer(self, requests: Sequence[TeacherRequest], meter=None) -> list[TeacherReply]:
+        """One reply per request, in order; cache hits come back with ``cached=True``.
+
+        ``meter``, when given, is told of each request as it goes to the model (``sent()``) and
+        of each reply as it is made (``reply(reply)``): per chunk of ``batch_size`` greedy
+        requests, per request when sampling.
+        """
         requests = list(requests)
         replies: list[TeacherReply | None] = [None] * len(requests)
         pending: list[tuple[int, TeacherRequest, str]] = []
@@ -227,6 +232,8 @@ class TransformersBackend:
                 replies[index] = dataclasses.replace(
                     hit, item_id=request.item_id, cached=True, attempts=0
                 )
+                if meter is not None:
+                    meter.reply(replies[index])
             else:
                 pending.append((index, request, key))
 
@@ -238,15 +245,22 @@ class TransformersBackend:
                     prepared = self._prepare(index, request, key)
                     if isinstance(prepared, TeacherReply):
                         replies[index] = prepared
+                        if meter is not None:
+                            meter.sent()
+                            meter.reply(prepared)
                     else:
                         items.append(prepared)
                 size = 1 if self.stochastic else self.batch_size
                 for start in range(0, len(items), size):
                     chunk = items[start : start + size]
+                    if meter is not None:
+                        meter.sent(len(chunk))
                     for item, reply in zip(chunk, self._run_chunk(chunk), strict=True):
                         replies[item.index] = reply
                         if reply.ok:
                             self._cache_put(item.key, reply)
+                        if meter is not None:
+                            meter.reply(reply)
         missing = [i for i, reply in enumerate(replies) if reply is None]
         if missing:  # a bug here, not a request failure: never hand back a shifted list
             raise RuntimeError(f"no reply for requests at {missing}")

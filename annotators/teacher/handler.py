@@ -5,10 +5,17 @@ An element is a :class:`ChatJob`: the requests of one item (one for the teacher 
 once (bounded by the backend's concurrency) and returns one ``PredictionResult(job, replies)`` per
 job, replies in request order. A failed request is a reply with an error kind, so it costs only
 its own item; the handler never raises for one bad answer.
+
+With a ``progress`` meter (:class:`groundforge.pipelines.progress.ModelProgress`) the backend
+reports each request as it is sent and as its reply arrives. Beam counters record, per role, the
+requests, cache hits, attempts, failures by kind, tokens of the replies that were not cached, and
+the busy time of the batches that sent at least one request (a batch answered wholly from the
+cache cost nothing, and its time is not counted).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,12 +126,20 @@ class _Backend:
         self.backend = backend
 
 
-def count_replies(role: str, replies: Sequence[TeacherReply]) -> None:
-    """Beam counters for the manifest: requests, cached, HTTP attempts, failures by kind."""
+def count_replies(role: str, replies: Sequence[TeacherReply], seconds: float = 0.0) -> None:
+    """Beam counters for the manifest: requests, cached, answered, HTTP attempts, failures by
+    kind, tokens of the replies not taken from the cache, and the batch's busy microseconds when
+    it sent anything."""
     ns = METRICS_PREFIX + role
+    sent = [r for r in replies if not r.cached]
     Metrics.counter(ns, "requests").inc(len(replies))
-    Metrics.counter(ns, "cached").inc(sum(r.cached for r in replies))
+    Metrics.counter(ns, "cached").inc(len(replies) - len(sent))
+    Metrics.counter(ns, "answered").inc(sum(r.ok for r in replies))
     Metrics.counter(ns, "attempts").inc(sum(r.attempts for r in replies))
+    Metrics.counter(ns, "prompt_tokens").inc(sum(r.prompt_tokens or 0 for r in sent))
+    Metrics.counter(ns, "completion_tokens").inc(sum(r.completion_tokens or 0 for r in sent))
+    if sent:
+        Metrics.counter(ns, "busy_us").inc(int(seconds * 1e6))
     for reply in replies:
         if not reply.ok:
             Metrics.counter(ns, f"failed_{reply.error}").inc()
@@ -133,9 +148,10 @@ def count_replies(role: str, replies: Sequence[TeacherReply]) -> None:
 class ChatModelHandler(ModelHandler[ChatJob, PredictionResult, _Backend]):
     """Answers :class:`ChatJob` batches with the backend described by ``settings``."""
 
-    def __init__(self, settings: ChatBackendSettings):
+    def __init__(self, settings: ChatBackendSettings, progress=None):
         super().__init__()
         self.settings = settings
+        self.progress = progress
 
     def load_model(self) -> _Backend:
         return _Backend(self.settings.build_backend())
@@ -147,10 +163,18 @@ class ChatModelHandler(ModelHandler[ChatJob, PredictionResult, _Backend]):
         inference_args: dict[str, Any] | None = None,
     ) -> list[PredictionResult]:
         requests = [r for job in batch for r in job.requests]
-        replies = model.backend.answer(requests)
+        started = time.perf_counter()
+        if self.progress is None:
+            replies = model.backend.answer(requests)
+        else:
+            self.progress.jobs(len(batch))
+            try:
+                replies = model.backend.answer(requests, meter=self.progress)
+            finally:
+                self.progress.flush()
         if len(replies) != len(requests):
             raise RuntimeError(f"backend returned {len(replies)} replies to {len(requests)}")
-        count_replies(self.settings.role, replies)
+        count_replies(self.settings.role, replies, time.perf_counter() - started)
         results, start = [], 0
         for job in batch:
             end = start + len(job.requests)
