@@ -175,6 +175,8 @@ def allocate(scores: Mapping[str, EntityScore], budget: int) -> dict[str, int]:
         return {}
     shares = {name: 1 for _, name in failed[:budget]}
     rest = budget - len(shares)
+    if rest == 0:
+        return dict(sorted(shares.items()))
     total = sum(n for n, _ in failed)
     exact = {name: rest * n / total for n, name in failed}
     for name, value in exact.items():
