@@ -879,6 +879,137 @@ def export_verl(data, dest, model, codec, max_pixels, splits) -> None:
     click.echo(f"wrote {', '.join(files)} to {folder}")
 
 
+@main.command(context_settings=_BEAM_ARGS)
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--student",
+    required=True,
+    help="The model to evaluate: a model folder or hub id (run in this process), or an "
+    "OpenAI-compatible base URL (http://HOST:PORT/v1) with --served-model.",
+)
+@click.option("--served-model", help="The model name the --student endpoint answers to.")
+@click.option(
+    "--api-key-env", metavar="VAR", help="Environment variable that holds the endpoint's API key."
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Where the rounds go: OUT/round-2, OUT/round-3, ... and OUT/refine.json "
+    "(default: RUN_DIR-refine).",
+)
+@click.option("--rounds", default=1, show_default=True, help="Evaluate-then-build rounds to run.")
+@click.option(
+    "--budget",
+    type=int,
+    help="Extra scenes per round, shared among the failed entities by failed items "
+    "(default: two per failed item).",
+)
+@click.option(
+    "--split", default="val", show_default=True, help="The split the student is scored on."
+)
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    help="Seeds the student's sampling and the new scenes: the same seed gives the same rounds.",
+)
+@click.option(
+    "--codec",
+    type=click.Choice(["norm1000", "qwen25vl", "qwen3vl", "norm01", "pixel"]),
+    help="The frame of the student's boxes (default: a model's family, norm1000 for an endpoint).",
+)
+@click.option("--max-tokens", default=256, show_default=True, help="Reply length limit.")
+@click.option("--device", default="cpu", show_default=True, help="torch device for a model.")
+@click.argument("beam_args", nargs=-1, type=click.UNPROCESSED)
+def refine(
+    run_dir,
+    student,
+    served_model,
+    api_key_env,
+    out,
+    rounds,
+    budget,
+    split,
+    seed,
+    codec,
+    max_tokens,
+    device,
+    beam_args,
+) -> None:
+    """Make more data where a student fails: score it on RUN_DIR's split, then build a run
+    with extra scenes for the entities it got wrong.
+
+    Each round evaluates the student, gives every failed entity more scenes as the target, with
+    the entities the student took it for and its nearest look-alikes as distractors and sizes
+    and layouts weighted by its error rates (the recipe's `scenes.focus`), and runs the run's
+    recipe with that focus into OUT/round-N, reusing RUN_DIR's reply cache. OUT/refine.json
+    holds per round and entity the accuracy before, the samples added and the cost. Options
+    after `--` go to Beam.
+    """
+    from rich.console import Console
+    from rich.live import Live
+    from rich.spinner import Spinner
+
+    from groundforge.outputs.console import funnel_table, print_funnel, progress_bar
+    from groundforge.pipelines.run import run_recipe
+    from groundforge.trainer.refine import REFINE_FILE, Student, round_table
+    from groundforge.trainer.refine import refine as run_refine
+
+    console = Console(stderr=True)
+
+    def run_round(recipe, target: str) -> dict:
+        title = f"building {target}"
+        with Live(Spinner("dots", title), console=console, transient=True) as live:
+            result = run_recipe(
+                recipe,
+                target,
+                list(beam_args),
+                progress=lambda stages: live.update(funnel_table(stages, title=title)),
+            )
+        print_funnel(result.manifest, console)
+        return result.manifest
+
+    def show(record: dict) -> None:
+        console.print(round_table(record))
+        if record["out"] is None:
+            console.print(f"the student fails no item of {split}: nothing to add")
+
+    spec = Student(
+        student,
+        served_model=served_model,
+        api_key_env=api_key_env,
+        codec=codec,
+        max_tokens=max_tokens,
+        device=device,
+        seed=seed,
+    )
+    body = run_refine(
+        run_dir,
+        spec,
+        out=out,
+        rounds=rounds,
+        budget=budget,
+        split=split,
+        run_round=run_round,
+        progress=progress_bar,
+        on_round=show,
+    )
+    if body["crawl"] is not None:
+        console.print(
+            f"the run's images come from a crawl ({body['crawl']['folder']}); refine fetched no "
+            "new images: rerun `groundforge crawl` for the failed entities to add some"
+        )
+    held_out = sorted(
+        {n for r in body["rounds"] for n in r["failed_entities"]} if split == "val" else set()
+    )
+    if held_out:
+        console.print(
+            f"{len(held_out)} failed entities are held out ({split}): their new scenes are "
+            f"{split} scenes; score the student on --split sft to add training scenes"
+        )
+    click.echo(f"{body['out']}/{REFINE_FILE}")
+
+
 def _add_crawl() -> None:
     from groundforge.sources.crawl.cli import crawl
 

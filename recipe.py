@@ -373,6 +373,52 @@ _Channel = Annotated[int, Field(ge=0, le=255)]
 Background = Literal["auto"] | tuple[_Channel, _Channel, _Channel]
 
 
+class FocusConfig(_Strict):
+    """Extra scenes for the entities a student fails (``groundforge refine`` writes it).
+
+    Each entity in ``entities`` is the target, and the only query, of that many scenes more than
+    the pool's usual ones, spread over its images. With probability ``hard_fraction`` their
+    other members are the entities in ``distractors`` (what the student took it for) and then
+    its nearest look-alikes, else random ones. ``k_weights`` and ``layout_weights`` (default:
+    the scenes section's) weight their sizes and layouts; ``seed`` seeds them.
+    """
+
+    entities: dict[str, Annotated[int, Field(ge=0)]]
+    distractors: dict[str, list[str]] = {}
+    hard_fraction: float = Field(1.0, ge=0, le=1)
+    k_weights: dict[int, float] | None = None
+    layout_weights: dict[str, float] | None = None
+    seed: str = "focus"
+
+    @model_validator(mode="after")
+    def _valid_mix(self) -> FocusConfig:
+        self.settings()  # SceneMix checks the weights and says which one is wrong
+        return self
+
+    def settings(self, mix=None):
+        """The :class:`~groundforge.scenes.focus.Focus` of these settings; ``mix`` is the
+        scenes section's :class:`~groundforge.scenes.sampling.SceneMix`, for weights left out."""
+        from groundforge.scenes.focus import Focus
+        from groundforge.scenes.sampling import SceneMix
+
+        own = None
+        if self.k_weights is not None or self.layout_weights is not None:
+            base = mix or SceneMix()
+            own = SceneMix(
+                k_weights=base.k_weights if self.k_weights is None else self.k_weights,
+                layout_weights=(
+                    base.layout_weights if self.layout_weights is None else self.layout_weights
+                ),
+            )
+        return Focus(
+            scenes=self.entities,
+            distractors=self.distractors,
+            hard_fraction=self.hard_fraction,
+            mix=own,
+            seed=self.seed,
+        )
+
+
 class ScenesConfig(_Strict):
     """Composite scenes of k look-alike entities of one domain (and one split).
 
@@ -400,6 +446,7 @@ class ScenesConfig(_Strict):
     margin: int = Field(8, ge=0)
     background: Background = "auto"
     seed: str = "groundforge"
+    focus: FocusConfig | None = None
 
     @model_validator(mode="after")
     def _known(self) -> ScenesConfig:

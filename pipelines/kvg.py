@@ -569,13 +569,15 @@ class KVGGraph:
 
     def _scenes(self, records):
         recipe, cfg = self.recipe, self.recipe.scenes
+        mix = SceneMix(k_weights=cfg.k_weights, layout_weights=cfg.layout_weights)
         settings = PlanSettings(
-            mix=SceneMix(k_weights=cfg.k_weights, layout_weights=cfg.layout_weights),
+            mix=mix,
             scenes_per_image=cfg.scenes_per_image,
             queries_per_scene=cfg.queries_per_scene,
             hard_fraction=cfg.hard_fraction,
             hard_pool=cfg.hard_pool,
             seed=cfg.seed,
+            focus=None if cfg.focus is None else cfg.focus.settings(mix),
         )
         plans = (
             records

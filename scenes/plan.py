@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from groundforge.scenes.distractors import DistractorIndex
+from groundforge.scenes.focus import Focus
 from groundforge.scenes.sampling import SceneMix
 from groundforge.schemas.records import Compact, stable_id
 
@@ -96,6 +97,7 @@ class PlanSettings:
     hard_fraction: float = 1.0
     hard_pool: int | None = None
     seed: str = "groundforge"
+    focus: Focus | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,9 @@ class EntityTable:
     def with_vectors(self, vectors: np.ndarray) -> EntityTable:
         """The same entities with other vectors (one row per name, e.g. text embeddings)."""
         return EntityTable(self.names, self.counts, vectors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._row
 
     def count(self, name: str) -> int:
         return self.counts[self._row[name]]
@@ -233,7 +238,8 @@ def _rng_seed(*parts: object) -> int:
 
 
 def plan_target(target: RankedItem, table: EntityTable, settings: PlanSettings) -> list[ScenePlan]:
-    """The ``scenes_per_image`` scenes of one target image, from its pool's entity table.
+    """The ``scenes_per_image`` scenes of one target image, from its pool's entity table, then
+    the extra scenes its entity gets from ``settings.focus`` (:mod:`groundforge.scenes.focus`).
 
     A pool with fewer than two entities makes no scene. Members other than the target are
     named by (entity, index); :func:`with_members` gives them their record keys.
@@ -245,8 +251,7 @@ def plan_target(target: RankedItem, table: EntityTable, settings: PlanSettings) 
         # Seeds come from image content, not paths, so a recipe plans the same scenes wherever
         # its data lives; the occurrence count tells apart identical images kept twice.
         identity = (settings.seed, target.image_id, target.entity, target.occurrence, n)
-        seed = _rng_seed(*identity)
-        rng = random.Random(seed)
+        rng = random.Random(_rng_seed(*identity))
         k = min(settings.mix.draw_k(rng), len(table))
         hard = table.index is not None and rng.random() < settings.hard_fraction
         if hard:
@@ -254,31 +259,66 @@ def plan_target(target: RankedItem, table: EntityTable, settings: PlanSettings) 
             chosen = [name for name, _ in picks]
         else:
             chosen = table.random_others(target.entity, k - 1, rng)
-        slots = [(target.entity, target.index)]
-        slots += [(name, rng.randrange(table.count(name))) for name in chosen]
-        order = list(range(len(slots)))
-        rng.shuffle(order)
-        placed = [slots[i] for i in order]
-        target_slot = order.index(0)
-        rest = [i for i in range(len(placed)) if i != target_slot]
-        rng.shuffle(rest)
-        queries = (target_slot, *rest[: settings.queries_per_scene - 1])
-        names = tuple(name for name, _ in placed)
         plans.append(
-            ScenePlan(
-                scene_id=stable_id("scene", *identity),
-                domain=target.domain,
-                split=target.split,
-                layout=settings.mix.draw_layout(rng),
-                entities=names,
-                indices=tuple(index for _, index in placed),
-                queries=queries,
-                distractors="hard" if hard else "easy",
-                similarities=tuple(table.mean_similarity(q, names) for q in queries),
-                seed=seed,
+            _placed(
+                target, table, identity, rng, chosen, hard, settings.queries_per_scene, settings.mix
             )
         )
+    focus = settings.focus
+    extra = (
+        0
+        if focus is None
+        else focus.scenes_for(target.entity, target.index, table.count(target.entity))
+    )
+    for n in range(extra):
+        # Their own identities: focus scenes never replace the pool's usual ones.
+        identity = (focus.seed, "focus", target.image_id, target.entity, target.occurrence, n)
+        rng = random.Random(_rng_seed(*identity))
+        mix = focus.mix or settings.mix
+        k = min(mix.draw_k(rng), len(table))
+        if rng.random() < focus.hard_fraction:
+            chosen, hard = focus.look_alikes(target.entity, k - 1, table, rng)
+        else:
+            chosen, hard = table.random_others(target.entity, k - 1, rng), False
+        # One query, the focused entity: the other members are there to be mistaken for it.
+        plans.append(_placed(target, table, identity, rng, chosen, hard, 1, mix))
     return plans
+
+
+def _placed(
+    target: RankedItem,
+    table: EntityTable,
+    identity: tuple,
+    rng: random.Random,
+    chosen: Sequence[str],
+    hard: bool,
+    queries_per_scene: int,
+    mix: SceneMix,
+) -> ScenePlan:
+    """The scene of ``target`` and ``chosen``: one image of each, their canvas order, the
+    queries (the target first) and the layout, drawn from ``rng`` in that order."""
+    slots = [(target.entity, target.index)]
+    slots += [(name, rng.randrange(table.count(name))) for name in chosen]
+    order = list(range(len(slots)))
+    rng.shuffle(order)
+    placed = [slots[i] for i in order]
+    target_slot = order.index(0)
+    rest = [i for i in range(len(placed)) if i != target_slot]
+    rng.shuffle(rest)
+    queries = (target_slot, *rest[: queries_per_scene - 1])
+    names = tuple(name for name, _ in placed)
+    return ScenePlan(
+        scene_id=stable_id("scene", *identity),
+        domain=target.domain,
+        split=target.split,
+        layout=mix.draw_layout(rng),
+        entities=names,
+        indices=tuple(index for _, index in placed),
+        queries=queries,
+        distractors="hard" if hard else "easy",
+        similarities=tuple(table.mean_similarity(q, names) for q in queries),
+        seed=_rng_seed(*identity),
+    )
 
 
 def slot_refs(plan: ScenePlan) -> list[MemberRef]:
