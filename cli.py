@@ -899,7 +899,8 @@ def export_verl(data, dest, model, codec, max_pixels, splits) -> None:
 )
 @click.option("--rounds", default=1, show_default=True, help="Evaluate-then-build rounds to run.")
 @click.option(
-    "--budget",
+    "--extra-scenes",
+    "budget",
     type=int,
     help="Extra scenes per round, shared among the failed entities by failed items "
     "(default: two per failed item).",

@@ -206,7 +206,7 @@ def test_two_rounds_through_the_cli_against_a_served_tiny_model(
             model,
             "--rounds",
             "2",
-            "--budget",
+            "--extra-scenes",
             "3",
             "--max-tokens",
             "16",

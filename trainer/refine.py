@@ -313,7 +313,7 @@ def refine(
     if rounds < 1:
         raise RefineError(f"--rounds must be at least 1, got {rounds}")
     if budget is not None and budget < 1:
-        raise RefineError(f"--budget must be at least 1 scene, got {budget}")
+        raise RefineError(f"--extra-scenes must be at least 1 scene, got {budget}")
     run_dir = run_dir.rstrip("/")
     out = (out or f"{run_dir}-refine").rstrip("/")
     run_round = run_round or _default_run(beam_args)
