@@ -629,7 +629,7 @@ def _one_model(model: str | None, endpoint: str | None) -> None:
     type=click.Path(exists=True, dir_okay=False),
     help="YAML or JSON file with seen: [...] and unseen: [...] categories, and optionally "
     "map: {domain or entity: category}. Default: KVG-Bench's split for --bench, the run's "
-    "held-out domains (its recipe's split.val_domains) for --shards.",
+    "held-out domains (its recipe's split.val_domains) for RUN_DIR.",
 )
 def eval_(
     bench,
