@@ -199,12 +199,23 @@ _BEAM_ARGS = {"ignore_unknown_options": True}
     help="Write into --out even if it is a folder of other files (its README.md, report.html, "
     "shards/ ... are replaced).",
 )
+@click.option(
+    "--budget",
+    "budget",
+    multiple=True,
+    metavar="LIMIT=VALUE",
+    help="Stop sending chat requests once a limit is reached: max_requests=N, max_tokens=N or "
+    "max_cost=X (needs token prices); repeatable; replaces the recipe's budget limit of that "
+    "name. The items still waiting are dropped as <role>_over_budget; a rerun with a larger "
+    "budget continues from the reply cache.",
+)
 @_selection_options
 @click.argument("beam_args", nargs=-1, type=click.UNPROCESSED)
 def run(
     recipe: Path,
     out: str,
     force: bool,
+    budget: tuple[str, ...],
     limit: int | None,
     sample: float | None,
     dry_run: bool,
@@ -239,13 +250,19 @@ def run(
     Dataflow/Flink/Spark runner options. Remote workers get groundforge's wheel and pinned
     requirements, unless the options name a worker image or your own --extra_package.
     """
-    from groundforge.recipe import load_recipe
+    from groundforge.recipe import RecipeError, load_recipe, with_budget
 
     selection = _selection(limit, sample)
+    loaded = load_recipe(recipe)
+    if budget:
+        try:
+            loaded = with_budget(loaded, budget)
+        except RecipeError as err:
+            raise click.BadParameter(str(err), param_hint="--budget") from None
     if dry_run:
-        _dry_run(recipe, load_recipe(recipe), out, beam_args, selection)
+        _dry_run(recipe, loaded, out, beam_args, selection)
         return
-    _run(recipe, load_recipe(recipe), out, beam_args, force, selection)
+    _run(recipe, loaded, out, beam_args, force, selection)
 
 
 @main.command(context_settings=_BEAM_ARGS)

@@ -139,6 +139,29 @@ def _hourly_only(price: PriceConfig | None, section: str) -> None:
         )
 
 
+class BudgetConfig(_Strict):
+    """A run's limit on chat requests (grounder, teacher, student): once any limit is reached no
+    new request is sent and the items still waiting are dropped as ``<role>_over_budget``.
+    ``max_cost`` counts the models with token prices; ``max_tokens`` prompt plus completion
+    tokens; ``max_requests`` requests sent (cached replies count for none of them)."""
+
+    max_cost: float | None = Field(None, gt=0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_requests: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> BudgetConfig:
+        if self.max_cost is None and self.max_tokens is None and self.max_requests is None:
+            raise ValueError("budget: give at least one of max_cost, max_tokens, max_requests")
+        return self
+
+    def limits(self):
+        """The limits as the request ledger takes them."""
+        from groundforge.annotators.teacher.budget import BudgetLimits
+
+        return BudgetLimits(self.max_cost, self.max_tokens, self.max_requests)
+
+
 class ImagesConfig(_Strict):
     min_side: int = Field(16, ge=1)
     max_pixels: int = Field(64_000_000, ge=1)
@@ -580,6 +603,20 @@ class Recipe(_Strict):
     student: StudentConfig | None = None
     split: SplitConfig = SplitConfig()
     output: OutputConfig = OutputConfig()
+    budget: BudgetConfig | None = None
+
+    @model_validator(mode="after")
+    def _cost_needs_prices(self) -> Recipe:
+        if self.budget is None or self.budget.max_cost is None:
+            return self
+        chat = [getattr(self, role) for role in ("grounder", "teacher", "student")]
+        if not any(cfg is not None and cfg.price and cfg.price.per_token for cfg in chat):
+            raise ValueError(
+                "budget.max_cost counts the cost of chat models with token prices, and no "
+                "grounder, teacher or student has `price: {prompt_per_1k: ..., "
+                "completion_per_1k: ...}`; add one, or use max_tokens or max_requests"
+            )
+        return self
 
     @model_validator(mode="after")
     def _detect_alone(self) -> Recipe:
@@ -609,9 +646,38 @@ class Recipe(_Strict):
         return self
 
     def digest(self) -> str:
-        """A short hash of every setting (stored with each sample as ``recipe_hash``)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """A short hash of every setting that shapes the data (stored with each sample as
+        ``recipe_hash``): prices and the budget are left out, so a rerun with a larger budget
+        makes the same samples."""
+        blob = json.dumps(
+            _without_price(self.model_dump(mode="json", exclude={"budget"})), sort_keys=True
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _without_price(value):
+    if isinstance(value, dict):
+        return {k: _without_price(v) for k, v in value.items() if k != "price"}
+    return value
+
+
+def with_budget(recipe: Recipe, limits: list[str] | tuple[str, ...]) -> Recipe:
+    """``recipe`` with its budget's limits replaced by ``NAME=VALUE`` items (``--budget``)."""
+    given = dict(recipe.budget.model_dump(exclude_none=True)) if recipe.budget else {}
+    for item in limits:
+        name, sep, value = item.partition("=")
+        if not sep or not value:
+            raise RecipeError(
+                f"--budget {item!r}: write NAME=VALUE, e.g. max_requests=40 (names: "
+                "max_cost, max_tokens, max_requests)"
+            )
+        given[name.strip()] = value.strip()
+    data = recipe.model_dump(mode="json")
+    data["budget"] = given
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(f"--budget: {describe_errors(err)}") from None
 
 
 def _local(value: str, base: Path) -> Path:

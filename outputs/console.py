@@ -143,6 +143,25 @@ def live_models_table(stages: list[dict[str, Any]]) -> Table | None:
     return table
 
 
+def budget_line(budget: dict[str, Any] | None) -> str | None:
+    """What the run's budget allowed and refused, or None when the recipe has none."""
+    if not budget:
+        return None
+    limits = budget["limits"]
+    if "spent" not in budget:
+        shown = ", ".join(f"{k} {v}" for k, v in limits.items())
+        return f"budget ({shown}): {budget['enforced']}"
+    spent = budget["spent"]
+    parts = [f"{name[4:]} {spent[name[4:]]} of {limit}" for name, limit in limits.items()]
+    text = f"budget: spent {', '.join(parts)}; {budget['refused']} requests not sent (over_budget)"
+    over = {k: v for k, v in budget["overshoot"].items() if v}
+    if over:
+        text += "; in flight when it was reached, beyond it: " + ", ".join(
+            f"{k} {v}" for k, v in over.items()
+        )
+    return text
+
+
 def live_view(stages: list[dict[str, Any]], title: str):
     """What the run command shows while a run goes on: the funnel, then the model requests."""
     from rich.console import Group
@@ -171,6 +190,9 @@ def print_funnel(manifest: dict[str, Any], console: Console) -> None:
     if manifest.get("models"):
         console.print(models_table(manifest["models"]))
     line = cost_line(manifest.get("cost"))
+    if line:
+        console.print(line)
+    line = budget_line(manifest.get("budget"))
     if line:
         console.print(line)
     if "wall_seconds" in timing:

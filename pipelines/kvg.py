@@ -354,6 +354,8 @@ class KVGGraph:
     cache_dir: str | None = None
     progress_dir: str | None = None
     selection: Selection | None = None
+    # The run's request ledger (annotators/teacher/budget.py) when the recipe has a budget.
+    budget: object | None = None
     stages: list[str] = field(default_factory=list)
     chat_roles: list[str] = field(default_factory=list)
     # A model stage -> the stage whose kept items it receives (for its live time estimate).
@@ -413,7 +415,7 @@ class KVGGraph:
             self.cache_dir or FileSystems.join(self.out_dir, CACHE_DIR),
             self.model_threads,
         )
-        handler = ChatModelHandler(settings, self._model_stage(role, cfg.price))
+        handler = ChatModelHandler(settings, self._model_stage(role, cfg.price), self.budget)
         main, other = (
             jobs
             | f"{role} model"

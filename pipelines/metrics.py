@@ -93,19 +93,21 @@ def _rate(requests: int, seconds: float) -> float | None:
 
 
 def read_chat_counts(result, roles: list[str]) -> dict[str, dict]:
-    """Per chat role: requests, answers from the cache, requests sent, answered, HTTP attempts,
+    """Per chat role: requests, answers from the cache, requests sent, refused by the budget,
+    answered, HTTP attempts,
     failures, tokens of the requests sent, busy seconds of the batches that sent any, and
     requests sent per busy second."""
     values = counters(result, CHAT_PREFIX)
     counts = {}
     for role in roles:
         v = values.get(role, {})
-        sent = v.get("requests", 0) - v.get("cached", 0)
+        sent = v.get("requests", 0) - v.get("cached", 0) - v.get("refused", 0)
         seconds = round(v.get("busy_us", 0) / 1e6, 3)
         counts[role] = {
             "requests": v.get("requests", 0),
             "cached": v.get("cached", 0),
             "sent": sent,
+            "refused": v.get("refused", 0),
             "answered": v.get("answered", 0),
             "attempts": v.get("attempts", 0),
             "failed": _with_prefix(v, "failed_"),

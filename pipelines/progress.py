@@ -90,6 +90,7 @@ MODEL_COUNTS = (
     "answered",
     "failed",
     "cached",
+    "refused",
     "prompt_tokens",
     "completion_tokens",
 )
@@ -101,7 +102,8 @@ class ModelProgress:
     Thread-safe (a chat backend reports from its own event loop thread) and picklable: a copy
     unpickled in a worker starts from zero under a file name of its own. ``sent`` counts requests
     handed to the model, ``answered`` and ``failed`` those that came back (``cached`` of the
-    answered ones came from the reply cache, without a request); ``jobs`` counts the stage's
+    answered ones came from the reply cache, without a request), ``refused`` those the run's
+    budget did not allow (never sent); ``jobs`` counts the stage's
     items, which may each make several requests (a student's pass@k).
     """
 
@@ -146,6 +148,9 @@ class ModelProgress:
         if reply.cached:
             self._add(sent=1, answered=1, cached=1)
             return
+        if reply.error == "over_budget":
+            self._add(refused=1)
+            return
         self.answered(
             prompt_tokens=reply.prompt_tokens or 0,
             completion_tokens=reply.completion_tokens or 0,
@@ -176,13 +181,13 @@ def model_estimate(model: dict[str, Any], expected_jobs: int | None, now: float)
     """Rate (requests finished per second since the first was sent) and, when the number of
     items the stage will get is known or estimated (``expected_jobs``), the requests expected
     and the seconds left at the present rate."""
-    done = model["answered"] + model["failed"]
+    done = model["answered"] + model["failed"] + model["refused"]
     elapsed = max(now - model["started"], 1e-6)
     rate = done / elapsed
     out = {"rate": rate, "expected": None, "eta": None}
+    asked = model["sent"] + model["refused"]
     if expected_jobs is not None and model["jobs"]:
-        per_job = model["sent"] / model["jobs"]
-        expected = max(round(expected_jobs * per_job), model["sent"])
+        expected = max(round(expected_jobs * asked / model["jobs"]), asked)
         out["expected"] = expected
         if rate > 0:
             out["eta"] = max(expected - done, 0) / rate

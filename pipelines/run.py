@@ -279,6 +279,12 @@ def run_recipe(
     started = time.perf_counter()
     watched = progress is not None and shows_progress(options)
     progress_dir = tempfile.mkdtemp(prefix="groundforge-progress-") if watched else None
+    budget = None
+    if recipe.budget is not None:
+        from groundforge.annotators.teacher.budget import Budget
+
+        # A local folder: the workers of a local runner share it; a remote worker makes its own.
+        budget = Budget(tempfile.mkdtemp(prefix="groundforge-budget-"), recipe.budget.limits())
     try:
         workers = worker_stderr_to_file() if quiet_workers else contextlib.nullcontext()
         with _interrupts_noted(recipe, out_dir, staging), workers:
@@ -292,10 +298,13 @@ def run_recipe(
                 progress,
                 started,
                 selection,
+                budget,
             )
     finally:
         if progress_dir:
             shutil.rmtree(progress_dir, ignore_errors=True)
+        if budget is not None:
+            shutil.rmtree(budget.folder, ignore_errors=True)
         # Unless it is being published: a failed or interrupted run leaves nothing behind.
         if not FileSystems.exists(FileSystems.join(staging, _PUBLISHING)):
             remove_folder(staging)
@@ -341,7 +350,7 @@ def _interrupts_noted(recipe: Recipe, out_dir: str, staging: str):
 
 
 def _run_staged(
-    recipe, out_dir, staging, options, beam_args, progress_dir, progress, started, selection
+    recipe, out_dir, staging, options, beam_args, progress_dir, progress, started, selection, budget
 ) -> RunResult:
     """Build the run in ``staging``, then publish it to ``out_dir``."""
     # Several worker processes on a few cores oversubscribe torch's thread pool badly.
@@ -352,6 +361,7 @@ def _run_staged(
         progress_dir=progress_dir,
         cache_dir=FileSystems.join(out_dir, CACHE_DIR),
         selection=selection,
+        budget=budget,
     )
     pipeline = beam.Pipeline(options=options)
     graph.build(pipeline)
@@ -432,6 +442,17 @@ def dry_run(
     return DryRun(describe_source(recipe), per_partition, selected, graph.stages, problems)
 
 
+def budget_section(budget, shared: bool) -> dict[str, Any]:
+    """The manifest's ``budget``: limits, spent, refused, overshoot; on a remote runner only the
+    limits (each worker process kept its own ledger there)."""
+    if not shared:
+        return {
+            "limits": budget.limits.as_dict(),
+            "enforced": "per worker process (remote runner): the totals are not known here",
+        }
+    return {**budget.summary(), "enforced": "for the whole run (local runner)"}
+
+
 def describe_source(recipe: Recipe) -> str:
     """Where a recipe's items come from, as a person would name it."""
     src = recipe.source
@@ -486,6 +507,8 @@ def _finish(recipe, out_dir, options, beam_args, graph, result, started, selecti
     )
     if selection is not None:
         manifest["selection"] = selection.to_dict()
+    if graph.budget is not None:
+        manifest["budget"] = budget_section(graph.budget, shows_progress(options))
     write_manifest(FileSystems.join(out_dir, MANIFEST_FILE), manifest)
     write_text(FileSystems.join(out_dir, CARD_FILE), render_card(manifest))
     # datasets.load_dataset reads the card of the folder it is given: the shards folder too.

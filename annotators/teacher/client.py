@@ -73,6 +73,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx2
 import openai
 
+from groundforge.annotators.teacher.budget import over_budget
 from groundforge.annotators.teacher.cache import ReplyCache
 from groundforge.annotators.teacher.types import (
     EndpointSettings,
@@ -189,19 +190,25 @@ class OpenAIBackend:
             f"api_key_env={s.api_key_env!r}, cache={self.cache!r})"
         )
 
-    def answer(self, requests: Sequence[TeacherRequest], meter=None) -> list[TeacherReply]:
+    def answer(
+        self, requests: Sequence[TeacherRequest], meter=None, gate=None
+    ) -> list[TeacherReply]:
         """One reply per request, same order; sets :attr:`stats` for this batch.
 
         ``meter``, when given, is told of each request as it is sent (``meter.sent()``) and of
         each reply as it arrives (``meter.reply(reply)``; a cache hit at once), from the
-        backend's event loop thread: it must be thread-safe.
+        backend's event loop thread: it must be thread-safe. ``gate`` (a
+        :class:`~groundforge.annotators.teacher.budget.BudgetGate`), when given, must allow each
+        request before it is sent (else its reply is ``over_budget``) and is told what it cost.
 
         Safe to call from several threads at once: their batches share the backend's connection
         pool and concurrency bound. When threads share a backend, :attr:`stats` holds whichever
         batch ended last (use :meth:`BatchStats.from_replies` on a batch's own replies).
         """
         loop = self._ensure_loop()
-        return asyncio.run_coroutine_threadsafe(self._answer(list(requests), meter), loop).result()
+        return asyncio.run_coroutine_threadsafe(
+            self._answer(list(requests), meter, gate), loop
+        ).result()
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -214,7 +221,9 @@ class OpenAIBackend:
                 self._loop, self._thread = loop, thread
             return self._loop
 
-    async def _answer(self, requests: list[TeacherRequest], meter=None) -> list[TeacherReply]:
+    async def _answer(
+        self, requests: list[TeacherRequest], meter=None, gate=None
+    ) -> list[TeacherReply]:
         replies: list[TeacherReply | None] = [None] * len(requests)
         todo = []
         for i, request in enumerate(requests):
@@ -230,7 +239,7 @@ class OpenAIBackend:
         if todo:
             session = self._session_in_loop()
             results = await asyncio.gather(
-                *(self._metered(session, r, key, meter) for _, r, key in todo),
+                *(self._metered(session, r, key, meter, gate) for _, r, key in todo),
                 return_exceptions=True,
             )
             for (i, request, _), result in zip(todo, results, strict=True):
@@ -295,15 +304,22 @@ class OpenAIBackend:
         self._lock = threading.Lock()
 
     async def _metered(
-        self, session: _Session, request: TeacherRequest, key: str, meter
+        self, session: _Session, request: TeacherRequest, key: str, meter, gate
     ) -> TeacherReply:
-        """:meth:`_answer_one`, telling ``meter`` of the reply as soon as it is known."""
-        if meter is None:
-            return await self._answer_one(session, request, key)
-        reply = await self._answer_one(session, request, key, meter.sent)
-        if not reply.attempts:
-            meter.sent()  # refused before sending (an unreadable image): still one request
-        meter.reply(reply)
+        """:meth:`_answer_one` within the budget (``gate``), telling ``meter`` of the reply as
+        soon as it is known."""
+        if gate is not None and not gate.reserve():
+            reply = over_budget(request.item_id)
+        else:
+            reply = await self._answer_one(
+                session, request, key, meter.sent if meter is not None else None
+            )
+            if gate is not None:
+                gate.spend(reply)
+            if meter is not None and not reply.attempts:
+                meter.sent()  # refused before sending (an unreadable image): still one request
+        if meter is not None:
+            meter.reply(reply)
         return reply
 
     async def _answer_one(

@@ -215,7 +215,9 @@ class TransformersBackend:
 
     # -- answering ---------------------------------------------------------------------------
 
-    def answer(self, requests: Sequence[TeacherRequest], meter=None) -> list[TeacherReply]:
+    def answer(
+        self, requests: Sequence[TeacherRequest], meter=None, gate=None
+    ) -> list[TeacherReply]:
         """One reply per request, in order; cache hits come back with ``cached=True``.
 
         ``meter``, when given, is told of each request as it goes to the model (``sent()``) and
@@ -251,6 +253,8 @@ class TransformersBackend:
                     else:
                         items.append(prepared)
                 size = 1 if self.stochastic else self.batch_size
+                if gate is not None:
+                    items = self._allowed(items, gate, replies, meter)
                 for start in range(0, len(items), size):
                     chunk = items[start : start + size]
                     if meter is not None:
@@ -259,12 +263,28 @@ class TransformersBackend:
                         replies[item.index] = reply
                         if reply.ok:
                             self._cache_put(item.key, reply)
+                        if gate is not None:
+                            gate.spend(reply)
                         if meter is not None:
                             meter.reply(reply)
         missing = [i for i, reply in enumerate(replies) if reply is None]
         if missing:  # a bug here, not a request failure: never hand back a shifted list
             raise RuntimeError(f"no reply for requests at {missing}")
         return replies  # type: ignore[return-value]
+
+    def _allowed(self, items: list[_Item], gate, replies: list, meter) -> list[_Item]:
+        """The items the budget allows; the others get their ``over_budget`` reply."""
+        from groundforge.annotators.teacher.budget import over_budget
+
+        allowed = []
+        for item in items:
+            if gate.reserve():
+                allowed.append(item)
+                continue
+            replies[item.index] = over_budget(item.request.item_id)
+            if meter is not None:
+                meter.reply(replies[item.index])
+        return allowed
 
     def _prepare(self, index: int, request: TeacherRequest, key: str) -> _Item | TeacherReply:
         """Decode the images and render the prompt; a request that cannot be is a bad request."""

@@ -10,7 +10,9 @@ With a ``progress`` meter (:class:`groundforge.pipelines.progress.ModelProgress`
 reports each request as it is sent and as its reply arrives. Beam counters record, per role, the
 requests, cache hits, attempts, failures by kind, tokens of the replies that were not cached, and
 the busy time of the batches that sent at least one request (a batch answered wholly from the
-cache cost nothing, and its time is not counted).
+cache cost nothing, and its time is not counted). With a ``budget``
+(:class:`~groundforge.annotators.teacher.budget.Budget`) each request must be allowed by it
+before it is sent.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class ChatBackendSettings:
     cache_dir: str | None = None
     max_pixels: int | None = None
     num_threads: int | None = None
+    price: Any = None
 
     @classmethod
     def from_config(cls, role: str, cfg, cache_dir: str | None, num_threads: int | None = None):
@@ -82,6 +85,7 @@ class ChatBackendSettings:
             cache_dir=cfg.cache_dir or cache_dir,
             max_pixels=int(max_pixels) if max_pixels else None,
             num_threads=num_threads,
+            price=cfg.price,
         )
 
     def build_backend(self):
@@ -127,13 +131,15 @@ class _Backend:
 
 
 def count_replies(role: str, replies: Sequence[TeacherReply], seconds: float = 0.0) -> None:
-    """Beam counters for the manifest: requests, cached, answered, HTTP attempts, failures by
-    kind, tokens of the replies not taken from the cache, and the batch's busy microseconds when
-    it sent anything."""
+    """Beam counters for the manifest: requests, cached, refused by the budget, answered, HTTP
+    attempts, failures by kind, tokens of the replies sent, and the batch's busy microseconds
+    when it sent anything."""
     ns = METRICS_PREFIX + role
-    sent = [r for r in replies if not r.cached]
+    sent = [r for r in replies if not r.cached and r.error != "over_budget"]
+    cached = sum(r.cached for r in replies)
     Metrics.counter(ns, "requests").inc(len(replies))
-    Metrics.counter(ns, "cached").inc(len(replies) - len(sent))
+    Metrics.counter(ns, "cached").inc(cached)
+    Metrics.counter(ns, "refused").inc(len(replies) - cached - len(sent))
     Metrics.counter(ns, "answered").inc(sum(r.ok for r in replies))
     Metrics.counter(ns, "attempts").inc(sum(r.attempts for r in replies))
     Metrics.counter(ns, "prompt_tokens").inc(sum(r.prompt_tokens or 0 for r in sent))
@@ -148,10 +154,11 @@ def count_replies(role: str, replies: Sequence[TeacherReply], seconds: float = 0
 class ChatModelHandler(ModelHandler[ChatJob, PredictionResult, _Backend]):
     """Answers :class:`ChatJob` batches with the backend described by ``settings``."""
 
-    def __init__(self, settings: ChatBackendSettings, progress=None):
+    def __init__(self, settings: ChatBackendSettings, progress=None, budget=None):
         super().__init__()
         self.settings = settings
         self.progress = progress
+        self.budget = budget
 
     def load_model(self) -> _Backend:
         return _Backend(self.settings.build_backend())
@@ -164,12 +171,17 @@ class ChatModelHandler(ModelHandler[ChatJob, PredictionResult, _Backend]):
     ) -> list[PredictionResult]:
         requests = [r for job in batch for r in job.requests]
         started = time.perf_counter()
+        extra = {}
+        if self.budget is not None:
+            from groundforge.annotators.teacher.budget import BudgetGate
+
+            extra["gate"] = BudgetGate(self.budget, self.settings.price)
         if self.progress is None:
-            replies = model.backend.answer(requests)
+            replies = model.backend.answer(requests, **extra)
         else:
             self.progress.jobs(len(batch))
             try:
-                replies = model.backend.answer(requests, meter=self.progress)
+                replies = model.backend.answer(requests, meter=self.progress, **extra)
             finally:
                 self.progress.flush()
         if len(replies) != len(requests):

@@ -20,6 +20,7 @@ FAILURE_KINDS = (
     "empty",  # a choice with no text
     "refusal",  # the model refused (``refusal`` set, or finish_reason content_filter)
     "backend_error",  # anything else the backend raised
+    "over_budget",  # never sent: the run's budget was spent
 )
 
 
