@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from faultproxy import FaultProxy
 from seededserver import SeededServer
 
 from groundforge.cli import main
@@ -187,6 +188,28 @@ def test_a_student_that_fails_nothing_adds_nothing_and_bad_inputs_are_named(roun
     assert record["out"] is None and record["failed_entities"] == []
     assert not (tmp_path / "r" / "round-2").exists()
     assert all(row["scenes_added"] == 0 for row in record["entities"].values())
+
+
+def test_failed_requests_are_counted_not_scored_as_wrong(round_one, tmp_path):
+    run = round_one
+    samples = list(read_samples(str(run / "shards"), "val"))
+
+    def always_right(body):
+        sample = asked_sample(body, samples)
+        return norm1000(sample.gt_boxes[0], sample)
+
+    with SeededServer(always_right) as server:
+        some = FaultProxy(server.base_url, rule=lambda n, body: "bad_request" if n <= 2 else None)
+        with some as proxy:
+            body = refine(str(run), Student(proxy.base_url, "student"), out=str(tmp_path / "r"))
+        (record,) = body["rounds"]
+        assert record["cost"]["eval"]["failed"] == {"bad_request": 2}
+        # The student was right on every answer it gave: nothing to refine.
+        assert record["failed_entities"] == [] and record["out"] is None
+        with FaultProxy(server.base_url, rule=lambda n, body: "bad_request") as proxy:
+            with pytest.raises(RefineError, match=r"answered none of \d+ requests \(bad_request"):
+                refine(str(run), Student(proxy.base_url, "student"), out=str(tmp_path / "x"))
+    assert not (tmp_path / "x" / "round-2").exists()
 
 
 def test_two_rounds_through_the_cli_against_a_served_tiny_model(

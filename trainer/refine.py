@@ -108,7 +108,8 @@ class CountingBackend:
     def answer(self, requests):
         replies = list(self.backend.answer(requests))
         for reply in replies:
-            self.replies[reply.item_id] = replace(reply, text=None)
+            # The text is not needed; "" (not None) keeps an answered reply ``ok``.
+            self.replies[reply.item_id] = replace(reply, text="" if reply.ok else None)
         return replies
 
     def cost(self) -> dict[str, Any]:
@@ -231,10 +232,19 @@ def evaluate_split(
         batch_size=student.batch_size,
         progress=progress,
     )
+    # A failed request says nothing about what the student knows: it is counted, not scored.
     outcomes = [
         outcome(s, p, counting.replies.get(s.sample_id))
         for s, p in zip(samples, report.predictions, strict=True)
+        if p.error is None
     ]
+    if not outcomes:
+        kinds = Counter(p.error for p in report.predictions)
+        raise RefineError(
+            f"the student {student.student} answered none of {len(samples)} requests "
+            f"({', '.join(f'{k} {n}' for k, n in kinds.most_common())}): is it running, and is "
+            "--served-model its name?"
+        )
     return outcomes, {**counting.cost(), "codec": choice.codec, "scorer": choice.scorer}
 
 
