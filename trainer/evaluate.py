@@ -225,26 +225,25 @@ def load_shard_items(
     become 0..1000 floats of the image (no rounding)."""
     from groundforge.outputs.shards import read_samples
 
-    items = []
-    for sample in read_samples(str(shards_dir), split, fmt):
-        w, h, f = sample.width, sample.height, REFERENCE_FRAME
-        boxes = tuple(
+    return [shard_item(sample) for sample in read_samples(str(shards_dir), split, fmt)]
+
+
+def shard_item(sample) -> BenchItem:
+    """One of our samples (a :class:`KVGSample`) as the :class:`BenchItem` that scores it."""
+    w, h, f = sample.width, sample.height, REFERENCE_FRAME
+    return BenchItem(
+        question_id=sample.sample_id,
+        category=sample.domain,
+        question=sample.question,
+        boxes=tuple(
             (b.x1 * f / w, b.y1 * f / h, b.x2 * f / w, b.y2 * f / h) for b in sample.gt_boxes
-        )
-        items.append(
-            BenchItem(
-                question_id=sample.sample_id,
-                category=sample.domain,
-                question=sample.question,
-                boxes=boxes,
-                image=sample.image,
-                width=sample.width,
-                height=sample.height,
-                task=sample.task,
-                entity=sample.target or "",
-            )
-        )
-    return items
+        ),
+        image=sample.image,
+        width=sample.width,
+        height=sample.height,
+        task=sample.task,
+        entity=sample.target or "",
+    )
 
 
 # -- detection metrics -----------------------------------------------------------------------

@@ -126,24 +126,6 @@ class CountingBackend:
         }
 
 
-def _bench_item(sample):
-    from groundforge.trainer.evaluate import REFERENCE_FRAME, BenchItem
-
-    w, h, f = sample.width, sample.height, REFERENCE_FRAME
-    return BenchItem(
-        question_id=sample.sample_id,
-        category=sample.domain,
-        question=sample.question,
-        boxes=tuple(
-            (b.x1 * f / w, b.y1 * f / h, b.x2 * f / w, b.y2 * f / h) for b in sample.gt_boxes
-        ),
-        image=sample.image,
-        width=sample.width,
-        height=sample.height,
-        task=sample.task,
-    )
-
-
 def run_recipe_of(manifest: dict[str, Any], run_dir: str):
     """The recipe a run was built from, as its manifest records it."""
     from groundforge.recipe import RecipeError, parse_recipe
@@ -209,7 +191,7 @@ def evaluate_split(
     from apache_beam.io.filesystems import FileSystems
 
     from groundforge.outputs.shards import read_samples
-    from groundforge.trainer.evaluate import choose_codec, evaluate
+    from groundforge.trainer.evaluate import choose_codec, evaluate, shard_item
 
     shards = FileSystems.join(run_dir, "shards")
     samples = [s for s in read_samples(shards, split, fmt) if s.task == "kvg"]
@@ -218,7 +200,7 @@ def evaluate_split(
             f"{run_dir}: its {split!r} split holds no grounding sample to evaluate; give a split "
             "that has some (--split sft) or a recipe with `split.val_fraction` above 0"
         )
-    items = [_bench_item(s) for s in samples]
+    items = [shard_item(s) for s in samples]
     # The pixels were only needed for the requests.
     samples = [replace(s, image=b"") for s in samples]
     choice = choose_codec(None if student.is_endpoint else student.student, None, student.codec)
